@@ -1,0 +1,178 @@
+"""Pure-torch forgetting attention: the test oracle and the CPU execution path.
+
+Everything here materialises the full score matrix, so it is meant for short
+sequences (tests, CPU demo runs).  It is differentiable through autograd, runs
+in float64 when given float64 inputs, and applies exactly the pruning rule of
+the Triton kernels (see ``forgetting_attention``): with a threshold ``thr``
+the pair (i, j) is dropped when ``D_ij = c_i - c_j < thr``.
+
+All tensors here use the [batch, seq, heads, dim] ("bshd") layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "cumulative_log_decay",
+    "naive_forgetting_attention",
+    "naive_attention_chunk",
+    "token_document_ids",
+    "reverse_cumulative_sum",
+]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def token_document_ids(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Document index of every token, shape [batch, seqlen] (int64).
+
+    ``cu_seqlens`` holds document starts over the row-major flattening of
+    (batch, seq): token (b, t) is flat index ``b * seqlen + t``.
+    """
+    flat = torch.arange(batch * seqlen, device=cu_seqlens.device)
+    ids = torch.searchsorted(cu_seqlens.to(torch.int64), flat, right=True) - 1
+    return ids.view(batch, seqlen)
+
+
+def cumulative_log_decay(
+    log_fgate: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """c_t = sum_{l <= t} log f_l along dim 1, restarting at every document.
+
+    log_fgate: [B, T, H].  Accumulated in float64 so that the per-document
+    restart (a subtraction of two prefix sums) loses nothing; returned in
+    ``dtype`` (default float32, float64 for float64 input).
+    """
+    if dtype is None:
+        dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
+    c = torch.cumsum(log_fgate.to(torch.float64), dim=1)
+    if cu_seqlens is not None:
+        B, T, H = log_fgate.shape
+        doc = token_document_ids(cu_seqlens, B, T)  # [B, T]
+        starts = cu_seqlens[:-1].to(torch.int64)
+        # prefix sum just before each document start, within its row
+        c_flat = c.reshape(B * T, H)
+        before = torch.zeros(starts.numel(), H, dtype=c.dtype, device=c.device)
+        has_prev = (starts % T) != 0
+        before[has_prev] = c_flat[starts[has_prev] - 1]
+        c = c - before[doc.view(-1)].view(B, T, H)
+    return c.to(dtype)
+
+
+def naive_attention_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c_q: torch.Tensor,
+    c_k: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    acp_threshold: Optional[torch.Tensor] = None,
+    same_doc: Optional[torch.Tensor] = None,
+    query_threshold: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a query chunk against a key/value chunk with given decays.
+
+    q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D]; c_q: [B, Tq, Hq]; c_k: [B, Tk, Hq]
+    (global cumulative log-decays of the query and key tokens).
+    causal: the chunks are the same tokens (diagonal block, query i sees keys
+    j <= i); otherwise every key precedes every query.
+    acp_threshold: [B, Hq] pruning threshold (drop D_ij < thr), or None.
+    query_threshold: [B, Tq, Hq] per-query threshold, overrides acp_threshold
+    (used for packed documents, where it is per document).
+    same_doc: optional [B, Tq, Tk] bool mask of allowed pairs.
+
+    Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] in the compute
+    dtype, natural log).  A query whose keys are all dropped gets out = 0 and
+    lse = -inf, so that partial results merge with the log-sum-exp rule.
+    """
+    cd = _compute_dtype(q)
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    qf = q.to(cd).permute(0, 2, 1, 3)  # B H Tq D
+    kf = k.to(cd).repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    vf = v.to(cd).repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    decay = c_q.to(cd).permute(0, 2, 1)[..., :, None] - c_k.to(cd).permute(0, 2, 1)[..., None, :]
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale + decay
+    Tk = k.shape[1]
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = torch.tril(keep)
+    keep = keep.expand(B, Hq, Tq, Tk)
+    if same_doc is not None:
+        keep = keep & same_doc[:, None]
+    if query_threshold is not None:
+        keep = keep & (decay >= query_threshold.to(cd).permute(0, 2, 1)[..., None])
+    elif acp_threshold is not None:
+        keep = keep & (decay >= acp_threshold.to(cd)[:, :, None, None])
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # B H Tq
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe_lse[..., None])
+    out = torch.matmul(p, vf).permute(0, 2, 1, 3).to(q.dtype)
+    return out, lse
+
+
+def naive_forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    acp_threshold: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Causal forgetting attention, [B, T, H, D] layout, differentiable.
+
+    log_fgate: [B, T, Hq] log forget gates (<= 0).  cu_seqlens: optional
+    document starts over the flattened (B * T) tokens; documents never cross
+    rows.  acp_threshold: [S, Hq] per sequence (row, or document when packed).
+    """
+    B, T, Hq, D = q.shape
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    cd = _compute_dtype(q)
+    c = cumulative_log_decay(log_fgate, cu_seqlens, dtype=cd)
+    same_doc = None
+    query_thr = None
+    if cu_seqlens is not None:
+        doc = token_document_ids(cu_seqlens, B, T)
+        same_doc = doc[:, :, None] == doc[:, None, :]
+        if acp_threshold is not None:
+            query_thr = acp_threshold[doc]  # [B, T, Hq]
+    thr = acp_threshold if cu_seqlens is None else None
+    out, lse = naive_attention_chunk(
+        q, k, v, c, c, causal=True, softmax_scale=softmax_scale, acp_threshold=thr,
+        same_doc=same_doc, query_threshold=query_thr,
+    )
+    return (out, lse) if return_lse else out
+
+
+def reverse_cumulative_sum(dc: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of ``cumulative_log_decay``: g_l = sum_{t >= l, same doc} dc_t.
+
+    dc: [B, T, H].  Accumulated in float64, returned as float32 (float64 for
+    float64 input).
+    """
+    out_dtype = torch.float64 if dc.dtype == torch.float64 else torch.float32
+    B, T, H = dc.shape
+    suffix = torch.flip(torch.cumsum(torch.flip(dc.to(torch.float64), [1]), 1), [1])
+    if cu_seqlens is not None:
+        doc = token_document_ids(cu_seqlens, B, T)
+        ends = cu_seqlens[1:].to(torch.int64)  # exclusive flat end of each doc
+        s_flat = suffix.reshape(B * T, H)
+        after = torch.zeros(ends.numel(), H, dtype=suffix.dtype, device=suffix.device)
+        has_next = (ends % T) != 0
+        after[has_next] = s_flat[ends[has_next]]
+        suffix = suffix - after[doc.view(-1)].view(B, T, H)
+    return suffix.to(out_dtype)
