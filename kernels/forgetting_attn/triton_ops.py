@@ -1,1 +1,687 @@
+"""Triton kernels for forgetting attention with Adaptive Computation Pruning.
+
+FlashAttention-2 style tiling (Dao, 2023): the forward keeps a running max
+and sum per query row; the backward recomputes probabilities from the saved
+log-sum-exp, with one kernel for dK/dV (a program per key block, looping
+over query blocks) and one for dQ (a program per query block, looping over
+key blocks).  The decay enters every logit as c_i - c_j (log2 units inside
+the kernels); its gradient is the row sum of dS minus the column sum of dS.
+
+ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
+is below the threshold holds only pruned pairs and is never visited.  The
+kept tiles of a query block form one range [kstart, diagonal]; the boundary
+kernel finds kstart for every query block, and the mirror end of the kept
+query range for every key block, with a two-pointer walk: O(M + N) scalar
+steps per (sequence, head), no pass over the L x L matrix.  Inside kept
+tiles the rule is applied per element (D_ij < delta is dropped), so the
+result does not depend on block sizes and the forward and both backward
+passes agree exactly with the torch reference.
+
+Each kernel visits three ranges of tiles: tiles that may hold pruned pairs
+(element mask), fully kept tiles below the diagonal (no mask at all: the
+fast path), and diagonal / ragged-edge tiles (causal and bounds masks).
+
+Sequences are described by a table of (row, start, length) for queries and
+keys, so packed documents, plain batches and context-parallel chunk pairs
+share one code path; tensors are addressed through their strides, so
+[batch, seq, ...] and [seq, batch, ...] layouts need no copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import cumulative_log_decay, reverse_cumulative_sum
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# (BLOCK_M, BLOCK_N) of the forward kernel; the dQ kernel uses the same tiles
+# so that it reuses the forward's boundaries.  The statistics are counted in
+# these tiles.
 DEFAULT_FWD_BLOCKS = (128, 64)
+
+
+def _fwd_config(head_dim: int):
+    # BLOCK_M, BLOCK_N, num_warps, num_stages
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def _dkdv_config(head_dim: int):
+    # BLOCK_M (queries per step), BLOCK_N (keys per program), warps, stages
+    if head_dim <= 64:
+        return 64, 128, 8, 3
+    return 64, 128, 8, 2
+
+
+def _dq_config(head_dim: int):
+    bm, bn = DEFAULT_FWD_BLOCKS
+    return bm, bn, (4 if head_dim <= 64 else 8), 2
+
+
+# --------------------------------------------------------------------------
+# ACP boundary search
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _acp_boundary_kernel(
+    CQ, CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    THR, stride_thr_s,
+    KBLO, stride_kb_s, stride_kb_h,
+    QBHI, stride_qb_s, stride_qb_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DO_KBLO: tl.constexpr, DO_QBHI: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(ROW + s).to(tl.int64)
+    qlen = tl.load(QLEN + s)
+    klen = tl.load(KLEN + s)
+    cq_ptr = CQ + row * stride_cqb + h * stride_cqh + tl.load(QSTART + s)
+    ck_ptr = CK + row * stride_ckb + h * stride_ckh + tl.load(KSTART_POS + s)
+    thr = tl.load(THR + s * stride_thr_s + h)
+    num_m = tl.cdiv(qlen, BLOCK_M)
+    num_n = tl.cdiv(klen, BLOCK_N)
+    if DO_KBLO:
+        # first kept key block of every query block; pruned blocks are a
+        # prefix and the prefix only grows with m (c[first q] falls).
+        n = tl.full([], 0, tl.int32)
+        for m in range(0, num_m):
+            c_first_q = tl.load(cq_ptr + m * BLOCK_M)
+            if CAUSAL:
+                n_end = (tl.minimum((m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
+            else:
+                n_end = num_n
+            c_last_k = tl.load(ck_ptr + tl.minimum((n + 1) * BLOCK_N, klen) - 1)
+            while (n < n_end) & (c_first_q - c_last_k < thr):
+                n += 1
+                c_last_k = tl.load(ck_ptr + tl.minimum((n + 1) * BLOCK_N, klen) - 1)
+            tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + m, n)
+    if DO_QBHI:
+        # end (exclusive) of the kept query blocks of every key block; kept
+        # query blocks are a prefix of [diagonal, M) that only grows with n.
+        p = tl.full([], 0, tl.int32)
+        for n2 in range(0, num_n):
+            c_last_k2 = tl.load(ck_ptr + tl.minimum((n2 + 1) * BLOCK_N, klen) - 1)
+            if CAUSAL:
+                p = tl.maximum(p, (n2 * BLOCK_N) // BLOCK_M)
+            c_first_q2 = tl.load(cq_ptr + tl.minimum(p * BLOCK_M, qlen - 1))
+            while (p < num_m) & (c_first_q2 - c_last_k2 >= thr):
+                p += 1
+                c_first_q2 = tl.load(cq_ptr + tl.minimum(p * BLOCK_M, qlen - 1))
+            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n2, p)
+
+
+def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False):
+    """Run the boundary kernel.  c_q/c_k: [B, H, T] float32.  Returns
+    (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None)."""
+    S, H = thr.shape
+    M = max(triton.cdiv(seq.max_qlen, block_m), 1)
+    N = max(triton.cdiv(seq.max_klen, block_n), 1)
+    dev = c_q.device
+    kblo = torch.zeros(S, H, M, dtype=torch.int32, device=dev) if want_kblo else None
+    qbhi = torch.zeros(S, H, N, dtype=torch.int32, device=dev) if want_qbhi else None
+    dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
+    kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
+    _acp_boundary_kernel[(S, H)](
+        c_q, c_k, c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+        seq.row, seq.qstart, seq.qlen, seq.kstart, seq.klen,
+        thr, thr.stride(0),
+        kb, kb.stride(0), kb.stride(1),
+        qb, qb.stride(0), qb.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        DO_KBLO=want_kblo, DO_QBHI=want_qbhi,
+    )
+    return kblo, qbhi
+
+
+# --------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+    kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
+    scale2,
+):
+    for kb in range(kb_lo, kb_hi):
+        offs_k = kb * BLOCK_N + offs_n
+        if MASK_KLEN:
+            kmask = offs_k < klen
+            k = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            ck2 = tl.load(ck_base + offs_k, mask=kmask, other=0.0) * 1.4426950408889634
+        else:
+            k = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :])
+            ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
+        decay = cq2[:, None] - ck2[None, :]
+        s = tl.dot(q, k) * scale2 + decay
+        if MASK_ACP or MASK_CAUSAL or MASK_KLEN:
+            keep = offs_m[:, None] >= 0
+            if MASK_ACP:
+                keep = keep & (decay >= thr2)
+            if MASK_CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_m[:, None])
+            if MASK_KLEN:
+                keep = keep & (offs_k[None, :] < klen)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing kept yet keeps m = -inf; shift by 0 instead
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, CQ, CK, O, LSE, THR, KBLO,
+    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+    stride_lb, stride_lh,
+    stride_thr_s, stride_kblo_s, stride_kblo_h,
+    scale2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s_id = tl.program_id(1)
+    h = tl.program_id(2)
+    qlen = tl.load(QLEN + s_id)
+    if pid_m * BLOCK_M >= qlen:
+        return
+    klen = tl.load(KLEN + s_id)
+    row = tl.load(ROW + s_id).to(tl.int64)
+    q0 = tl.load(QSTART + s_id).to(tl.int64)
+    k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qmask = offs_m < qlen
+    q = tl.load(Q + row * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
+                mask=qmask[:, None], other=0.0)
+    cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
+    cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+    k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
+    v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
+    ck_base = CK + row * stride_ckb + h * stride_ckh + k0
+
+    # tile ranges: [lo, full_lo) may hold pruned pairs, [full_lo, mid) is
+    # fully kept and unmasked, [mid, hi) needs the causal / bounds masks.
+    if CAUSAL:
+        hi = (tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
+        mid = (pid_m * BLOCK_M) // BLOCK_N
+    else:
+        hi = tl.cdiv(klen, BLOCK_N)
+        mid = klen // BLOCK_N
+    if USE_ACP:
+        thr = tl.load(THR + s_id * stride_thr_s + h)
+        thr2 = thr * 1.4426950408889634
+        lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
+        # walk past the tiles whose smallest decay (last query, first key)
+        # is below the threshold: usually a handful
+        c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
+        full_lo = lo
+        c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+        while (full_lo < mid) & (c_last_q - c_first_k < thr):
+            full_lo += 1
+            c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+    else:
+        thr2 = 0.0
+        lo = 0
+        full_lo = 0
+    mid = tl.maximum(mid, lo)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if USE_ACP:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                                   lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
+                                   BLOCK_N, True, False, False, scale2)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                               tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
+                               BLOCK_N, False, False, False, scale2)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                               mid, hi, klen, thr2, offs_n, offs_d,
+                               BLOCK_N, USE_ACP, CAUSAL, True, scale2)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + row * stride_ob + h * stride_oh + (q0 + offs_m)[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=qmask[:, None])
+    tl.store(LSE + row * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=qmask)
+
+
+# --------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+    stride_qt, stride_dot, mb_lo, mb_hi, qlen, thr2, offs_d,
+    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2,
+):
+    for mb in range(mb_lo, mb_hi):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        qmask = offs_m < qlen
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qmask[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qmask[:, None], other=0.0)
+        cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+        # rows past the end get lse = +inf so that their p is exactly 0
+        lse2 = tl.load(lse_base + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+        dlt = tl.load(dlt_base + offs_m, mask=qmask, other=0.0)
+        decayT = cq2[None, :] - ck2[:, None]
+        sT = tl.dot(k, qT) * scale2 + decayT
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK_ACP or MASK_CAUSAL:
+            keep = qmask[None, :]
+            if MASK_ACP:
+                keep = keep & (decayT >= thr2)
+            if MASK_CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(keep, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - dlt[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dck += tl.sum(dsT, 1)
+    return dk, dv, dck
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK,
+    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+    stride_lb, stride_lh,
+    stride_dckb, stride_dckh,
+    stride_thr_s, stride_qbhi_s, stride_qbhi_h,
+    scale, scale2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    s_id = tl.program_id(1)
+    hk = tl.program_id(2)
+    klen = tl.load(KLEN + s_id)
+    if pid_n * BLOCK_N >= klen:
+        return
+    qlen = tl.load(QLEN + s_id)
+    row = tl.load(ROW + s_id).to(tl.int64)
+    q0 = tl.load(QSTART + s_id).to(tl.int64)
+    k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_n < klen
+    k = tl.load(K + row * stride_kb + hk * stride_kh + (k0 + offs_n)[:, None] * stride_kt + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + row * stride_vb + hk * stride_vh + (k0 + offs_n)[:, None] * stride_vt + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    num_m = tl.cdiv(qlen, BLOCK_M)
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N) // BLOCK_M
+        # first query block whose every row is at or after every key here
+        full_lo = tl.minimum(tl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M), num_m)
+    else:
+        lo = 0
+        full_lo = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        ck_base = CK + row * stride_ckb + h * stride_ckh + k0
+        ck2 = tl.load(ck_base + offs_n, mask=kmask, other=0.0) * 1.4426950408889634
+        q_base = Q + row * stride_qb + h * stride_qh + q0 * stride_qt
+        do_base = DO + row * stride_dob + h * stride_doh + q0 * stride_dot
+        cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
+        lse_base = LSE + row * stride_lb + h * stride_lh + q0
+        dlt_base = DLT + row * stride_lb + h * stride_lh + q0
+        dck = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if USE_ACP:
+            thr = tl.load(THR + s_id * stride_thr_s + h)
+            thr2 = thr * 1.4426950408889634
+            hi = tl.load(QBHI + s_id * stride_qbhi_s + h * stride_qbhi_h + pid_n)
+            # tiles at the end of the kept range may hold pruned pairs; the
+            # smallest decay of tile (m, n) is at (last query, first key)
+            c_first_k = tl.load(ck_base + pid_n * BLOCK_N)
+            part_lo = hi
+            c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(part_lo * BLOCK_M, qlen) - 1, 0))
+            while (part_lo > full_lo) & (c_last_q - c_first_k < thr):
+                part_lo -= 1
+                c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(part_lo * BLOCK_M, qlen) - 1, 0))
+        else:
+            thr2 = 0.0
+            hi = num_m
+            part_lo = num_m
+        mid = tl.minimum(full_lo, hi)
+        # diagonal tiles: causal mask (and the ACP mask when on)
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                  stride_qt, stride_dot, lo, mid, qlen, thr2, offs_d,
+                                  BLOCK_M, USE_ACP, CAUSAL, scale2)
+        # fully kept tiles: no mask
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                  stride_qt, stride_dot, mid, tl.maximum(part_lo, mid), qlen, thr2, offs_d,
+                                  BLOCK_M, False, False, scale2)
+        if USE_ACP:
+            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base,
+                                      dlt_base, stride_qt, stride_dot, tl.maximum(part_lo, mid), hi, qlen, thr2,
+                                      offs_d, BLOCK_M, True, False, scale2)
+        tl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
+    tl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_n)[:, None] * stride_dkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + row * stride_dvb + hk * stride_dvh + (k0 + offs_n)[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _dq_tiles(
+    dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+    kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
+    scale2,
+):
+    for kb in range(kb_lo, kb_hi):
+        offs_k = kb * BLOCK_N + offs_n
+        if MASK_KLEN:
+            kmask = offs_k < klen
+            kT = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            vT = tl.load(v_base + offs_k[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+            ck2 = tl.load(ck_base + offs_k, mask=kmask, other=0.0) * 1.4426950408889634
+        else:
+            kT = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None])
+            vT = tl.load(v_base + offs_k[None, :] * stride_vt + offs_d[:, None])
+            ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
+        decay = cq2[:, None] - ck2[None, :]
+        s = tl.dot(q, kT) * scale2 + decay
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK_ACP or MASK_CAUSAL or MASK_KLEN:
+            keep = offs_m[:, None] >= 0
+            if MASK_ACP:
+                keep = keep & (decay >= thr2)
+            if MASK_CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_m[:, None])
+            if MASK_KLEN:
+                keep = keep & (offs_k[None, :] < klen)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - dlt[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+        dcq += tl.sum(ds, 1)
+    return dq, dcq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, CQ, CK, LSE, DLT, THR, KBLO, DQ, DCQ,
+    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+    stride_lb, stride_lh,
+    stride_dcqb, stride_dcqh,
+    stride_thr_s, stride_kblo_s, stride_kblo_h,
+    scale, scale2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s_id = tl.program_id(1)
+    h = tl.program_id(2)
+    qlen = tl.load(QLEN + s_id)
+    if pid_m * BLOCK_M >= qlen:
+        return
+    klen = tl.load(KLEN + s_id)
+    row = tl.load(ROW + s_id).to(tl.int64)
+    q0 = tl.load(QSTART + s_id).to(tl.int64)
+    k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qmask = offs_m < qlen
+    q = tl.load(Q + row * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
+                mask=qmask[:, None], other=0.0)
+    do = tl.load(DO + row * stride_dob + h * stride_doh + (q0 + offs_m)[:, None] * stride_dot + offs_d[None, :],
+                 mask=qmask[:, None], other=0.0)
+    cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
+    cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + row * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+    dlt = tl.load(DLT + row * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=0.0)
+    k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
+    v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
+    ck_base = CK + row * stride_ckb + h * stride_ckh + k0
+    if CAUSAL:
+        hi = (tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
+        mid = (pid_m * BLOCK_M) // BLOCK_N
+    else:
+        hi = tl.cdiv(klen, BLOCK_N)
+        mid = klen // BLOCK_N
+    if USE_ACP:
+        thr = tl.load(THR + s_id * stride_thr_s + h)
+        thr2 = thr * 1.4426950408889634
+        lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
+        c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
+        full_lo = lo
+        c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+        while (full_lo < mid) & (c_last_q - c_first_k < thr):
+            full_lo += 1
+            c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+    else:
+        thr2 = 0.0
+        lo = 0
+        full_lo = 0
+    mid = tl.maximum(mid, lo)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ACP:
+        dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                            lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
+                            BLOCK_N, True, False, False, scale2)
+    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                        tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
+                        BLOCK_N, False, False, False, scale2)
+    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+                        mid, hi, klen, thr2, offs_n, offs_d,
+                        BLOCK_N, USE_ACP, CAUSAL, True, scale2)
+    tl.store(DQ + row * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask[:, None])
+    tl.store(DCQ + row * stride_dcqb + h * stride_dcqh + q0 + offs_m, dcq, mask=qmask)
+
+
+# --------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------
+
+
+class _PairTable:
+    """(row, query start, query length, key start, key length) per sequence."""
+
+    def __init__(self, row, qstart, qlen, kstart, klen, max_qlen, max_klen):
+        self.row, self.qstart, self.qlen, self.kstart, self.klen = row, qstart, qlen, kstart, klen
+        self.max_qlen, self.max_klen = max_qlen, max_klen
+
+    @staticmethod
+    def self_attention(seqs):
+        return _PairTable(seqs.row, seqs.start, seqs.length, seqs.start, seqs.length, seqs.max_len, seqs.max_len)
+
+    @staticmethod
+    def chunks(batch, tq, tk, device):
+        row = torch.arange(batch, dtype=torch.int32, device=device)
+        zero = torch.zeros(batch, dtype=torch.int32, device=device)
+        return _PairTable(row, zero, torch.full_like(zero, tq), zero, torch.full_like(zero, tk), tq, tk)
+
+
+def _check_unit_stride(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
+    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo."""
+    q, k, v = _check_unit_stride(q, k, v)
+    B, Tq, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    BM, BN, warps, stages = _fwd_config(D)
+    use_acp = thr is not None
+    kblo = None
+    if use_acp:
+        kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    S = pairs.row.numel()
+    grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
+    dummy_f = thr if use_acp else c_q
+    dummy_i = kblo if use_acp else pairs.row.view(1, 1, -1)
+    _fwd_kernel[grid](
+        q, k, v, c_q, c_k, out, lse, dummy_f, dummy_i,
+        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+        lse.stride(0), lse.stride(1),
+        dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1),
+        scale * LOG2E,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse, kblo
+
+
+def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None):
+    """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32)."""
+    do, q, k, v = _check_unit_stride(do, q, k, v)
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    use_acp = thr is not None
+    # delta_i = do_i . o_i, the softmax-backward row term (FlashAttention-2)
+    dlt = (do.float() * out.float()).sum(-1).permute(0, 2, 1).contiguous()
+    lse = lse.contiguous() if lse.stride(-1) != 1 else lse
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dc_q = torch.zeros(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    dc_k = torch.zeros(B, Hq, Tk, dtype=torch.float32, device=q.device)
+    S = pairs.row.numel()
+    scale2 = scale * LOG2E
+    dummy_f = thr if use_acp else c_q
+
+    BM1, BN1, w1, st1 = _dkdv_config(D)
+    qbhi = None
+    if use_acp:
+        _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
+    qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
+    _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
+        q, k, v, do, c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
+        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+        lse.stride(0), lse.stride(1),
+        dc_k.stride(0), dc_k.stride(1),
+        dummy_f.stride(0), qb.stride(0), qb.stride(1),
+        scale, scale2,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
+        num_warps=w1, num_stages=st1,
+    )
+
+    BM2, BN2, w2, st2 = _dq_config(D)
+    if use_acp and (kblo is None or (BM2, BN2) != DEFAULT_FWD_BLOCKS):
+        kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
+    kb = kblo if use_acp else pairs.row.view(1, 1, -1)
+    _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
+        q, k, v, do, c_q, c_k, lse, dlt, dummy_f, kb, dq, dc_q,
+        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+        lse.stride(0), lse.stride(1),
+        dc_q.stride(0), dc_q.stride(1),
+        dummy_f.stride(0), kb.stride(0), kb.stride(1),
+        scale, scale2,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
+        num_warps=w2, num_stages=st2,
+    )
+    return dq, dk, dv, dc_q, dc_k
+
+
+class ForgettingAttentionFunction(torch.autograd.Function):
+    """Causal forgetting attention over (packed) sequences; see interface.py."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_fgate, seqs, scale, thr):
+        c = cumulative_log_decay(log_fgate.detach(), seqs.cu_seqlens)  # [B, T, H] fp32
+        c = c.permute(0, 2, 1).contiguous()  # [B, H, T]: contiguous along time
+        pairs = _PairTable.self_attention(seqs)
+        out, lse, kblo = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
+        ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
+        ctx.seqs, ctx.scale = seqs, scale
+        ctx.mark_non_differentiable(kblo) if kblo is not None else None
+        return out, kblo, DEFAULT_FWD_BLOCKS
+
+    @staticmethod
+    def backward(ctx, do, _dkblo=None, _dblocks=None):
+        q, k, v, out, lse, c, thr, kblo = ctx.saved_tensors
+        seqs = ctx.seqs
+        pairs = _PairTable.self_attention(seqs)
+        dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo)
+        dc = (dc_q + dc_k).permute(0, 2, 1)  # [B, T, H]
+        dlogf = reverse_cumulative_sum(dc, seqs.cu_seqlens)
+        return dq, dk, dv, dlogf, None, None, None
+
+
+def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr):
+    pairs = _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
+    c_q = c_q.float()
+    c_k = c_k.float()
+    out, lse, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal)
+    return out, lse
+
+
+def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr):
+    pairs = _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
+    return _backward(do, q, k, v, c_q.float(), c_k.float(), out, lse, pairs, scale, thr, causal)
