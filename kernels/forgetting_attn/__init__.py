@@ -21,6 +21,7 @@ from .interface import (
     attention_chunk_backward,
     attention_chunk_forward,
     forgetting_attention,
+    merge_partial_attention,
 )
 from .naive import cumulative_log_decay, naive_attention_chunk, naive_forgetting_attention, reverse_cumulative_sum
 
@@ -36,6 +37,7 @@ __all__ = [
     "kept_tile_fraction",
     "logit_bound_from_qk_norm",
     "logit_bound_from_tensors",
+    "merge_partial_attention",
     "naive_attention_chunk",
     "naive_forgetting_attention",
     "reference_block_boundaries",

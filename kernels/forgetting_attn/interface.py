@@ -37,6 +37,7 @@ __all__ = [
     "SequenceTable",
     "attention_chunk_forward",
     "attention_chunk_backward",
+    "merge_partial_attention",
 ]
 
 _LAYOUTS = ("bshd", "sbhd")
@@ -374,3 +375,20 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr):
     dc_k = (-ds.sum(-2)).float()
     to = lambda x, ref: x.permute(0, 2, 1, 3).to(ref.dtype)
     return to(dq, q), to(dk, k), to(dv, v), dc_q, dc_k
+
+
+def merge_partial_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attention results over disjoint key sets.
+
+    out: [B, T, H, D], lse: [B, H, T] (natural log, -inf for "no keys").
+    Returns (out in float32, lse), the log-sum-exp rule of ring attention
+    (as in ring-flash-attn): o = sum_x exp(lse_x - lse) o_x.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    # rows with no kept key on either side stay (0, -inf) instead of NaN
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - safe).permute(0, 2, 1)[..., None]
+    w_b = torch.exp(lse_b - safe).permute(0, 2, 1)[..., None]
+    return out_a.float() * w_a + out_b.float() * w_b, lse

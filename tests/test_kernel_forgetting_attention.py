@@ -1,0 +1,345 @@
+"""Forgetting attention kernels against the float64 reference.
+
+On a CPU-only machine the Triton kernels run in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1), in fp32 and fp16: the
+interpreter's bf16 dot is wrong, so bf16 is checked on the GPU only.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fox_megatron.kernels import (
+    AcpConfig,
+    attention_chunk_backward,
+    attention_chunk_forward,
+    cumulative_log_decay,
+    forgetting_attention,
+    merge_partial_attention,
+    naive_forgetting_attention,
+    reference_block_boundaries,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-2)).item()
+
+
+def make_inputs(B, T, Hq, Hkv, D, dtype, layout="bshd", decay_scale=1.0, seed=0, device=DEVICE):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = lambda h, d: (B, T, h, d) if layout == "bshd" else (T, B, h, d)
+    q = torch.randn(shape(Hq, D), generator=g).to(device, dtype)
+    k = torch.randn(shape(Hkv, D), generator=g).to(device, dtype)
+    v = torch.randn(shape(Hkv, D), generator=g).to(device, dtype)
+    gate_shape = (B, T, Hq) if layout == "bshd" else (T, B, Hq)
+    # heads from slow to fast forgetting, so that ACP prunes some of them
+    rates = torch.logspace(-3, 0, Hq) * decay_scale
+    z = torch.randn(gate_shape, generator=g)
+    log_f = (-rates * torch.exp(0.5 * z)).to(device, torch.float32)
+    return [t.requires_grad_() for t in (q, k, v, log_f)]
+
+
+def run(q, k, v, log_f, do, **kw):
+    o = forgetting_attention(q, k, v, log_f, **kw)
+    grads = torch.autograd.grad(o, (q, k, v, log_f), do)
+    return o, grads
+
+
+def reference(q, k, v, log_f, do, layout="bshd", **kw):
+    cast = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
+    return run(*cast, do.double(), layout=layout, backend="torch", **kw)
+
+
+TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def check(q, k, v, log_f, tol, layout="bshd", **kw):
+    do = torch.randn_like(q)
+    o, grads = run(q, k, v, log_f, do, layout=layout, backend="triton", **kw)
+    o_ref, grads_ref = reference(q, k, v, log_f, do, layout=layout, **kw)
+    assert rel_err(o, o_ref) < tol, "output"
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), grads, grads_ref):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < tol, name
+
+
+# ---------------------------------------------------------------- reference
+
+
+def test_reference_matches_explicit_loop():
+    """The oracle itself against a per-query loop written from the formula."""
+    torch.manual_seed(1)
+    B, T, H, D = 2, 9, 2, 4
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3))
+    log_f = F.logsigmoid(torch.randn(B, T, H, dtype=torch.float64))
+    out = naive_forgetting_attention(q, k, v, log_f)
+    c = torch.cumsum(log_f, 1)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                logits = torch.stack([q[b, i, h] @ k[b, j, h] / math.sqrt(D) + c[b, i, h] - c[b, j, h] for j in range(i + 1)])
+                w = torch.softmax(logits, 0)
+                expect = (w[:, None] * v[b, : i + 1, h]).sum(0)
+                torch.testing.assert_close(out[b, i, h], expect)
+
+
+def test_reference_packed_equals_separate_documents():
+    torch.manual_seed(2)
+    T, H, D = 20, 2, 8
+    q, k, v = (torch.randn(1, T, H, D, dtype=torch.float64) for _ in range(3))
+    log_f = F.logsigmoid(torch.randn(1, T, H, dtype=torch.float64))
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    packed = naive_forgetting_attention(q, k, v, log_f, cu_seqlens=cu)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = naive_forgetting_attention(q[:, s:e], k[:, s:e], v[:, s:e], log_f[:, s:e])
+        torch.testing.assert_close(packed[:, s:e], alone)
+
+
+def test_reference_gradcheck_including_gate():
+    torch.manual_seed(3)
+    B, T, H, D = 1, 6, 2, 3
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    log_f = F.logsigmoid(torch.randn(B, T, H, dtype=torch.float64)).requires_grad_()
+    cu = torch.tensor([0, 2, 6])
+    assert torch.autograd.gradcheck(lambda *a: naive_forgetting_attention(*a, cu_seqlens=cu), (q, k, v, log_f))
+
+
+# ------------------------------------------------------- Triton vs reference
+
+CASES = [
+    # B, T, Hq, Hkv, D
+    (2, 150, 4, 4, 32),
+    (1, 77, 4, 2, 64),  # GQA, odd length
+    (2, 37, 4, 1, 16),  # MQA
+    (1, 1, 2, 2, 32),  # a single token
+    (1, 200, 2, 2, 128),
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", CASES)
+@pytest.mark.parametrize("acp", [False, True])
+def test_triton_matches_reference_fp32(B, T, Hq, Hkv, D, acp):
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.float32, seed=T + D)
+    cfg = AcpConfig(log_eps=-10.0) if acp else None
+    check(q, k, v, log_f, TOL[torch.float32], acp=cfg)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sbhd"])
+def test_triton_layouts_fp16(layout):
+    q, k, v, log_f = make_inputs(2, 97, 4, 2, 64, torch.float16, layout=layout, seed=5)
+    check(q, k, v, log_f, TOL[torch.float16], layout=layout, acp=AcpConfig())
+
+
+def test_sbhd_needs_no_copy_and_matches_bshd():
+    q, k, v, log_f = make_inputs(2, 40, 2, 2, 32, torch.float32, layout="sbhd", seed=6)
+    o_s = forgetting_attention(q, k, v, log_f, layout="sbhd", backend="triton")
+    o_b = forgetting_attention(*(t.transpose(0, 1) for t in (q, k, v, log_f)), layout="bshd", backend="triton")
+    assert o_s.shape == q.shape and o_s.stride() == q.stride()
+    torch.testing.assert_close(o_s, o_b.transpose(0, 1))
+
+
+@pytest.mark.parametrize("acp", [False, True])
+def test_triton_packed_documents(acp):
+    B, T = 2, 96
+    q, k, v, log_f = make_inputs(B, T, 4, 2, 32, torch.float32, seed=7)
+    # documents of odd lengths, one of length 1, none crossing a row
+    cu = torch.tensor([0, 13, 14, 60, 96, 131, 192], dtype=torch.int32, device=DEVICE)
+    check(q, k, v, log_f, TOL[torch.float32], cu_seqlens=cu, acp=AcpConfig(log_eps=-4.0) if acp else None)
+
+
+def test_triton_large_decay_prunes_and_matches():
+    # fast forgetting everywhere: most tiles are skipped
+    q, k, v, log_f = make_inputs(1, 700, 2, 2, 32, torch.float32, decay_scale=100.0, seed=8)
+    o, stats = forgetting_attention(q, k, v, log_f, backend="triton", acp=AcpConfig(), return_stats=True)
+    assert stats.kept_fraction < 0.6
+    check(q, k, v, log_f, TOL[torch.float32], acp=AcpConfig())
+
+
+def test_stats_agree_between_backends():
+    q, k, v, log_f = make_inputs(2, 257, 4, 4, 32, torch.float32, decay_scale=3.0, seed=9)
+    _, st_t = forgetting_attention(q, k, v, log_f, backend="triton", acp=AcpConfig(), return_stats=True)
+    _, st_r = forgetting_attention(q, k, v, log_f, backend="torch", acp=AcpConfig(), return_stats=True)
+    torch.testing.assert_close(st_t.kept_tiles.cpu(), st_r.kept_tiles.cpu())
+    assert (st_t.kept_tiles <= 1).all() and st_t.kept_tiles.min() < 1
+
+
+# ------------------------------------------------------------- ACP guarantee
+
+
+@pytest.mark.parametrize("log_eps", [-10.0, -3.0])
+def test_acp_pruned_mass_is_at_most_eps(log_eps):
+    """Measure the attention mass the rule removes, per query, on inputs
+    built so that pruning happens (fast-forgetting heads, large logits)."""
+    torch.manual_seed(10)
+    B, T, H, D = 2, 400, 4, 16
+    q = torch.randn(B, T, H, D, dtype=torch.float64) * 2
+    k = torch.randn(B, T, H, D, dtype=torch.float64) * 2
+    v = torch.randn(B, T, H, D, dtype=torch.float64)
+    log_f = -torch.logspace(-1, 1, H, dtype=torch.float64) * torch.rand(B, T, H, dtype=torch.float64) * 2
+    acp = AcpConfig(log_eps=log_eps)
+    _, stats = forgetting_attention(q, k, v, log_f, backend="torch", acp=acp, return_stats=True)
+    thr = stats.threshold  # [B, H]
+    scale = 1 / math.sqrt(D)
+    c = cumulative_log_decay(log_f)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale + (c.permute(0, 2, 1)[..., :, None] - c.permute(0, 2, 1)[..., None, :])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    decay = c.permute(0, 2, 1)[..., :, None] - c.permute(0, 2, 1)[..., None, :]
+    pruned = causal & (decay < thr[:, :, None, None])
+    assert pruned.float().mean() > 0.2, "the inputs must make ACP prune"
+    lost = (probs * pruned).sum(-1)
+    assert lost.max().item() <= math.exp(log_eps)
+    # and the pruned output stays within the bound: |o - o_full| <= 2 eps max|v|
+    o_full = naive_forgetting_attention(q, k, v, log_f)
+    o_acp = forgetting_attention(q, k, v, log_f, backend="torch", acp=acp)
+    assert (o_acp - o_full).abs().max().item() <= 2 * math.exp(log_eps) * v.abs().max().item()
+
+
+def test_triton_boundaries_match_reference_and_mirror():
+    from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
+    from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries
+
+    torch.manual_seed(11)
+    S, H, T = 3, 5, 333
+    log_f = -torch.rand(S, H, T) * torch.logspace(-2, 0.5, H)[None, :, None]
+    c = torch.cumsum(log_f, -1).to(DEVICE)
+    thr = (-torch.rand(S, H) * 30 - 1).to(DEVICE)
+    seqs = SequenceTable.build(S, T, None, DEVICE)
+    pairs = _PairTable.self_attention(seqs)
+    for bm, bn in [(128, 64), (64, 128), (32, 32)]:
+        kblo, qbhi = block_boundaries(c, c, pairs, thr, bm, bn, True, want_kblo=True, want_qbhi=True)
+        torch.testing.assert_close(kblo.cpu(), reference_block_boundaries(c.cpu(), thr.cpu(), bm, bn))
+        # mirror: key block n keeps query blocks [diag, qbhi) -- check against the tile rule
+        M, N = -(-T // bm), -(-T // bn)
+        qf = c[:, :, torch.arange(M) * bm].cpu()
+        kl = c[:, :, torch.clamp((torch.arange(N) + 1) * bn, max=T) - 1].cpu()
+        kept = (qf[..., :, None] - kl[..., None, :]) >= thr.cpu()[..., None, None]  # S H M N
+        for n in range(N):
+            lo = (n * bn) // bm
+            hi = qbhi[:, :, n].cpu()
+            for s in range(S):
+                for h in range(H):
+                    run_len = 0
+                    while lo + run_len < M and kept[s, h, lo + run_len, n]:
+                        run_len += 1
+                    assert hi[s, h].item() == lo + run_len
+
+
+# ------------------------------------------------- context-parallel entry
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("acp", [False, True])
+def test_chunk_pairs_merge_to_full_attention(backend, acp):
+    """Split a sequence into 3 chunks, attend chunk pairs with global decays,
+    merge with log-sum-exp, and backpropagate with the merged out / lse:
+    the result equals whole-sequence attention, gate gradient included."""
+    B, T, Hq, Hkv, D, P = 2, 3 * 40, 4, 2, 32, 3
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.float32, decay_scale=2.0, seed=12)
+    scale = 1 / math.sqrt(D)
+    acp_cfg = AcpConfig(log_eps=-6.0, logit_bound=4.0) if acp else None
+    thr = None
+    if acp:
+        thr = torch.full((B, Hq), -2 * 4.0 - math.log(T) - 6.0, device=DEVICE)
+    do = torch.randn_like(q)
+    o_full, g_full = run(q, k, v, log_f, do, backend=backend, acp=acp_cfg)
+
+    c = cumulative_log_decay(log_f.detach()).permute(0, 2, 1).contiguous()  # B H T global
+    L = T // P
+    sl = [slice(i * L, (i + 1) * L) for i in range(P)]
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    outs, lses = [], []
+    for i in range(P):
+        o_acc, lse_acc = None, None
+        for j in range(i + 1):
+            o_ij, lse_ij = attention_chunk_forward(
+                qd[:, sl[i]], kd[:, sl[j]], vd[:, sl[j]], c[:, :, sl[i]], c[:, :, sl[j]],
+                causal=(i == j), softmax_scale=scale, acp_threshold=thr, backend=backend)
+            if o_acc is None:
+                o_acc, lse_acc = o_ij.float(), lse_ij
+            else:
+                o_acc, lse_acc = merge_partial_attention(o_acc, lse_acc, o_ij, lse_ij)
+        outs.append(o_acc.to(q.dtype))
+        lses.append(lse_acc)
+    o_cp = torch.cat(outs, 1)
+    assert rel_err(o_cp, o_full) < 2e-3
+
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    dc = torch.zeros(B, Hq, T, device=DEVICE)
+    for i in range(P):
+        for j in range(i + 1):
+            g = attention_chunk_backward(
+                do[:, sl[i]], qd[:, sl[i]], kd[:, sl[j]], vd[:, sl[j]], c[:, :, sl[i]], c[:, :, sl[j]],
+                outs[i], lses[i], causal=(i == j), softmax_scale=scale, acp_threshold=thr, backend=backend)
+            dq[:, sl[i]] += g[0].float()
+            dk[:, sl[j]] += g[1].float()
+            dv[:, sl[j]] += g[2].float()
+            dc[:, :, sl[i]] += g[3]
+            dc[:, :, sl[j]] += g[4]
+    dlog_f = torch.flip(torch.cumsum(torch.flip(dc.permute(0, 2, 1), [1]), 1), [1])
+    for a, b in zip((dq, dk, dv, dlog_f), g_full):
+        assert rel_err(a, b) < 2e-3
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, log_f = (t.detach() for t in make_inputs(1, 16, 4, 2, 32, torch.float32))
+    with pytest.raises(TypeError, match="share a dtype"):
+        forgetting_attention(q, k.half(), v, log_f)
+    with pytest.raises(TypeError, match="log_fgate must be float32"):
+        forgetting_attention(q, k, v, log_f.half())
+    with pytest.raises(ValueError, match="log_fgate must have shape"):
+        forgetting_attention(q, k, v, log_f[:, :, :2])
+    with pytest.raises(ValueError, match="does not match q shape"):
+        forgetting_attention(q, k[:, :8], v[:, :8], log_f)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        forgetting_attention(q[:, :, :3], k, v, log_f[:, :, :3])
+    with pytest.raises(ValueError, match="head dim 48 is not supported"):
+        forgetting_attention(q[..., :16].repeat(1, 1, 1, 3), k[..., :16].repeat(1, 1, 1, 3),
+                             v[..., :16].repeat(1, 1, 1, 3), log_f, backend="triton")
+    with pytest.raises(ValueError, match="4-D"):
+        forgetting_attention(q[0], k, v, log_f)
+    with pytest.raises(ValueError, match="layout"):
+        forgetting_attention(q, k, v, log_f, layout="bhsd")
+    with pytest.raises(TypeError, match="dtype torch.int64 is not supported"):
+        forgetting_attention(q.long(), k.long(), v.long(), log_f)
+    with pytest.raises(ValueError, match="end at batch"):
+        forgetting_attention(q, k, v, log_f, cu_seqlens=torch.tensor([0, 5, 15], device=q.device))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        forgetting_attention(q, k, v, log_f, cu_seqlens=torch.tensor([0, 9, 5, 16], device=q.device))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        forgetting_attention(q, k, v, log_f, cu_seqlens=torch.tensor([0.0, 16.0], device=q.device))
+    q2, k2, v2, f2 = (torch.cat([t, t]) for t in (q, k, v, log_f))
+    with pytest.raises(ValueError, match="row boundary"):
+        forgetting_attention(q2, k2, v2, f2, cu_seqlens=torch.tensor([0, 10, 20, 32], device=q.device))
+    with pytest.raises(ValueError, match="log_eps must be negative"):
+        AcpConfig(log_eps=1.0)
+    with pytest.raises(ValueError, match="logit_bound must be a scalar"):
+        forgetting_attention(q, k, v, log_f, acp=AcpConfig(logit_bound=torch.ones(3)))
+
+
+# -------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("acp", [False, True])
+@pytest.mark.parametrize("docs", [1, 4])
+def test_gpu_bf16_matches_reference(D, acp, docs):
+    B, T, Hq, Hkv = 2, 1000, 4, 2
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, layout="sbhd", seed=D + docs)
+    cu = None
+    if docs > 1:
+        bounds = sorted({0, T, 137, 500, 777})
+        cu = torch.tensor([b + r * T for r in range(B) for b in bounds[:-1]] + [B * T], dtype=torch.int32, device="cuda")
+    check(q, k, v, log_f, TOL[torch.bfloat16], layout="sbhd", cu_seqlens=cu, acp=AcpConfig() if acp else None)
