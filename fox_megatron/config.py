@@ -50,6 +50,7 @@ __all__ = [
     "config_from_dict",
     "apply_overrides",
     "dump_config",
+    "resolve_run_paths",
     "validate",
     "parse_scalar",
     "all_keys",
@@ -138,7 +139,9 @@ class LaunchConfig:
     nproc_per_node: int = 1
     # Single-node and static multi-node rendezvous.
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    # Null: a free port (local runs), or one derived from the job id under
+    # SLURM so that jobs sharing a node do not collide.
+    master_port: Optional[int] = None
     # Multi-node: "static" uses master_addr/master_port with a node rank per
     # node; "c10d" uses a rendezvous endpoint (host:port) and assigns ranks.
     rdzv_backend: Literal["static", "c10d"] = "c10d"
@@ -528,6 +531,45 @@ def _fill_derived(cfg: RunConfig) -> None:
         cfg.lr_decay_iters = cfg.train_iters
 
 
+def resolve_run_paths(cfg: RunConfig, name: str = "run", cwd=None) -> RunConfig:
+    """Make every path absolute, in place, so the run does not depend on the
+    working directory of whoever starts it (a SLURM node, torchrun workers).
+
+    - launch.run_dir: null means runs/<name>; relative to ``cwd``.
+    - Outputs (save, load, tensorboard_dir, metrics_file) relative to the run
+      dir, so moving the run dir (``--set launch.run_dir=...``) moves them;
+      metrics_file null means <run_dir>/metrics.jsonl.
+    - Inputs (data_path prefixes, tokenizer_model when it is a local path)
+      relative to ``cwd``, as in Megatron-LM.
+    Idempotent: absolute paths are left alone.
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+
+    def absolute(p: str, root: Path) -> str:
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.normpath(str(root / p))
+
+    run_dir = cfg.launch.run_dir if cfg.launch.run_dir is not None else os.path.join("runs", name)
+    cfg.launch.run_dir = absolute(run_dir, base)
+    rd = Path(cfg.launch.run_dir)
+    for key in ("save", "load", "tensorboard_dir", "metrics_file"):
+        v = getattr(cfg, key)
+        if v is not None:
+            setattr(cfg, key, absolute(v, rd))
+    if cfg.metrics_file is None:
+        cfg.metrics_file = str(rd / "metrics.jsonl")
+    cfg.data_path = [absolute(p, base) if isinstance(p, str) else p for p in cfg.data_path]
+    if cfg.tokenizer_model is not None:
+        local = absolute(cfg.tokenizer_model, base)
+        if os.path.exists(local):
+            cfg.tokenizer_model = local
+    for attr in ("output", "error"):
+        v = getattr(cfg.launch.slurm, attr)
+        if v is not None:
+            setattr(cfg.launch.slurm, attr, absolute(v, rd))
+    return cfg
+
+
 _HEADER = (
     "# Resolved fox-megatron run configuration (defaults and overrides applied).\n"
     "# The trainer reads this file; edit the source config instead.\n"
@@ -707,7 +749,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
     la = cfg.launch
     need(la.nnodes >= 1, "launch.nnodes", f"must be >= 1, got {la.nnodes}")
     need(la.nproc_per_node >= 1, "launch.nproc_per_node", f"must be >= 1, got {la.nproc_per_node}")
-    need(1 <= la.master_port <= 65535, "launch.master_port", f"must be a TCP port, got {la.master_port}")
+    if la.master_port is not None:
+        need(1 <= la.master_port <= 65535, "launch.master_port", f"must be a TCP port, got {la.master_port}")
     if la.rdzv_endpoint is not None:
         need(bool(re.fullmatch(r"[^\s:]+(:\d{1,5})?", la.rdzv_endpoint)), "launch.rdzv_endpoint",
              f"expected host or host:port, got {la.rdzv_endpoint!r}")
