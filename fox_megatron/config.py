@@ -682,6 +682,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
                  f"by context_parallel_size {cp} (use cp_mode: ring)")
 
     # Parallel layout vs world size.
+    la = cfg.launch
+    need(la.nnodes >= 1, "launch.nnodes", f"must be >= 1, got {la.nnodes}")
+    need(la.nproc_per_node >= 1, "launch.nproc_per_node", f"must be >= 1, got {la.nproc_per_node}")
     ws = cfg.world_size if world_size is None else world_size
     key_ws = "launch.nproc_per_node" if world_size is None else "world_size"
     need(ws > 0, key_ws, f"world size must be > 0, got {ws}")
@@ -747,8 +750,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
 
     # Launch.
     la = cfg.launch
-    need(la.nnodes >= 1, "launch.nnodes", f"must be >= 1, got {la.nnodes}")
-    need(la.nproc_per_node >= 1, "launch.nproc_per_node", f"must be >= 1, got {la.nproc_per_node}")
     if la.master_port is not None:
         need(1 <= la.master_port <= 65535, "launch.master_port", f"must be a TCP port, got {la.master_port}")
     if la.rdzv_endpoint is not None:
