@@ -97,6 +97,11 @@ def shift_tokens(x: torch.Tensor, gate: torch.Tensor, starts: torch.Tensor) -> t
     return x + a * (prev - x)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    # gates are computed in fp32 (fp64 inputs, used by tests, stay fp64)
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class FoxSelfAttention(MegatronModule):
     """Forgetting attention (FoX Pro) as a Megatron-Core self-attention.
 
@@ -286,8 +291,8 @@ class FoxSelfAttention(MegatronModule):
 
         if self.fox.kv_shift:
             starts = document_start_mask(cu_seqlens, T, B, mixed.device)
-            k = shift_tokens(k, torch.sigmoid(pieces["key_shift"].float()), starts)
-            v = shift_tokens(v, torch.sigmoid(pieces["value_shift"].float()), starts)
+            k = shift_tokens(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), starts)
+            v = shift_tokens(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), starts)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -306,7 +311,7 @@ class FoxSelfAttention(MegatronModule):
             raise ValueError("FoX option use_rope is on but the model passed no rotary embedding "
                              "(build the GPTModel with position_embedding_type='rope')")
 
-        log_fgate = F.logsigmoid(pieces["forget_gate"].float() + self.forget_gate_bias.float())
+        log_fgate = F.logsigmoid(_at_least_fp32(pieces["forget_gate"]) + _at_least_fp32(self.forget_gate_bias))
 
         acp = self._acp_config()
         want_stats = acp is not None and self.fox.collect_acp_stats
@@ -330,7 +335,7 @@ class FoxSelfAttention(MegatronModule):
             o = self.out_norm(o)
         o = o.reshape(T, B, Hq * D)
         if self.fox.output_gate:
-            o = o * torch.sigmoid(pieces["output_gate"].float()).to(o.dtype)
+            o = o * torch.sigmoid(_at_least_fp32(pieces["output_gate"])).to(o.dtype)
         return self.linear_proj(o)
 
     # ------------------------------------------------------------ checkpoint

@@ -57,14 +57,15 @@ class FoxNorm(torch.nn.Module):
             setattr(p, "sequence_parallel", self.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = self.weight.to(cd)
         if self.zero_centered_gamma:
             w = w + 1.0
-        xf = x.float()
+        xf = x.to(cd)
         if self.rms:
             y = F.rms_norm(xf, (self.hidden_size,), w, self.eps)
         else:
-            y = F.layer_norm(xf, (self.hidden_size,), w, None if self.bias is None else self.bias.float(), self.eps)
+            y = F.layer_norm(xf, (self.hidden_size,), w, None if self.bias is None else self.bias.to(cd), self.eps)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -90,9 +91,10 @@ class HeadRMSNorm(torch.nn.Module):
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(cd)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(cd)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
