@@ -1,0 +1,152 @@
+"""GPU execution path: megatron-core end to end.
+
+- megatron-core DistributedDataParallel (contiguous fp32 gradient buckets)
+  and its optimizer (`get_megatron_optimizer`: mixed precision with fp32 main
+  weights under bf16/fp16, the distributed optimizer when
+  `use_distributed_optimizer`, gradient clipping inside `step()`);
+- `get_forward_backward_func()`: no pipelining, or 1F1B when PP > 1;
+- per-token loss (config.calculate_per_token_loss): each micro-batch returns
+  its loss sum and token count, finalize_model_grads divides by the global
+  count after the data-parallel reduction;
+- checkpoints through dist_checkpointing (torch_dist), resharding across DP.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from .loss import masked_loss_sum, model_forward
+from .schedule import apply_lr
+
+DIST_SUBDIR = "torch_dist"
+# Optimizer state layout in the checkpoint: fully parallel save/load, and the
+# data-parallel size may change on resume (TP/PP may not).
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class MegatronEngine:
+    format = "torch_dist"
+
+    def __init__(self, cfg, info, model, config):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.cfg, self.info, self.config = cfg, info, config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad,
+            bf16=cfg.bf16,
+            fp16=cfg.fp16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        # The schedule calls these around the micro-batch loop: no gradient
+        # reduction until the last micro-batch, then the DP reduction and the
+        # division by the global token count.
+        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        output = model_forward(model, mb)
+
+        def loss_func(output_tensor):
+            loss_sum, n = masked_loss_sum(output_tensor, mb.loss_mask)
+            report = torch.stack([loss_sum.detach(), n.detach()])
+            return loss_sum, n.to(torch.int), {"lm loss": report}
+
+        return output, loss_func
+
+    def _run(self, micro_batches: List, forward_only: bool):
+        return self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=self.cfg.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _totals(self, reports) -> dict:
+        # Only the last pipeline stage has losses; TP peers hold copies (the
+        # ratio is unaffected), CP ranks hold parts.  One world-wide sum gives
+        # every rank (rank 0 logs) the global mean.
+        local = torch.zeros(2, dtype=torch.float32, device=self.info.device)
+        for r in reports:
+            local += r["lm loss"].float()
+        dist.all_reduce(local)
+        tp_copies = max(1, self.info.tp)
+        return {"loss": (local[0] / local[1].clamp(min=1)).item(), "tokens": int(local[1].item()) // tp_copies}
+
+    def train_step(self, micro_batches: List, lr: float) -> dict:
+        apply_lr(self.optimizer.param_groups, lr, self.cfg.weight_decay)
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run(micro_batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        totals = self._totals(reports)
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["skipped"] = not ok
+        return totals
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: List) -> dict:
+        self.model.eval()
+        reports = self._run(micro_batches, forward_only=True)
+        return self._totals(reports)
+
+    # --- checkpoints -------------------------------------------------------
+    def _sharded_state(self, is_loading: bool):
+        model_sd = self.model.module.sharded_state_dict()
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING
+            ),
+        }
+
+    def write_checkpoint(self, tmp_dir: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        target = os.path.join(tmp_dir, DIST_SUBDIR)
+        if self.info.rank == 0:
+            os.makedirs(target, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(is_loading=False), target)
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        source = os.path.join(ckpt_dir, DIST_SUBDIR)
+        if not os.path.isdir(source):
+            raise SystemExit(f"load: {ckpt_dir} holds no torch_dist checkpoint (written by a CPU run?)")
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), source)
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
