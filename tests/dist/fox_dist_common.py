@@ -129,9 +129,19 @@ def full_tensors(model, grads: bool = False, group=None) -> Dict[str, torch.Tens
     full: Dict[str, torch.Tensor] = {}
     for rank_pieces in gathered:
         for key, gshape, goff, lshape, data in rank_pieces:
-            out = full.setdefault(key, torch.zeros(gshape))
+            out = full.setdefault(key, torch.full(gshape, float("nan")))
             index = tuple(slice(o, o + n) for o, n in zip(goff, lshape))
-            out[index] = data.reshape(lshape)
+            piece = data.reshape(lshape)
+            seen = out[index]
+            written = ~torch.isnan(seen)
+            # replicas (DP copies, TP-replicated tensors) must agree: a
+            # gradient that should have been reduced across ranks shows here
+            if written.any() and not torch.allclose(seen[written], piece[written], rtol=1e-5, atol=1e-7):
+                raise AssertionError(f"replicas of {key} disagree at offset {goff}")
+            out[index] = piece
+    for key, t in full.items():
+        if torch.isnan(t).any():
+            raise AssertionError(f"{key}: shards do not cover the global tensor")
     return full
 
 
