@@ -31,8 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234):
-    """gloo process group (single process when not under torchrun) + Megatron groups."""
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "gloo"):
+    """Process group (single process when not under torchrun) + Megatron groups.
+
+    gloo by default (CPU tensors); "nccl" for the GPU-only tests."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -41,7 +43,9 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234):
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() == tp and ps.get_pipeline_model_parallel_world_size() == pp:
             return
@@ -117,7 +121,7 @@ def full_tensors(model, grads: bool = False, group=None) -> Dict[str, torch.Tens
     ctx = _params_hold_grads(model) if grads else contextlib.nullcontext()
     with ctx:
         pieces = [
-            (t.key, tuple(t.global_shape), tuple(t.global_offset), _local_shape(t), t.data.detach().clone().float())
+            (t.key, tuple(t.global_shape), tuple(t.global_offset), _local_shape(t), t.data.detach().float().cpu().clone())
             for t in _sharded_tensors(model)
         ]
     world = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
@@ -163,7 +167,7 @@ def load_full_tensors(model, full: Dict[str, torch.Tensor]):
         if isinstance(x, ShardedTensor):
             src = full[x.key]
             index = tuple(slice(o, o + n) for o, n in zip(x.global_offset, _local_shape(x)))
-            return src[index].reshape(x.data.shape).to(x.data.dtype).clone()
+            return src[index].reshape(x.data.shape).to(device=x.data.device, dtype=x.data.dtype).clone()
         if isinstance(x, ShardedObject):
             return None
         return x

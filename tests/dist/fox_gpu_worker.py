@@ -1,0 +1,109 @@
+"""torchrun worker for the GPU-only FoX model tests (NCCL, 2 GPUs).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist/fox_gpu_worker.py \
+        --mode dcp|sp --out result.pt --ckpt-dir DIR
+
+  dcp  Megatron's dist_checkpointing (torch_dist): save at TP=2, load at
+       TP=1 (the two ranks then data-parallel), same loss.
+  sp   TP=2 with sequence parallelism against TP=1: same loss and gradients
+       (the sequence-parallel norm gradients all-reduced the way Megatron's
+       finalize_model_grads does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fox_dist_common import batch, full_tensors, init_parallel, load_full_tensors, small_config  # noqa: E402
+
+VOCAB, SEQ, MBS = 128, 128, 2
+
+
+def _model(sequence_parallel=False):
+    from megatron.core import parallel_state as ps
+    from fox_megatron.model import FoxConfig, FoxTransformerConfig, build_fox_gpt_model
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    cfg = small_config(
+        FoxTransformerConfig, fox=FoxConfig(forget_gate_bias_init=-1.0), num_layers=2, num_query_groups=2,
+        use_cpu_initialization=False, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+    )
+    return build_fox_gpt_model(cfg, VOCAB, SEQ, share_embeddings_and_output_weights=True)
+
+
+def _loss(model, backward=False):
+    tokens, labels, pos = (t.cuda() for t in batch(VOCAB, SEQ, MBS, seed=3))
+    loss = model(tokens, pos, None, labels=labels).mean()
+    if backward:
+        loss.backward()
+    return loss
+
+
+def run_dcp(out, ckpt_dir):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    init_parallel(2, 1, backend="nccl")
+    torch.manual_seed(1)
+    model = _model()
+    with torch.no_grad():
+        loss_tp2 = float(_loss(model))
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    init_parallel(1, 1, backend="nccl")
+    torch.manual_seed(2)
+    model1 = _model()
+    state = dist_checkpointing.load(model1.sharded_state_dict(), ckpt_dir)
+    model1.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        loss_tp1 = float(_loss(model1))
+    if torch.distributed.get_rank() == 0:
+        torch.save(dict(loss_tp2=loss_tp2, loss_tp1=loss_tp1), out)
+
+
+def run_sp(out):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+    init_parallel(1, 1, backend="nccl")
+    torch.manual_seed(1)
+    ref = _model()
+    weights = full_tensors(ref)
+    ref_loss = float(_loss(ref, backward=True))
+    ref_grads = full_tensors(ref, grads=True)
+    ps.destroy_model_parallel()
+    init_parallel(2, 1, backend="nccl")
+    model = _model(sequence_parallel=True)
+    load_full_tensors(model, weights)
+    sp_loss = float(_loss(model, backward=True))
+    for p in model.parameters():  # what Megatron's DDP wrapper provides
+        p.main_grad = p.grad
+    model.ddp_config = type("C", (), {"use_megatron_fsdp": False})()
+    _allreduce_non_tensor_model_parallel_grads([model], model.config, ps.get_tensor_model_parallel_group())
+    sp_grads = full_tensors(model, grads=True)
+    if torch.distributed.get_rank() == 0:
+        torch.save(dict(ref_loss=ref_loss, sp_loss=sp_loss, ref_grads=ref_grads, sp_grads=sp_grads), out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["dcp", "sp"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt-dir", default=None)
+    a = ap.parse_args()
+    if a.mode == "dcp":
+        run_dcp(a.out, a.ckpt_dir)
+    else:
+        run_sp(a.out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
