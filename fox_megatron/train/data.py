@@ -81,12 +81,34 @@ def build_datasets(cfg, tokenizer, info):
     sizes = [cfg.train_iters * cfg.global_batch_size, eval_samples(cfg), 0]
     cls = MockGPTDataset if cfg.mock_data else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config).build()
+    for ds in (train, valid):
+        _disable_mask_cache(ds)
+    if not sizes[1]:
+        valid = None
     if train is None or len(train) < sizes[0]:
         raise SystemExit(
             f"data_path: the training split yields {0 if train is None else len(train)} samples, "
             f"{sizes[0]} are needed (train_iters x global_batch_size)"
         )
     return train, valid
+
+
+def _disable_mask_cache(dataset) -> None:
+    """Turn off GPTDataset's loss-mask cache.
+
+    In megatron-core 0.16.1, when no reset/eod flag is set, GPTDataset caches
+    the loss mask of the first sample it reads and then zeroes that same
+    tensor where the sample's labels are the pad id: the zeros leak into
+    every later sample of the process.  Which sample comes first depends on
+    where the run (re)starts, so a resumed run would train on different
+    masks.  Recomputing the masks is O(seq_length) per sample.
+    """
+    if dataset is None:
+        return
+    for child in getattr(dataset, "datasets", ()):  # BlendedDataset
+        _disable_mask_cache(child)
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
 
 
 def _mock_cache(cfg) -> Optional[str]:
