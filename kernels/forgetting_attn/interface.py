@@ -255,9 +255,9 @@ def forgetting_attention(
         )
         stats = None
         if return_stats and thr is not None:
-            from .triton_ops import DEFAULT_FWD_BLOCKS
+            from .triton_ops import fwd_blocks
 
-            bm, bn = DEFAULT_FWD_BLOCKS
+            bm, bn = fwd_blocks(D)
             with torch.no_grad():
                 c_s = _sequence_major_decay(cumulative_log_decay(gb.detach(), seqs.cu_seqlens), seqs)
                 kstart = reference_block_boundaries(c_s, thr, bm, bn)

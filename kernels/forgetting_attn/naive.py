@@ -22,6 +22,8 @@ __all__ = [
     "naive_attention_chunk",
     "token_document_ids",
     "reverse_cumulative_sum",
+    "cumulative_log_decay_bht",
+    "reverse_cumulative_sum_bht",
 ]
 
 
@@ -40,29 +42,53 @@ def token_document_ids(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tor
     return ids.view(batch, seqlen)
 
 
+def _doc_offsets(prefix: torch.Tensor, cu_seqlens: torch.Tensor, at_start: bool) -> torch.Tensor:
+    """Per-token offset that turns a per-row prefix (or suffix) sum over time
+    (last dim of ``prefix`` [B, H, T]) into a per-document one."""
+    B, H, T = prefix.shape
+    doc = token_document_ids(cu_seqlens, B, T).view(-1)
+    edge = cu_seqlens[:-1].to(torch.int64) if at_start else cu_seqlens[1:].to(torch.int64)
+    # the prefix value just before a document's start (suffix value just
+    # after its end) within the same row; zero at row edges
+    inside = (edge % T) != 0
+    idx = torch.where(inside, edge - 1 if at_start else edge, torch.zeros_like(edge))
+    flat = prefix.permute(0, 2, 1).reshape(B * T, H)
+    off = torch.where(inside[:, None], flat[idx], torch.zeros_like(flat[idx]))
+    return off[doc].view(B, T, H).permute(0, 2, 1)
+
+
+def cumulative_log_decay_bht(
+    log_fgate: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """c along the last dim of a [B, H, T] tensor (time innermost, which is
+    where GPU scans are fast), restarting at every document; accumulated in
+    float64 so that the per-document restart loses nothing."""
+    c = torch.cumsum(log_fgate.to(torch.float64), dim=-1)
+    if cu_seqlens is not None:
+        c = c - _doc_offsets(c, cu_seqlens, at_start=True)
+    return c.to(dtype)
+
+
+def reverse_cumulative_sum_bht(dc: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """g_l = sum_{t >= l, same document} dc_t along the last dim of [B, H, T]:
+    the gradient of ``cumulative_log_decay_bht``."""
+    x = dc.to(torch.float64)
+    suffix = x.sum(-1, keepdim=True) - torch.cumsum(x, dim=-1) + x
+    if cu_seqlens is not None:
+        suffix = suffix - _doc_offsets(suffix, cu_seqlens, at_start=False)
+    return suffix.to(dtype)
+
+
 def cumulative_log_decay(
     log_fgate: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
-    """c_t = sum_{l <= t} log f_l along dim 1, restarting at every document.
-
-    log_fgate: [B, T, H].  Accumulated in float64 so that the per-document
-    restart (a subtraction of two prefix sums) loses nothing; returned in
-    ``dtype`` (default float32, float64 for float64 input).
-    """
+    """c_t = sum_{l <= t} log f_l along dim 1 of [B, T, H], restarting at
+    every document.  Returned in ``dtype`` (default float32, float64 for
+    float64 input)."""
     if dtype is None:
         dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
-    c = torch.cumsum(log_fgate.to(torch.float64), dim=1)
-    if cu_seqlens is not None:
-        B, T, H = log_fgate.shape
-        doc = token_document_ids(cu_seqlens, B, T)  # [B, T]
-        starts = cu_seqlens[:-1].to(torch.int64)
-        # prefix sum just before each document start, within its row
-        c_flat = c.reshape(B * T, H)
-        before = torch.zeros(starts.numel(), H, dtype=c.dtype, device=c.device)
-        has_prev = (starts % T) != 0
-        before[has_prev] = c_flat[starts[has_prev] - 1]
-        c = c - before[doc.view(-1)].view(B, T, H)
-    return c.to(dtype)
+    return cumulative_log_decay_bht(log_fgate.transpose(1, 2), cu_seqlens, dtype).transpose(1, 2)
 
 
 def naive_attention_chunk(
@@ -159,20 +185,7 @@ def naive_forgetting_attention(
 
 
 def reverse_cumulative_sum(dc: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gradient of ``cumulative_log_decay``: g_l = sum_{t >= l, same doc} dc_t.
-
-    dc: [B, T, H].  Accumulated in float64, returned as float32 (float64 for
-    float64 input).
-    """
+    """Gradient of ``cumulative_log_decay``: g_l = sum_{t >= l, same doc} dc_t
+    along dim 1 of [B, T, H]."""
     out_dtype = torch.float64 if dc.dtype == torch.float64 else torch.float32
-    B, T, H = dc.shape
-    suffix = torch.flip(torch.cumsum(torch.flip(dc.to(torch.float64), [1]), 1), [1])
-    if cu_seqlens is not None:
-        doc = token_document_ids(cu_seqlens, B, T)
-        ends = cu_seqlens[1:].to(torch.int64)  # exclusive flat end of each doc
-        s_flat = suffix.reshape(B * T, H)
-        after = torch.zeros(ends.numel(), H, dtype=suffix.dtype, device=suffix.device)
-        has_next = (ends % T) != 0
-        after[has_next] = s_flat[ends[has_next]]
-        suffix = suffix - after[doc.view(-1)].view(B, T, H)
-    return suffix.to(out_dtype)
+    return reverse_cumulative_sum_bht(dc.transpose(1, 2), cu_seqlens, out_dtype).transpose(1, 2)

@@ -36,34 +36,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import cumulative_log_decay, reverse_cumulative_sum
+from .naive import cumulative_log_decay_bht, reverse_cumulative_sum_bht
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# (BLOCK_M, BLOCK_N) of the forward kernel; the dQ kernel uses the same tiles
-# so that it reuses the forward's boundaries.  The statistics are counted in
-# these tiles.
-DEFAULT_FWD_BLOCKS = (128, 64)
+# Tile shapes and launch settings per kernel and head dim (<= 64, 128):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).  The dQ kernel reuses the
+# forward's boundaries when their tiles agree.  ACP statistics are counted in
+# the forward's tiles.
+# Chosen by benchmarks/tune_attention.py on an H100 (L = 16384, paper-like
+# gates; benchmarks/results/tune_attention_h100.json).
+CONFIGS = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3)},
+    "dq": {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)},
+}
 
 
-def _fwd_config(head_dim: int):
-    # BLOCK_M, BLOCK_N, num_warps, num_stages
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+def kernel_config(kind: str, head_dim: int):
+    return CONFIGS[kind][64 if head_dim <= 64 else 128]
 
 
-def _dkdv_config(head_dim: int):
-    # BLOCK_M (queries per step), BLOCK_N (keys per program), warps, stages
-    if head_dim <= 64:
-        return 64, 128, 8, 3
-    return 64, 128, 8, 2
-
-
-def _dq_config(head_dim: int):
-    bm, bn = DEFAULT_FWD_BLOCKS
-    return bm, bn, (4 if head_dim <= 64 else 8), 2
+def fwd_blocks(head_dim: int):
+    """(BLOCK_M, BLOCK_N) in which the forward skips tiles (and stats count)."""
+    return kernel_config("fwd", head_dim)[:2]
 
 
 # --------------------------------------------------------------------------
@@ -154,7 +151,7 @@ def _fwd_tiles(
     acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2,
+    scale2, PRECISION: tl.constexpr,
 ):
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
@@ -168,7 +165,7 @@ def _fwd_tiles(
             v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :])
             ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
         decay = cq2[:, None] - ck2[None, :]
-        s = tl.dot(q, k) * scale2 + decay
+        s = tl.dot(q, k, input_precision=PRECISION) * scale2 + decay
         if MASK_ACP or MASK_CAUSAL or MASK_KLEN:
             keep = offs_m[:, None] >= 0
             if MASK_ACP:
@@ -187,7 +184,7 @@ def _fwd_tiles(
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -205,13 +202,14 @@ def _fwd_kernel(
     stride_thr_s, stride_kblo_s, stride_kblo_h,
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     s_id = tl.program_id(1)
     h = tl.program_id(2)
     qlen = tl.load(QLEN + s_id)
-    if pid_m * BLOCK_M >= qlen:
+    # causal: the last query blocks have the most tiles; launch them first
+    pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    if pid_m < 0:
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
@@ -261,13 +259,13 @@ def _fwd_kernel(
     if USE_ACP:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                                    lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                                   BLOCK_N, True, False, False, scale2)
+                                   BLOCK_N, True, False, False, scale2, PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                                tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, False, False, False, scale2)
+                               BLOCK_N, False, False, False, scale2, PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                                mid, hi, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, USE_ACP, CAUSAL, True, scale2)
+                               BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -283,10 +281,41 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DLT, T, H,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # delta_i = do_i . o_i, the row term of the softmax backward
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_t < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :], mask=mask[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_t[:, None] * stride_dot + offs_d[None, :], mask=mask[:, None], other=0.0)
+    tl.store(DLT + b * stride_lb + h * stride_lh + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mask)
+
+
+def _row_delta(out, do):
+    B, T, H, D = out.shape
+    dlt = torch.empty(B, H, T, dtype=torch.float32, device=out.device)
+    BLOCK_T = 64
+    _bwd_preprocess_kernel[(triton.cdiv(T, BLOCK_T), B * H)](
+        out, do, dlt, T, H,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dlt.stride(0), dlt.stride(1), HEAD_DIM=D, BLOCK_T=BLOCK_T,
+    )
+    return dlt
+
+
+@triton.jit
 def _dkdv_tiles(
     dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
     stride_qt, stride_dot, mb_lo, mb_hi, qlen, thr2, offs_d,
-    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2,
+    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2, PRECISION: tl.constexpr,
 ):
     for mb in range(mb_lo, mb_hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -298,7 +327,7 @@ def _dkdv_tiles(
         lse2 = tl.load(lse_base + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
         dlt = tl.load(dlt_base + offs_m, mask=qmask, other=0.0)
         decayT = cq2[None, :] - ck2[:, None]
-        sT = tl.dot(k, qT) * scale2 + decayT
+        sT = tl.dot(k, qT, input_precision=PRECISION) * scale2 + decayT
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASK_ACP or MASK_CAUSAL:
             keep = qmask[None, :]
@@ -307,10 +336,10 @@ def _dkdv_tiles(
             if MASK_CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - dlt[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         dck += tl.sum(dsT, 1)
     return dk, dv, dck
 
@@ -331,7 +360,7 @@ def _dkdv_kernel(
     stride_thr_s, stride_qbhi_s, stride_qbhi_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     s_id = tl.program_id(1)
@@ -390,15 +419,15 @@ def _dkdv_kernel(
         # diagonal tiles: causal mask (and the ACP mask when on)
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
                                   stride_qt, stride_dot, lo, mid, qlen, thr2, offs_d,
-                                  BLOCK_M, USE_ACP, CAUSAL, scale2)
+                                  BLOCK_M, USE_ACP, CAUSAL, scale2, PRECISION)
         # fully kept tiles: no mask
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
                                   stride_qt, stride_dot, mid, tl.maximum(part_lo, mid), qlen, thr2, offs_d,
-                                  BLOCK_M, False, False, scale2)
+                                  BLOCK_M, False, False, scale2, PRECISION)
         if USE_ACP:
             dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base,
                                       dlt_base, stride_qt, stride_dot, tl.maximum(part_lo, mid), hi, qlen, thr2,
-                                      offs_d, BLOCK_M, True, False, scale2)
+                                      offs_d, BLOCK_M, True, False, scale2, PRECISION)
         tl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
     tl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_n)[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -411,7 +440,7 @@ def _dq_tiles(
     dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2,
+    scale2, PRECISION: tl.constexpr,
 ):
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
@@ -425,7 +454,7 @@ def _dq_tiles(
             vT = tl.load(v_base + offs_k[None, :] * stride_vt + offs_d[:, None])
             ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
         decay = cq2[:, None] - ck2[None, :]
-        s = tl.dot(q, kT) * scale2 + decay
+        s = tl.dot(q, kT, input_precision=PRECISION) * scale2 + decay
         p = tl.math.exp2(s - lse2[:, None])
         if MASK_ACP or MASK_CAUSAL or MASK_KLEN:
             keep = offs_m[:, None] >= 0
@@ -436,9 +465,9 @@ def _dq_tiles(
             if MASK_KLEN:
                 keep = keep & (offs_k[None, :] < klen)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - dlt[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
         dcq += tl.sum(ds, 1)
     return dq, dcq
 
@@ -458,13 +487,14 @@ def _dq_kernel(
     stride_thr_s, stride_kblo_s, stride_kblo_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     s_id = tl.program_id(1)
     h = tl.program_id(2)
     qlen = tl.load(QLEN + s_id)
-    if pid_m * BLOCK_M >= qlen:
+    # causal: the last query blocks have the most tiles; launch them first
+    pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    if pid_m < 0:
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
@@ -512,13 +542,13 @@ def _dq_kernel(
     if USE_ACP:
         dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                             lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                            BLOCK_N, True, False, False, scale2)
+                            BLOCK_N, True, False, False, scale2, PRECISION)
     dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                         tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, False, False, False, scale2)
+                        BLOCK_N, False, False, False, scale2, PRECISION)
     dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                         mid, hi, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, USE_ACP, CAUSAL, True, scale2)
+                        BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION)
     tl.store(DQ + row * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qmask[:, None])
     tl.store(DCQ + row * stride_dcqb + h * stride_dcqh + q0 + offs_m, dcq, mask=qmask)
@@ -547,6 +577,12 @@ class _PairTable:
         return _PairTable(row, zero, torch.full_like(zero, tq), zero, torch.full_like(zero, tk), tq, tk)
 
 
+def _precision(dtype):
+    # fp32 inputs get true fp32 products (tests, reference checks); fp16/bf16
+    # inputs use the tensor cores as they are
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _check_unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
@@ -556,7 +592,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
-    BM, BN, warps, stages = _fwd_config(D)
+    BM, BN, warps, stages = kernel_config("fwd", D)
     use_acp = thr is not None
     kblo = None
     if use_acp:
@@ -578,7 +614,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
         lse.stride(0), lse.stride(1),
         dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1),
         scale * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
+        PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=warps, num_stages=stages,
     )
     return out, lse, kblo
@@ -586,13 +622,12 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None):
     """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32)."""
-    do, q, k, v = _check_unit_stride(do, q, k, v)
+    do, q, k, v, out = _check_unit_stride(do, q, k, v, out)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
     use_acp = thr is not None
-    # delta_i = do_i . o_i, the softmax-backward row term (FlashAttention-2)
-    dlt = (do.float() * out.float()).sum(-1).permute(0, 2, 1).contiguous()
+    dlt = _row_delta(out, do)
     lse = lse.contiguous() if lse.stride(-1) != 1 else lse
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -603,7 +638,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     scale2 = scale * LOG2E
     dummy_f = thr if use_acp else c_q
 
-    BM1, BN1, w1, st1 = _dkdv_config(D)
+    BM1, BN1, w1, st1 = kernel_config("dkdv", D)
     qbhi = None
     if use_acp:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
@@ -622,12 +657,12 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         dc_k.stride(0), dc_k.stride(1),
         dummy_f.stride(0), qb.stride(0), qb.stride(1),
         scale, scale2,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
+        PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=w1, num_stages=st1,
     )
 
-    BM2, BN2, w2, st2 = _dq_config(D)
-    if use_acp and (kblo is None or (BM2, BN2) != DEFAULT_FWD_BLOCKS):
+    BM2, BN2, w2, st2 = kernel_config("dq", D)
+    if use_acp and (kblo is None or (BM2, BN2) != fwd_blocks(D)):
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
@@ -643,7 +678,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         dc_q.stride(0), dc_q.stride(1),
         dummy_f.stride(0), kb.stride(0), kb.stride(1),
         scale, scale2,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
+        PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=w2, num_stages=st2,
     )
     return dq, dk, dv, dc_q, dc_k
@@ -654,14 +689,14 @@ class ForgettingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_fgate, seqs, scale, thr):
-        c = cumulative_log_decay(log_fgate.detach(), seqs.cu_seqlens)  # [B, T, H] fp32
-        c = c.permute(0, 2, 1).contiguous()  # [B, H, T]: contiguous along time
+        # [B, H, T] fp32, time innermost: the kernels read c along time
+        c = cumulative_log_decay_bht(log_fgate.detach().permute(0, 2, 1), seqs.cu_seqlens).contiguous()
         pairs = _PairTable.self_attention(seqs)
         out, lse, kblo = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
         ctx.seqs, ctx.scale = seqs, scale
         ctx.mark_non_differentiable(kblo) if kblo is not None else None
-        return out, kblo, DEFAULT_FWD_BLOCKS
+        return out, kblo, fwd_blocks(q.shape[-1])
 
     @staticmethod
     def backward(ctx, do, _dkblo=None, _dblocks=None):
@@ -669,8 +704,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
         dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo)
-        dc = (dc_q + dc_k).permute(0, 2, 1)  # [B, T, H]
-        dlogf = reverse_cumulative_sum(dc, seqs.cu_seqlens)
+        dlogf = reverse_cumulative_sum_bht(dc_q + dc_k, seqs.cu_seqlens).permute(0, 2, 1)  # [B, T, H]
         return dq, dk, dv, dlogf, None, None, None
 
 

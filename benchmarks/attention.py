@@ -1,0 +1,214 @@
+"""Attention kernel benchmark (forward + backward), protocol of BENCH.md.
+
+bf16 q/k/v, fp32 log forget gates, causal, 32768 tokens per batch
+(B = 32768 / L); "paper-like" gates: head h has per-token log-decay
+-r_h * exp(0.5 z), z ~ N(0, 1), r_h log-uniform over [1e-4, 1]; q and k are
+RMS-normalised, so U = sqrt(D) and delta = -2U - log L - 10.
+
+Peers in the same run: torch SDPA (FLASH_ATTENTION and CUDNN_ATTENTION
+backends), FLA's parallel_forgetting_attn (FoX without pruning) and torch
+FlexAttention with a plain causal BlockMask.
+
+    python benchmarks/attention.py --out benchmarks/results/attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
+
+TOKENS = 32768
+
+
+def paper_like_inputs(B, L, H, D, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, L, H, D, device=device, generator=g)
+    k = torch.randn(B, L, H, D, device=device, generator=g)
+    v = torch.randn(B, L, H, D, device=device, generator=g)
+    # QK-norm with unit weights: every row has RMS 1, so ||q|| = sqrt(D)
+    q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
+    r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device))
+    z = torch.randn(B, L, H, device=device, generator=g)
+    log_f = -r * torch.exp(0.5 * z)
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    return q, k, v, log_f.float().requires_grad_()
+
+
+def flops(B, H, D, L):
+    # causal fwd + bwd: 3.5 x (4 B H D L^2) / 2, unpruned for every variant
+    return 3.5 * 4 * B * H * D * L * L / 2
+
+
+def time_step(fn, inputs, warmup_ms, rep_ms):
+    out = fn()
+    dout = torch.randn_like(out)
+
+    def step():
+        o = fn()
+        o.backward(dout)
+
+    ms = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(inputs), return_mode="median")
+    return ms
+
+
+def make_sdpa(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+
+    def fn():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    return fn, (qt, kt, vt)
+
+
+def make_flex(q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, L, H, D = q.shape
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, L, L, device=q.device)
+    compiled = torch.compile(flex_attention)
+
+    def fn():
+        return compiled(qt, kt, vt, block_mask=mask)
+
+    return fn, (qt, kt, vt)
+
+
+def make_fla(q, k, v, log_f, cu_seqlens=None):
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    B, L, H, D = q.shape
+    if cu_seqlens is not None:
+        args = [t.detach().reshape(1, B * L, *t.shape[2:]).requires_grad_() for t in (q, k, v, log_f)]
+    else:
+        args = [t.detach().requires_grad_() for t in (q, k, v, log_f)]
+
+    def fn():
+        return parallel_forgetting_attn(*args, scale=1 / math.sqrt(D), cu_seqlens=cu_seqlens)
+
+    return fn, tuple(args)
+
+
+def doc_cu_seqlens(B, L, docs, device):
+    per = L // docs
+    starts = [r * L + i * per for r in range(B) for i in range(docs)]
+    return torch.tensor(starts + [B * L], dtype=torch.int32, device=device)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--shapes", default="24x64,16x128")
+    ap.add_argument("--docs", type=int, default=8, help="documents per row for the packed variant")
+    ap.add_argument("--peers", default="sdpa_flash,sdpa_cudnn,fla_fox,flex_plain")
+    ap.add_argument("--warmup-ms", type=float, default=200)
+    ap.add_argument("--rep-ms", type=float, default=1000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    dev = torch.cuda.get_device_name()
+    records = []
+    peers = [p for p in args.peers.split(",") if p]
+    for shape in args.shapes.split(","):
+        H, D = (int(x) for x in shape.split("x"))
+        for L in (int(x) for x in args.lengths.split(",")):
+            B = max(TOKENS // L, 1)
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=L + H)
+            acp = AcpConfig(log_eps=-10.0, logit_bound=math.sqrt(D))
+            base = dict(H=H, D=D, L=L, B=B)
+            fl = flops(B, H, D, L)
+
+            def rec(impl, ms, **extra):
+                r = dict(bench="attention", impl=impl, ms=round(ms, 4), tflops=round(fl / ms * 1e-9, 2), **base, **extra)
+                records.append(r)
+                print(json.dumps(r), flush=True)
+                return r
+
+            # FoX without and with ACP, one document per row and packed
+            variants = [(False, 1), (True, 1), (False, args.docs), (True, args.docs)]
+            for use_acp, docs in variants:
+                cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 else None
+                fn = lambda: forgetting_attention(q, k, v, log_f, cu_seqlens=cu, acp=acp if use_acp else None)
+                ms = time_step(fn, (q, k, v, log_f), args.warmup_ms, args.rep_ms)
+                extra = dict(acp=use_acp, docs=docs)
+                if use_acp:
+                    _, st = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, acp=acp, return_stats=True)
+                    extra["kept_tiles"] = round(st.kept_fraction, 4)
+                rec("fox", ms, **extra)
+            for peer in peers:
+                try:
+                    if peer.startswith("sdpa_"):
+                        fn, ins = make_sdpa(q, k, v, peer[5:])
+                    elif peer == "flex_plain":
+                        fn, ins = make_flex(q, k, v)
+                    elif peer == "fla_fox":
+                        fn, ins = make_fla(q, k, v, log_f)
+                    ms = time_step(fn, ins, args.warmup_ms, args.rep_ms)
+                    rec(peer, ms, acp=False, docs=1)
+                    if peer == "fla_fox" and args.docs > 1:
+                        fn, ins = make_fla(q, k, v, log_f, doc_cu_seqlens(B, L, args.docs, q.device))
+                        rec(peer, time_step(fn, ins, args.warmup_ms, args.rep_ms), acp=False, docs=args.docs)
+                except Exception as e:  # a missing peer is reported, not fatal
+                    print(f"peer {peer} failed at H={H} D={D} L={L}: {type(e).__name__}: {e}", flush=True)
+            del q, k, v, log_f
+            torch.cuda.empty_cache()
+
+    # derived figures: ratios to peers and ACP translation efficiency
+    summary = []
+    for r in records:
+        if r["impl"] != "fox":
+            continue
+        same = [p for p in records if (p["H"], p["D"], p["L"]) == (r["H"], r["D"], r["L"])]
+        row = dict(H=r["H"], D=r["D"], L=r["L"], docs=r["docs"], acp=r["acp"], ms=r["ms"])
+        for p in same:
+            if p["impl"] != "fox" and p["docs"] == 1:
+                row[f"speedup_vs_{p['impl']}"] = round(p["ms"] / r["ms"], 3)
+        if r["acp"]:
+            full = next(p for p in same if p["impl"] == "fox" and not p["acp"] and p["docs"] == r["docs"])
+            kept = r["kept_tiles"]
+            row["kept_tiles"] = kept
+            row["acp_efficiency"] = round((1 - r["ms"] / full["ms"]) / max(1 - kept, 1e-9), 3)
+        summary.append(row)
+
+    result = {
+        "gpu": dev,
+        "gpus": 1,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "records": records,
+        "summary": summary,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print()
+    print(f"{'H':>3} {'D':>4} {'L':>6} {'docs':>4} {'acp':>5} {'ms':>8} {'kept':>6} {'E':>6} {'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6}")
+    for s in summary:
+        print(f"{s['H']:>3} {s['D']:>4} {s['L']:>6} {s['docs']:>4} {str(s['acp']):>5} {s['ms']:>8.2f} "
+              f"{s.get('kept_tiles', 1.0):>6.3f} {s.get('acp_efficiency', float('nan')):>6.2f} "
+              f"{s.get('speedup_vs_sdpa_flash', float('nan')):>7.2f} {s.get('speedup_vs_sdpa_cudnn', float('nan')):>7.2f} "
+              f"{s.get('speedup_vs_fla_fox', float('nan')):>6.2f} {s.get('speedup_vs_flex_plain', float('nan')):>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Tile-shape sweep and kernel-time profile for the forgetting attention kernels.
+
+Times the forward and the backward separately for each candidate
+(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, on BENCH.md's
+paper-like inputs, and prints a per-kernel CUDA time profile of one
+fwd + bwd step (ACP off / on / packed documents).  The chosen shapes go into
+kernels/forgetting_attn/triton_ops.py:CONFIGS.
+
+    python benchmarks/tune_attention.py --L 16384 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from attention import doc_cu_seqlens, paper_like_inputs  # noqa: E402
+
+from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
+from fox_megatron.kernels.forgetting_attn import triton_ops  # noqa: E402
+
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+            (128, 64, 4, 4), (128, 32, 4, 3), (64, 128, 4, 3)],
+    "dkdv": [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+             (32, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
+    "dq": [(128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+           (128, 128, 8, 2), (64, 32, 4, 3)],
+}
+
+
+def bench_parts(q, k, v, log_f, acp, cu=None, rep=300):
+    """(forward ms, backward ms) of one call."""
+    with torch.no_grad():
+        fwd = triton.testing.do_bench(lambda: forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu),
+                                      warmup=50, rep=rep, return_mode="median")
+    out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu)
+    do = torch.randn_like(out)
+    bwd = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v, log_f), do, retain_graph=True),
+                                  warmup=50, rep=rep, return_mode="median")
+    return fwd, bwd
+
+
+def profile(q, k, v, log_f, acp, cu, label):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu)
+    do = torch.randn_like(out)
+    out.backward(do)
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu)
+            out.backward(do)
+        torch.cuda.synchronize()
+    print(f"--- profile {label} (3 steps)")
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            rows.append((t / 3e3, e.count // 3, e.key[:70]))
+    for t, n, key in sorted(rows, reverse=True)[:12]:
+        print(f"{t:9.3f} ms  x{n:<3} {key}")
+    return [dict(ms=t, count=n, kernel=key) for t, n, key in sorted(rows, reverse=True)[:12]]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--L", type=int, default=16384)
+    ap.add_argument("--shapes", default="24x64,16x128")
+    ap.add_argument("--kinds", default="fwd,dkdv,dq")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
+                   sweeps=[], profiles={})
+    for shape in args.shapes.split(","):
+        H, D = (int(x) for x in shape.split("x"))
+        L = args.L
+        B = max(32768 // L, 1)
+        q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=1)
+        acp = AcpConfig(logit_bound=math.sqrt(D))
+        key = 64 if D <= 64 else 128
+        if not args.no_profile:
+            cu = doc_cu_seqlens(B, L, 8, q.device)
+            for label, a, c in (("dense", None, None), ("acp", acp, None), ("docs8", None, cu)):
+                results["profiles"][f"{H}x{D}_{label}"] = profile(q, k, v, log_f, a, c, f"H={H} D={D} {label}")
+        for kind in args.kinds.split(","):
+            default = triton_ops.CONFIGS[kind][key]
+            best = None
+            for cfg in CANDIDATES[kind]:
+                triton_ops.CONFIGS[kind][key] = cfg
+                try:
+                    f0, b0 = bench_parts(q, k, v, log_f, None)
+                    f1, b1 = bench_parts(q, k, v, log_f, acp)
+                except Exception as e:  # shapes that do not fit are skipped
+                    print(f"{kind} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
+                    continue
+                t = (f0 if kind == "fwd" else b0)
+                t_acp = (f1 if kind == "fwd" else b1)
+                row = dict(H=H, D=D, L=L, kind=kind, cfg=cfg, fwd_ms=round(f0, 3), bwd_ms=round(b0, 3),
+                           fwd_acp_ms=round(f1, 3), bwd_acp_ms=round(b1, 3))
+                results["sweeps"].append(row)
+                print(json.dumps(row), flush=True)
+                if best is None or t + t_acp < best[0]:
+                    best = (t + t_acp, cfg)
+            triton_ops.CONFIGS[kind][key] = best[1] if best else default
+            print(f"best {kind} for D={D}: {triton_ops.CONFIGS[kind][key]}", flush=True)
+        del q, k, v, log_f
+        torch.cuda.empty_cache()
+    results["chosen"] = {k: {str(d): c for d, c in v.items()} for k, v in triton_ops.CONFIGS.items()}
+    print("chosen:", json.dumps(results["chosen"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
