@@ -41,8 +41,20 @@ def load_run_config(path: str, overrides=()):
     return cfg
 
 
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    # megatron-core announces on every rank that optional accelerators (Apex,
+    # Transformer Engine) are missing and that a config default is
+    # deprecated; the run does not depend on either.
+    for pattern in (r".*Apex.*not installed.*", r".*Transformer Engine.*not installed.*",
+                    r".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _quiet_known_warnings()
     from fox_megatron.config import ConfigError
 
     try:
