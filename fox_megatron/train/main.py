@@ -3,6 +3,7 @@
     python -m fox_megatron.train --config CONFIG.yaml [--set key=value ...]
     torchrun --nproc_per_node N -m fox_megatron.train --config CONFIG.yaml
     fox-train --config CONFIG.yaml
+    fox-train prepare --input docs.jsonl --output-prefix data/docs   (see prepare.py)
 
 Usually started by fox-launch, which validates the config, resolves its
 paths and writes <run_dir>/config.yaml first; started by hand, the same
@@ -53,6 +54,11 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:
+        from .prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
     args = parse_args(argv)
     _quiet_known_warnings()
     from fox_megatron.config import ConfigError
