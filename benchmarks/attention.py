@@ -125,6 +125,21 @@ def main():
 
     dev = torch.cuda.get_device_name()
     records = []
+    header = {
+        "gpu": dev,
+        "gpus": 1,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+    def dump(extra=None):
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({**header, "records": records, **(extra or {})}, f, indent=1)
+
     peers = [p for p in args.peers.split(",") if p]
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
@@ -138,6 +153,7 @@ def main():
             def rec(impl, ms, **extra):
                 r = dict(bench="attention", impl=impl, ms=round(ms, 4), tflops=round(fl / ms * 1e-9, 2), **base, **extra)
                 records.append(r)
+                dump()
                 print(json.dumps(r), flush=True)
                 return r
 
@@ -187,20 +203,7 @@ def main():
             row["acp_efficiency"] = round((1 - r["ms"] / full["ms"]) / max(1 - kept, 1e-9), 3)
         summary.append(row)
 
-    result = {
-        "gpu": dev,
-        "gpus": 1,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-        "records": records,
-        "summary": summary,
-    }
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    dump({"summary": summary})
     print()
     print(f"{'H':>3} {'D':>4} {'L':>6} {'docs':>4} {'acp':>5} {'ms':>8} {'kept':>6} {'E':>6} {'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6}")
     for s in summary:
