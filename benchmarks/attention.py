@@ -112,6 +112,39 @@ def doc_cu_seqlens(B, L, docs, device):
     return torch.tensor(starts + [B * L], dtype=torch.int32, device=device)
 
 
+def summarize(records):
+    """Ratios to the peers measured on the same work (same shape, length and
+    documents per row) and ACP's translation efficiency
+    E = (1 - t_acp / t_full) / (1 - kept_tiles)."""
+    summary = []
+    for r in records:
+        if r["impl"] != "fox":
+            continue
+        same = [p for p in records if (p["H"], p["D"], p["L"], p["docs"]) == (r["H"], r["D"], r["L"], r["docs"])]
+        row = dict(H=r["H"], D=r["D"], L=r["L"], docs=r["docs"], acp=r["acp"], ms=r["ms"])
+        for p in same:
+            if p["impl"] != "fox":
+                row[f"speedup_vs_{p['impl']}"] = round(p["ms"] / r["ms"], 3)
+        if r["acp"]:
+            full = next(p for p in same if p["impl"] == "fox" and not p["acp"])
+            kept = r["kept_tiles"]
+            row["kept_tiles"] = kept
+            row["acp_efficiency"] = round((1 - r["ms"] / full["ms"]) / max(1 - kept, 1e-9), 3)
+        summary.append(row)
+    return summary
+
+
+def print_summary(summary):
+    nan = float("nan")
+    print(f"{'H':>3} {'D':>4} {'L':>6} {'docs':>4} {'acp':>5} {'ms':>8} {'kept':>6} {'E':>6} "
+          f"{'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6}")
+    for s in summary:
+        print(f"{s['H']:>3} {s['D']:>4} {s['L']:>6} {s['docs']:>4} {str(s['acp']):>5} {s['ms']:>8.2f} "
+              f"{s.get('kept_tiles', 1.0):>6.3f} {s.get('acp_efficiency', nan):>6.2f} "
+              f"{s.get('speedup_vs_sdpa_flash', nan):>7.2f} {s.get('speedup_vs_sdpa_cudnn', nan):>7.2f} "
+              f"{s.get('speedup_vs_fla_fox', nan):>6.2f} {s.get('speedup_vs_flex_plain', nan):>6.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="4096,8192,16384,32768")
@@ -186,31 +219,10 @@ def main():
             del q, k, v, log_f
             torch.cuda.empty_cache()
 
-    # derived figures: ratios to peers and ACP translation efficiency
-    summary = []
-    for r in records:
-        if r["impl"] != "fox":
-            continue
-        same = [p for p in records if (p["H"], p["D"], p["L"]) == (r["H"], r["D"], r["L"])]
-        row = dict(H=r["H"], D=r["D"], L=r["L"], docs=r["docs"], acp=r["acp"], ms=r["ms"])
-        for p in same:
-            if p["impl"] != "fox" and p["docs"] == 1:
-                row[f"speedup_vs_{p['impl']}"] = round(p["ms"] / r["ms"], 3)
-        if r["acp"]:
-            full = next(p for p in same if p["impl"] == "fox" and not p["acp"] and p["docs"] == r["docs"])
-            kept = r["kept_tiles"]
-            row["kept_tiles"] = kept
-            row["acp_efficiency"] = round((1 - r["ms"] / full["ms"]) / max(1 - kept, 1e-9), 3)
-        summary.append(row)
-
+    summary = summarize(records)
     dump({"summary": summary})
     print()
-    print(f"{'H':>3} {'D':>4} {'L':>6} {'docs':>4} {'acp':>5} {'ms':>8} {'kept':>6} {'E':>6} {'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6}")
-    for s in summary:
-        print(f"{s['H']:>3} {s['D']:>4} {s['L']:>6} {s['docs']:>4} {str(s['acp']):>5} {s['ms']:>8.2f} "
-              f"{s.get('kept_tiles', 1.0):>6.3f} {s.get('acp_efficiency', float('nan')):>6.2f} "
-              f"{s.get('speedup_vs_sdpa_flash', float('nan')):>7.2f} {s.get('speedup_vs_sdpa_cudnn', float('nan')):>7.2f} "
-              f"{s.get('speedup_vs_fla_fox', float('nan')):>6.2f} {s.get('speedup_vs_flex_plain', float('nan')):>6.2f}")
+    print_summary(summary)
 
 
 if __name__ == "__main__":
