@@ -18,10 +18,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
-
-def pytest_configure(config):
-    # pyproject's marker list predates the SLURM tests; register the marker here.
-    config.addinivalue_line(
-        "markers", "slurm: submits jobs to a real SLURM cluster (tests/slurm/start_cluster.sh); "
-        "skipped only when sbatch is not installed"
-    )
