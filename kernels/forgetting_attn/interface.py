@@ -257,7 +257,7 @@ def forgetting_attention(
         if return_stats and thr is not None:
             from .triton_ops import fwd_blocks
 
-            bm, bn = fwd_blocks(D)
+            bm, bn = fwd_blocks(D, q.dtype)
             with torch.no_grad():
                 c_s = _sequence_major_decay(cumulative_log_decay(gb.detach(), seqs.cu_seqlens), seqs)
                 kstart = reference_block_boundaries(c_s, thr, bm, bn)

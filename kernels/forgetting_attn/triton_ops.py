@@ -54,13 +54,21 @@ CONFIGS = {
 }
 
 
-def kernel_config(kind: str, head_dim: int):
+# fp32 inputs (tests, reference checks) take small unpipelined tiles: their
+# tiles are twice the bytes of bf16 ones, and the bf16 shapes at head dim 128
+# exceed the H100's 227 KiB of shared memory.
+FP32_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+
+
+def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16):
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kind]
     return CONFIGS[kind][64 if head_dim <= 64 else 128]
 
 
-def fwd_blocks(head_dim: int):
+def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
     """(BLOCK_M, BLOCK_N) in which the forward skips tiles (and stats count)."""
-    return kernel_config("fwd", head_dim)[:2]
+    return kernel_config("fwd", head_dim, dtype)[:2]
 
 
 # --------------------------------------------------------------------------
@@ -578,9 +586,10 @@ class _PairTable:
 
 
 def _precision(dtype):
-    # fp32 inputs get true fp32 products (tests, reference checks); fp16/bf16
-    # inputs use the tensor cores as they are
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get three-pass tf32 products (about fp32 accuracy on the
+    # tensor cores; plain fp32 FMA tiles of this size take minutes to
+    # compile); fp16/bf16 inputs use the tensor cores as they are
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check_unit_stride(*ts):
@@ -592,7 +601,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
-    BM, BN, warps, stages = kernel_config("fwd", D)
+    BM, BN, warps, stages = kernel_config("fwd", D, q.dtype)
     use_acp = thr is not None
     kblo = None
     if use_acp:
@@ -638,7 +647,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     scale2 = scale * LOG2E
     dummy_f = thr if use_acp else c_q
 
-    BM1, BN1, w1, st1 = kernel_config("dkdv", D)
+    BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     qbhi = None
     if use_acp:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
@@ -661,8 +670,8 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         num_warps=w1, num_stages=st1,
     )
 
-    BM2, BN2, w2, st2 = kernel_config("dq", D)
-    if use_acp and (kblo is None or (BM2, BN2) != fwd_blocks(D)):
+    BM2, BN2, w2, st2 = kernel_config("dq", D, q.dtype)
+    if use_acp and (kblo is None or (BM2, BN2) != fwd_blocks(D, q.dtype)):
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
@@ -696,7 +705,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
         ctx.seqs, ctx.scale = seqs, scale
         ctx.mark_non_differentiable(kblo) if kblo is not None else None
-        return out, kblo, fwd_blocks(q.shape[-1])
+        return out, kblo, fwd_blocks(q.shape[-1], q.dtype)
 
     @staticmethod
     def backward(ctx, do, _dkblo=None, _dblocks=None):
