@@ -15,6 +15,7 @@ from .data import GlobalBatches, build_datasets, make_loader, tokenizer_for
 from .metrics import Clock, MetricsLogger, flops_per_token, memory_gib
 from .model_factory import build_model, count_parameters
 from .parallel import init_distributed, set_seed
+from .preemption import EXIT_PREEMPTED, StopRequest
 from .schedule import LRSchedule
 
 
@@ -120,6 +121,8 @@ def train(cfg) -> dict:
         clock.pause(dt)
         _log(info, f"saved checkpoint {final} ({dt:.1f}s)")
 
+    stop = StopRequest()
+    preempted = False
     while iteration < cfg.train_iters:
         micro_batches = batches.next()
         lr = schedule(iteration + 1)
@@ -165,9 +168,18 @@ def train(cfg) -> dict:
             save(iteration)
             last_saved = iteration
 
+        if iteration < cfg.train_iters and stop.agreed(info.device):
+            preempted = True
+            break
+
+    stop.restore()
     if cfg.save and last_saved != iteration:
         save(iteration)
     logger.close()
+    if preempted:
+        _log(info, f"stopped by signal at iteration {iteration} ({consumed} samples); "
+                   f"{'checkpoint saved, re-run to resume' if cfg.save else 'no save path: progress is lost'}")
+        return {"iteration": iteration, "losses": history, "exit_code": EXIT_PREEMPTED}
     _log(info, f"done: {iteration} iterations, {consumed} samples")
     return {"iteration": iteration, "losses": history}
 

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from .parallel import shutdown
 
     try:
-        train(cfg)
+        result = train(cfg)
     except SystemExit as err:
         if isinstance(err.code, str):
             rank = os.environ.get("RANK", "0")
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         raise
     finally:
         shutdown()
-    return 0
+    return result.get("exit_code", 0)
 
 
 if __name__ == "__main__":
