@@ -1,0 +1,98 @@
+"""Context-parallel forgetting attention: one entry point for both modes."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fox_megatron.kernels import AcpConfig, acp_threshold
+
+from .decay import global_cumulative_decay
+from .ring import RingStats, ring_attention
+from .skip_table import RingPlan, chunk_need_table
+from .ulysses import ulysses_attention
+
+__all__ = ["cp_forgetting_attention", "cp_acp_threshold", "CP_MODES"]
+
+CP_MODES = ("ring", "ulysses")
+
+
+def cp_acp_threshold(acp: AcpConfig, q, k, softmax_scale: float, group, global_len: int) -> torch.Tensor:
+    """ACP delta [B, Hq] for whole sequences split over the CP group.
+
+    Identical on every rank and to the single-device threshold: the logit
+    bound's maxima of ||q|| and ||k|| are reduced over the group (MAX), and
+    N is the global sequence length.  q, k in bshd.
+    """
+    B, _, Hq, _ = q.shape
+    if acp.logit_bound is None:
+        Hkv = k.shape[2]
+        m = torch.cat([q.detach().float().norm(dim=-1).amax(1), k.detach().float().norm(dim=-1).amax(1)], dim=-1)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        U = softmax_scale * m[:, :Hq] * m[:, Hq:].repeat_interleave(Hq // Hkv, dim=1)
+    else:
+        U = torch.as_tensor(acp.logit_bound, dtype=torch.float32, device=q.device)
+        U = U.reshape(-1, Hq) if U.dim() == 2 else U
+        U = U.expand(B, Hq) if U.dim() else U.reshape(1, 1).expand(B, Hq)
+    return acp_threshold(U.to(q.device), global_len, acp.log_eps).expand(B, Hq).contiguous()
+
+
+def cp_forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    group,
+    mode: str = "ring",
+    layout: str = "bshd",
+    softmax_scale: Optional[float] = None,
+    acp: Optional[AcpConfig] = None,
+    skip: str = "acp",
+    backend: str = "auto",
+    stats: Optional[RingStats] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``forgetting_attention`` for a sequence split over a context-parallel group.
+
+    Each rank passes its zigzag-local tokens (chunks r and 2P-1-r, as
+    Megatron's get_batch_on_this_cp_rank gives them) and gets the outputs of
+    those tokens, equal to whole-sequence attention.  mode "ring": pruning-
+    aware ring (``skip`` "acp" or "dense"; ``stats`` collects bytes sent);
+    "ulysses": head all-to-all.  Gradients reach q, k, v and log_fgate.
+    """
+    if mode not in CP_MODES:
+        raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
+    if skip not in ("acp", "dense"):
+        raise ValueError(f"skip must be 'acp' or 'dense', got {skip!r}")
+    if cu_seqlens is not None:
+        raise NotImplementedError(
+            "packed documents (cu_seqlens) with context parallelism are not supported yet: "
+            "use context_parallel_size 1 for packed data, or unpacked sequences with CP"
+        )
+    if layout not in ("bshd", "sbhd"):
+        raise ValueError(f"layout must be 'bshd' or 'sbhd', got {layout!r}")
+    P = dist.get_world_size(group)
+    seq_dim = 1 if layout == "bshd" else 0
+    T = q.shape[seq_dim]
+    if T % 2:
+        raise ValueError(f"the local sequence ({T}) must hold two equal zigzag chunks")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if mode == "ulysses":
+        to_s = (lambda x: x.transpose(0, 1)) if layout == "bshd" else (lambda x: x)
+        o = ulysses_attention(to_s(q), to_s(k), to_s(v), to_s(log_fgate), group=group, softmax_scale=scale,
+                              acp=acp, backend=backend)
+        return to_s(o)
+
+    to_b = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(0, 1))
+    qb, kb, vb, gb = to_b(q), to_b(k), to_b(v), to_b(log_fgate)
+    c_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, c_first, c_last = global_cumulative_decay(gb.permute(0, 2, 1), group, c_dtype)
+    thr = cp_acp_threshold(acp, qb, kb, scale, group, P * T) if acp is not None else None
+    need = chunk_need_table(c_first, c_last, thr if skip == "acp" else None)
+    plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2])
+    out, _ = ring_attention(qb, kb, vb, c, thr, plan, group, scale, backend, stats)
+    return to_b(out)

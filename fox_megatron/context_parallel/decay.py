@@ -1,0 +1,99 @@
+"""Global cumulative decay across context-parallel ranks (zigzag layout).
+
+c_t = sum_{l <= t} log f_l over the *whole* sequence.  Each rank holds two
+chunks (r and 2P-1-r): it scans them locally, all-gathers every chunk's total
+(B x H x 2P numbers) and adds the sum of the chunks before each of its own.
+The same all-gather also carries each chunk's first gate, so every rank
+learns c at the first and last token of every chunk (what the ring's skip
+table needs) without a second collective.
+
+Backward is the mirror image: dL/dlog f_l = sum_{t >= l} dL/dc_t, a
+within-chunk reverse scan plus the sum of the later chunks' totals, which are
+all-gathered the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+from .layout import zigzag_chunks
+
+__all__ = ["global_cumulative_decay"]
+
+
+def _gather_chunk_values(x: torch.Tensor, group) -> torch.Tensor:
+    """x: [..., 2] values of this rank's (lo, hi) chunks -> [..., 2P] in
+    global chunk order."""
+    P = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(P)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    out = x.new_empty(*x.shape[:-1], 2 * P)
+    for r, part in enumerate(parts):
+        lo, hi = zigzag_chunks(r, P)
+        out[..., lo] = part[..., 0]
+        out[..., hi] = part[..., 1]
+    return out
+
+
+class _GlobalDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_f: torch.Tensor, group, out_dtype: torch.dtype):
+        B, H, T = log_f.shape
+        P = dist.get_world_size(group)
+        r = dist.get_rank(group)
+        Tc = T // 2
+        # float64 scan: at 128k tokens float32 sums drift by more than the
+        # pruning margins are worth
+        x = log_f.detach().to(torch.float64).view(B, H, 2, Tc)
+        local = torch.cumsum(x, dim=-1)
+        ends = torch.stack([x[..., 0], local[..., -1]], dim=-1)  # B H 2(chunk) 2(first gate, total)
+        ends = _gather_chunk_values(ends.transpose(-1, -2), group)  # B H 2 2P
+        first_gate, total = ends[..., 0, :], ends[..., 1, :]
+        prefix = torch.cumsum(total, dim=-1) - total  # exclusive: sum of earlier chunks
+        mine = torch.tensor(zigzag_chunks(r, P), device=log_f.device)
+        c = (local + prefix[..., mine, None]).view(B, H, T).to(out_dtype)
+        # the same float64 expressions as c itself, so the table agrees with
+        # the decays the kernel sees bit for bit
+        c_first = (prefix + first_gate).to(out_dtype)
+        c_last = (prefix + total).to(out_dtype)
+        ctx.group = group
+        ctx.in_dtype = log_f.dtype
+        ctx.mark_non_differentiable(c_first, c_last)
+        return c, c_first, c_last
+
+    @staticmethod
+    def backward(ctx, dc: torch.Tensor, _df=None, _dl=None):
+        group = ctx.group
+        P = dist.get_world_size(group)
+        r = dist.get_rank(group)
+        B, H, T = dc.shape
+        g = dc.to(torch.float64).view(B, H, 2, T // 2)
+        total = g.sum(-1)  # B H 2
+        within = total[..., None] - torch.cumsum(g, dim=-1) + g  # sum_{t >= l} inside the chunk
+        totals = _gather_chunk_values(total, group)  # B H 2P
+        suffix = torch.flip(torch.cumsum(torch.flip(totals, [-1]), -1), [-1]) - totals  # later chunks
+        mine = torch.tensor(zigzag_chunks(r, P), device=dc.device)
+        out = (within + suffix[..., mine, None]).view(B, H, T).to(ctx.in_dtype)
+        return out, None, None
+
+
+def global_cumulative_decay(
+    log_fgate_bht: torch.Tensor, group, out_dtype: torch.dtype = torch.float32
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global decays of this rank's tokens and every chunk's boundary decays.
+
+    log_fgate_bht: [B, H, T_local] log forget gates of the local tokens
+    (zigzag: chunk r then chunk 2P-1-r, T_local even).  Returns
+    (c [B, H, T_local] differentiable, c_first [B, H, 2P], c_last [B, H, 2P])
+    where c_first / c_last are c at the first / last token of every global
+    chunk (no gradient).
+    """
+    if log_fgate_bht.dim() != 3 or log_fgate_bht.shape[-1] % 2:
+        raise ValueError(
+            f"log forget gates must be [B, H, T_local] with T_local even (two zigzag chunks), "
+            f"got {tuple(log_fgate_bht.shape)}"
+        )
+    return _GlobalDecay.apply(log_fgate_bht, group, out_dtype)

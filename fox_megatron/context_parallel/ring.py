@@ -1,0 +1,334 @@
+"""Pruning-aware ring attention for FoX over Megatron's zigzag layout.
+
+The ring follows ring-flash-attn's design (zigzag layout, partial results
+merged with the log-sum-exp rule, backward from the merged output and lse)
+and adds Adaptive Computation Pruning at chunk granularity:
+
+- compute skip: a (query chunk, key chunk, batch row, head) that the skip
+  table prunes is never computed (skip_table.py);
+- communication skip: KV travels as packed units (one chunk of one batch row
+  and one KV head); a rank forwards only the units some later rank still
+  wants, and the ring stops once no unit is wanted anywhere;
+- the same plan drives the backward ring.  dK/dV (and the gradient of the
+  keys' decays) do not travel around the ring: rank r meets origin o exactly
+  once (at step r - o), so right after that step its partial is complete and
+  goes straight back to o, only for the units r used.
+
+Communication overlaps compute: the next step's KV is posted (isend/irecv)
+before this step's pairs are computed, so the buffer in flight and the one
+being read are different tensors (double buffering).
+
+``skip="dense"`` keeps the causal structure (ranks still only receive the
+chunks they can attend to) but ignores the ACP table: the comparison point
+for what pruning saves.  ``RingStats`` counts the bytes this rank sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from fox_megatron.kernels import attention_chunk_backward, attention_chunk_forward, merge_partial_attention
+
+from .layout import p2p, wait_all
+from .skip_table import RingPlan
+
+__all__ = ["RingStats", "ring_attention"]
+
+_TAG_KV, _TAG_C, _TAG_GRAD = 11, 12, 13
+
+
+@dataclass
+class RingStats:
+    """Bytes this rank sent, and what the ring computed, in the last call.
+
+    fwd_kv_bytes / bwd_kv_bytes: KV (+ key decays) sent along the ring in the
+    forward / backward pass; bwd_grad_bytes: dK/dV (+ key-decay gradients)
+    returned to their origin ranks.  full_ring_kv_bytes: what a ring that
+    sends every rank's whole KV P-1 times (as ring-flash-attn does) would send
+    from this rank per pass, for reference.  pairs_computed / pairs_causal:
+    (chunk pair, batch row, head) triples computed vs all causal ones, over
+    all ranks.  steps: ring steps taken (P-1 for a full ring).
+    """
+
+    fwd_kv_bytes: int = 0
+    bwd_kv_bytes: int = 0
+    bwd_grad_bytes: int = 0
+    full_ring_kv_bytes: int = 0
+    pairs_computed: int = 0
+    pairs_causal: int = 0
+    steps: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fwd_kv_bytes + self.bwd_kv_bytes + self.bwd_grad_bytes
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["total_bytes"] = self.total_bytes
+        return d
+
+
+def _to_rows(x: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
+    """[B, T, H, D] chunk qi -> [B * H, Tc, D] (row = b * H + h)."""
+    B, _, H, D = x.shape
+    return x[:, qi * Tc:(qi + 1) * Tc].permute(0, 2, 1, 3).reshape(B * H, Tc, D)
+
+
+def _from_rows(rows: List[torch.Tensor], B: int, H: int) -> torch.Tensor:
+    """Inverse of _to_rows over both chunks -> [B, 2 Tc, H, D]."""
+    parts = [r.view(B, H, r.shape[1], -1).permute(0, 2, 1, 3) for r in rows]
+    return torch.cat(parts, dim=1)
+
+
+def _kv_units(k: torch.Tensor, v: torch.Tensor, Tc: int) -> torch.Tensor:
+    """[B, 2Tc, Hkv, D] x2 -> [2 * B * Hkv, 2, Tc, D] (unit = (j*B + b)*Hkv + h)."""
+    B, _, Hkv, D = k.shape
+    kv = torch.stack([k, v], dim=0).view(2, B, 2, Tc, Hkv, D)  # kv B j t h d
+    return kv.permute(2, 1, 4, 0, 3, 5).reshape(2 * B * Hkv, 2, Tc, D)
+
+
+def _c_units(c: torch.Tensor, Hkv: int, Tc: int) -> torch.Tensor:
+    """[B, Hq, 2Tc] -> [2 * B * Hkv, group, Tc]."""
+    B, Hq, _ = c.shape
+    g = Hq // Hkv
+    return c.view(B, Hkv, g, 2, Tc).permute(3, 0, 1, 2, 4).reshape(2 * B * Hkv, g, Tc)
+
+
+def _c_from_units(cu: torch.Tensor, B: int, Hkv: int, Tc: int) -> torch.Tensor:
+    g = cu.shape[1]
+    return cu.view(2, B, Hkv, g, Tc).permute(1, 2, 3, 0, 4).reshape(B, Hkv * g, 2 * Tc)
+
+
+def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, Tc: int):
+    D = units.shape[-1]
+    x = units.view(2, B, Hkv, 2, Tc, D).permute(3, 1, 0, 4, 2, 5).reshape(2, B, 2 * Tc, Hkv, D)
+    return x[0], x[1]
+
+
+def _positions(ids: torch.Tensor, n: int, device) -> torch.Tensor:
+    pos = torch.full((n,), -1, dtype=torch.long)
+    pos[ids] = torch.arange(ids.numel())
+    return pos.to(device)
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class _Ring:
+    """KV movement shared by the forward and backward passes."""
+
+    def __init__(self, plan: RingPlan, group, kv_local, c_local, stats_field, stats):
+        self.plan, self.group = plan, group
+        self.P, self.r = plan.cp_size, plan.rank
+        self.kv, self.c = kv_local, c_local  # units of the origin currently held
+        # templates for receive buffers (a rank may hold nothing at some step)
+        self.kv_like, self.c_like = kv_local[:0], c_local[:0]
+        self.held = torch.arange(plan.num_units)
+        self.stats, self.field = stats, stats_field
+        self.reqs = []
+        self.incoming = None
+
+    def post_next(self, step: int):
+        """Send what the next rank needs of the KV held at ``step``; receive
+        the next origin's."""
+        plan, nxt = self.plan, step + 1
+        if nxt > plan.last_step:
+            return
+        o_send, o_recv = plan.origin(step), plan.origin(nxt)
+        send_ids = plan.carry[o_send][nxt]
+        recv_ids = plan.carry[o_recv][nxt]
+        ops = []
+        if send_ids.numel():
+            pos = self.positions()[send_ids.to(self.kv_like.device)]
+            kv_msg = self.kv.index_select(0, pos)
+            c_msg = self.c.index_select(0, pos)
+            ops += [("send", kv_msg, (self.r + 1) % self.P, _TAG_KV), ("send", c_msg, (self.r + 1) % self.P, _TAG_C)]
+            if self.stats is not None:
+                setattr(self.stats, self.field, getattr(self.stats, self.field) + _nbytes(kv_msg, c_msg))
+        n = recv_ids.numel()
+        kv_in = c_in = None
+        if n:
+            kv_in = self.kv_like.new_empty((n,) + tuple(self.kv_like.shape[1:]))
+            c_in = self.c_like.new_empty((n,) + tuple(self.c_like.shape[1:]))
+            ops += [("recv", kv_in, (self.r - 1) % self.P, _TAG_KV), ("recv", c_in, (self.r - 1) % self.P, _TAG_C)]
+        self.reqs = p2p(ops, self.group)
+        self.incoming = (recv_ids, kv_in, c_in)
+
+    def advance(self):
+        wait_all(self.reqs)
+        self.reqs = []
+        ids, kv_in, c_in = self.incoming
+        self.held, self.kv, self.c = ids, kv_in, c_in
+        self.incoming = None
+
+    def positions(self):
+        return _positions(self.held, self.plan.num_units, self.kv_like.device)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, thr, plan: RingPlan, group, scale, backend, stats):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        Tc = T // 2
+        dev = q.device
+        q_rows = [_to_rows(q, i, Tc) for i in range(2)]
+        c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
+        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None else None
+        acc_o = [q.new_zeros(B * Hq, Tc, D, dtype=torch.float32) for _ in range(2)]
+        acc_lse = [torch.full((B * Hq, Tc), float("-inf"), device=dev) for _ in range(2)]
+        if stats is not None:
+            stats.fwd_kv_bytes = 0
+        ring = _Ring(plan, group, _kv_units(k, v, Tc), _c_units(c, Hkv, Tc).contiguous(), "fwd_kv_bytes", stats)
+
+        for step in range(plan.last_step + 1):
+            ring.post_next(step)
+            pairs = plan.pairs(step)
+            if pairs:
+                pos = ring.positions()
+            for pw in pairs:
+                rows, units, sub = pw.rows.to(dev), pw.units.to(dev), pw.sub.to(dev)
+                bi = pos[units]
+                kv = ring.kv.index_select(0, bi)
+                out, lse = attention_chunk_forward(
+                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2),
+                    kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2),
+                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1),
+                    ring.c[bi, sub].unsqueeze(1),
+                    causal=pw.causal, softmax_scale=scale,
+                    acp_threshold=thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None,
+                    backend=backend,
+                )
+                o_new, lse_new = merge_partial_attention(
+                    acc_o[pw.qi].index_select(0, rows).unsqueeze(2), acc_lse[pw.qi].index_select(0, rows).unsqueeze(1),
+                    out, lse,
+                )
+                acc_o[pw.qi].index_copy_(0, rows, o_new.squeeze(2))
+                acc_lse[pw.qi].index_copy_(0, rows, lse_new.squeeze(1))
+            if step < plan.last_step:
+                ring.advance()
+
+        out = _from_rows(acc_o, B, Hq).to(q.dtype)
+        lse = torch.cat([x.view(B, Hq, Tc) for x in acc_lse], dim=-1)
+        ctx.save_for_backward(q, k, v, c, thr if thr is not None else torch.empty(0), out, lse)
+        ctx.has_thr = thr is not None
+        ctx.plan, ctx.group, ctx.scale, ctx.backend, ctx.stats = plan, group, scale, backend, stats
+        if stats is not None:
+            stats.steps = plan.last_step
+            stats.pairs_computed, stats.pairs_causal = plan.pair_counts()
+            stats.full_ring_kv_bytes = (plan.cp_size - 1) * _nbytes(k, v, c)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse=None):
+        q, k, v, c, thr, out, lse = ctx.saved_tensors
+        thr = thr if ctx.has_thr else None
+        plan, group, scale, backend, stats = ctx.plan, ctx.group, ctx.scale, ctx.backend, ctx.stats
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        g = Hq // Hkv
+        Tc = T // 2
+        dev = q.device
+        P, r = plan.cp_size, plan.rank
+        q_rows = [_to_rows(q, i, Tc) for i in range(2)]
+        do_rows = [_to_rows(dout.contiguous(), i, Tc) for i in range(2)]
+        o_rows = [_to_rows(out, i, Tc) for i in range(2)]
+        lse_rows = [lse[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
+        c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
+        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None else None
+        dq_rows = [torch.zeros(B * Hq, Tc, D, device=dev) for _ in range(2)]
+        dc_rows = [torch.zeros(B * Hq, Tc, device=dev) for _ in range(2)]
+        n_units = plan.num_units
+        dkv_local = torch.zeros(n_units, 2, Tc, D, device=dev)
+        dck_local = torch.zeros(n_units, g, Tc, device=dev)
+        if stats is not None:
+            stats.bwd_kv_bytes = 0
+            stats.bwd_grad_bytes = 0
+        ring = _Ring(plan, group, _kv_units(k, v, Tc), _c_units(c, Hkv, Tc).contiguous(), "bwd_kv_bytes", stats)
+        pending = []  # (requests, recv ids, recv buffer) of gradient returns
+
+        def land(items):
+            for reqs, ids, buf in items:
+                wait_all(reqs)
+                if buf is not None:
+                    ids = ids.to(dev)
+                    n = ids.numel()
+                    dkv_local.index_add_(0, ids, buf[: n * 2 * Tc * D].view(n, 2, Tc, D))
+                    dck_local.index_add_(0, ids, buf[n * 2 * Tc * D:].view(n, g, Tc))
+
+        for step in range(plan.last_step + 1):
+            ring.post_next(step)
+            o = plan.origin(step)
+            pairs = plan.pairs(step)
+            if step == 0:
+                dkv, dck = dkv_local, dck_local
+            else:
+                dkv = torch.zeros((ring.held.numel(), 2, Tc, D), device=dev)
+                dck = torch.zeros((ring.held.numel(), g, Tc), device=dev)
+            if pairs:
+                pos = ring.positions()
+            for pw in pairs:
+                rows, units, sub = pw.rows.to(dev), pw.units.to(dev), pw.sub.to(dev)
+                bi = pos[units]
+                kv = ring.kv.index_select(0, bi)
+                dq, dk, dv, dcq, dckk = attention_chunk_backward(
+                    do_rows[pw.qi].index_select(0, rows).unsqueeze(2),
+                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2),
+                    kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2),
+                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1),
+                    ring.c[bi, sub].unsqueeze(1),
+                    o_rows[pw.qi].index_select(0, rows).unsqueeze(2),
+                    lse_rows[pw.qi].index_select(0, rows).unsqueeze(1),
+                    causal=pw.causal, softmax_scale=scale,
+                    acp_threshold=thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None,
+                    backend=backend,
+                )
+                dq_rows[pw.qi].index_add_(0, rows, dq.squeeze(2).float())
+                dc_rows[pw.qi].index_add_(0, rows, dcq.squeeze(1).float())
+                dkv.index_add_(0, bi, torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float())
+                dck.view(-1, Tc).index_add_(0, bi * g + sub, dckk.squeeze(1).float())
+            land(pending)
+            pending = []
+            if step > 0:
+                # this rank is done with origin o: return its partial for the
+                # units it used; receive ours from the rank that saw us now
+                ops = []
+                send_ids = plan.wanted[o][r]
+                if send_ids.numel():
+                    bi = ring.positions()[send_ids.to(dev)]
+                    msg = torch.cat([dkv.index_select(0, bi).flatten(), dck.index_select(0, bi).flatten()])
+                    ops.append(("send", msg, o, _TAG_GRAD))
+                    if stats is not None:
+                        stats.bwd_grad_bytes += _nbytes(msg)
+                src = (r + step) % P
+                recv_ids = plan.wanted[r][src]
+                buf = None
+                if recv_ids.numel():
+                    buf = torch.empty(recv_ids.numel() * (2 * Tc * D + g * Tc), device=dev)
+                    ops.append(("recv", buf, src, _TAG_GRAD))
+                pending.append((p2p(ops, group), recv_ids, buf))
+            if step < plan.last_step:
+                ring.advance()
+        land(pending)
+
+        dq = _from_rows(dq_rows, B, Hq).to(q.dtype)
+        dk, dv = _kv_from_units(dkv_local, B, Hkv, Tc)
+        dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, Tc)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dc.to(c.dtype), None, None, None, None, None, None
+
+
+def ring_attention(q, k, v, c, threshold, plan: RingPlan, group, softmax_scale: float, backend: str = "auto",
+                   stats: Optional[RingStats] = None):
+    """Ring attention of this rank's zigzag queries against the whole sequence.
+
+    q: [B, T_local, Hq, D], k/v: [B, T_local, Hkv, D] (bshd, T_local = two
+    chunks), c: [B, Hq, T_local] global decays (differentiable),
+    threshold: [B, Hq] ACP delta or None, plan: ``RingPlan`` of this rank.
+    Returns (out [B, T_local, Hq, D], lse [B, Hq, T_local]).
+    """
+    return _RingAttention.apply(q, k, v, c, threshold, plan, group, softmax_scale, backend, stats)
