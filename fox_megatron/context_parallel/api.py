@@ -55,6 +55,7 @@ def cp_forgetting_attention(
     backend: str = "auto",
     stats: Optional[RingStats] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    two_way: bool = True,
 ) -> torch.Tensor:
     """``forgetting_attention`` for a sequence split over a context-parallel group.
 
@@ -62,7 +63,9 @@ def cp_forgetting_attention(
     Megatron's get_batch_on_this_cp_rank gives them) and gets the outputs of
     those tokens, equal to whole-sequence attention.  mode "ring": pruning-
     aware ring (``skip`` "acp" or "dense"; ``stats`` collects bytes sent);
-    "ulysses": head all-to-all.  Gradients reach q, k, v and log_fgate.
+    "ulysses": head all-to-all.  ``two_way``: second chunks travel the ring
+    backward (fewer bytes) or, False, forward with the first chunks (equal
+    work at every step).  Gradients reach q, k, v and log_fgate.
     """
     if mode not in CP_MODES:
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
@@ -93,6 +96,6 @@ def cp_forgetting_attention(
     c, c_first, c_last = global_cumulative_decay(gb.permute(0, 2, 1), group, c_dtype)
     thr = cp_acp_threshold(acp, qb, kb, scale, group, P * T) if acp is not None else None
     need = chunk_need_table(c_first, c_last, thr if skip == "acp" else None)
-    plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2])
+    plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2], two_way=two_way)
     out, _ = ring_attention(qb, kb, vb, c, thr, plan, group, scale, backend, stats)
     return to_b(out)

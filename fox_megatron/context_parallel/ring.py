@@ -9,10 +9,13 @@ and adds Adaptive Computation Pruning at chunk granularity:
 - communication skip: KV travels as packed units (one chunk of one batch row
   and one KV head); a rank forwards only the units some later rank still
   wants, and the ring stops once no unit is wanted anywhere;
+- two directions: first chunks travel r -> r+1, second chunks r -> r-1,
+  the directions in which causal attention needs them (skip_table.py);
 - the same plan drives the backward ring.  dK/dV (and the gradient of the
   keys' decays) do not travel around the ring: rank r meets origin o exactly
   once (at step r - o), so right after that step its partial is complete and
-  goes straight back to o, only for the units r used.
+  goes straight back to o, only for the units r used.  (Per direction;
+  with two directions r meets each origin once per chunk kind.)
 
 Communication overlaps compute: the next step's KV is posted (isend/irecv)
 before this step's pairs are computed, so the buffer in flight and the one
@@ -134,30 +137,34 @@ class _Ring:
         self.incoming = None
 
     def post_next(self, step: int):
-        """Send what the next rank needs of the KV held at ``step``; receive
-        the next origin's."""
+        """Send on what the neighbours need of the KV held at ``step``
+        (first chunks forward, second chunks backward); receive the next
+        step's units."""
         plan, nxt = self.plan, step + 1
         if nxt > plan.last_step:
             return
-        o_send, o_recv = plan.origin(step), plan.origin(nxt)
-        send_ids = plan.carry[o_send][nxt]
-        recv_ids = plan.carry[o_recv][nxt]
+        P, r = self.P, self.r
         ops = []
-        if send_ids.numel():
-            pos = self.positions()[send_ids.to(self.kv_like.device)]
-            kv_msg = self.kv.index_select(0, pos)
-            c_msg = self.c.index_select(0, pos)
-            ops += [("send", kv_msg, (self.r + 1) % self.P, _TAG_KV), ("send", c_msg, (self.r + 1) % self.P, _TAG_C)]
-            if self.stats is not None:
-                setattr(self.stats, self.field, getattr(self.stats, self.field) + _nbytes(kv_msg, c_msg))
-        n = recv_ids.numel()
-        kv_in = c_in = None
-        if n:
-            kv_in = self.kv_like.new_empty((n,) + tuple(self.kv_like.shape[1:]))
-            c_in = self.c_like.new_empty((n,) + tuple(self.c_like.shape[1:]))
-            ops += [("recv", kv_in, (self.r - 1) % self.P, _TAG_KV), ("recv", c_in, (self.r - 1) % self.P, _TAG_C)]
+        pos = self.positions()
+        for j in (0, 1):
+            peer = (r + plan.direction(j)) % P
+            send_ids = plan.chunk_ids(plan.carry[plan.origin(step, j)][nxt], j)
+            if send_ids.numel():
+                bi = pos[send_ids.to(pos.device)]
+                kv_msg, c_msg = self.kv.index_select(0, bi), self.c.index_select(0, bi)
+                ops += [("send", kv_msg, peer, _TAG_KV + 10 * j), ("send", c_msg, peer, _TAG_C + 10 * j)]
+                if self.stats is not None:
+                    setattr(self.stats, self.field, getattr(self.stats, self.field) + _nbytes(kv_msg, c_msg))
+        held = plan.held(nxt)
+        n, n_lo = held.numel(), plan.chunk_ids(held, 0).numel()
+        kv_in = self.kv_like.new_empty((n,) + tuple(self.kv_like.shape[1:]))
+        c_in = self.c_like.new_empty((n,) + tuple(self.c_like.shape[1:]))
+        for j, part in ((0, slice(0, n_lo)), (1, slice(n_lo, n))):
+            peer = (r - plan.direction(j)) % P
+            if part.stop > part.start:
+                ops += [("recv", kv_in[part], peer, _TAG_KV + 10 * j), ("recv", c_in[part], peer, _TAG_C + 10 * j)]
         self.reqs = p2p(ops, self.group)
-        self.incoming = (recv_ids, kv_in, c_in)
+        self.incoming = (held, kv_in, c_in)
 
     def advance(self):
         wait_all(self.reqs)
@@ -253,9 +260,9 @@ class _RingAttention(torch.autograd.Function):
         pending = []  # (requests, recv ids, recv buffer) of gradient returns
 
         def land(items):
-            for reqs, ids, buf in items:
+            for reqs, recvs in items:
                 wait_all(reqs)
-                if buf is not None:
+                for ids, buf in recvs:
                     ids = ids.to(dev)
                     n = ids.numel()
                     dkv_local.index_add_(0, ids, buf[: n * 2 * Tc * D].view(n, 2, Tc, D))
@@ -263,7 +270,6 @@ class _RingAttention(torch.autograd.Function):
 
         for step in range(plan.last_step + 1):
             ring.post_next(step)
-            o = plan.origin(step)
             pairs = plan.pairs(step)
             if step == 0:
                 dkv, dck = dkv_local, dck_local
@@ -295,23 +301,28 @@ class _RingAttention(torch.autograd.Function):
             land(pending)
             pending = []
             if step > 0:
-                # this rank is done with origin o: return its partial for the
-                # units it used; receive ours from the rank that saw us now
-                ops = []
-                send_ids = plan.wanted[o][r]
-                if send_ids.numel():
-                    bi = ring.positions()[send_ids.to(dev)]
-                    msg = torch.cat([dkv.index_select(0, bi).flatten(), dck.index_select(0, bi).flatten()])
-                    ops.append(("send", msg, o, _TAG_GRAD))
-                    if stats is not None:
-                        stats.bwd_grad_bytes += _nbytes(msg)
-                src = (r + step) % P
-                recv_ids = plan.wanted[r][src]
-                buf = None
-                if recv_ids.numel():
-                    buf = torch.empty(recv_ids.numel() * (2 * Tc * D + g * Tc), device=dev)
-                    ops.append(("recv", buf, src, _TAG_GRAD))
-                pending.append((p2p(ops, group), recv_ids, buf))
+                # this rank is done with the origins it met at this step:
+                # return its partials for the units it used; receive ours
+                # from the ranks that met us now
+                ops, recvs = [], []
+                pos = ring.positions()
+                for j in (0, 1):
+                    o = plan.origin(step, j)
+                    send_ids = plan.chunk_ids(plan.wanted[o][r], j)
+                    if send_ids.numel():
+                        bi = pos[send_ids.to(dev)]
+                        msg = torch.cat([dkv.index_select(0, bi).flatten(), dck.index_select(0, bi).flatten()])
+                        ops.append(("send", msg, o, _TAG_GRAD + 10 * j))
+                        if stats is not None:
+                            stats.bwd_grad_bytes += _nbytes(msg)
+                    src = (r + plan.direction(j) * step) % P
+                    recv_ids = plan.chunk_ids(plan.wanted[r][src], j)
+                    if recv_ids.numel():
+                        buf = torch.empty(recv_ids.numel() * (2 * Tc * D + g * Tc), device=dev)
+                        ops.append(("recv", buf, src, _TAG_GRAD + 10 * j))
+                        recvs.append((recv_ids, buf))
+                reqs = p2p(ops, group)
+                pending.append((reqs, recvs))
             if step < plan.last_step:
                 ring.advance()
         land(pending)

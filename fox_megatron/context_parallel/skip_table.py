@@ -13,10 +13,15 @@ Unit of transfer: one KV chunk of one batch row and one key/value head
 that share it).  Unit id u = (j * B + b) * Hkv + h, j = 0 for the origin
 rank's first chunk and 1 for its second.
 
-Ring: at step s rank r holds the units of origin o = r - s (mod P) that are
-still wanted by ranks o+s, ..., o+P-1; it forwards to r+1 only the ones some
-rank after it still wants.  Those sets shrink with s, and the ring stops after
-the last step at which any set is non-empty.
+Two rings, one per chunk kind.  Causal attention wants the chunks *before*
+a query chunk: rank r's first chunk (r) follows rank r-1's first chunk, but
+its second chunk (2P-1-r) follows rank r+1's second chunk.  So first-chunk
+units travel forward (r -> r+1) and second-chunk units travel backward
+(r -> r-1): with fast-forgetting gates each unit makes one hop instead of
+going round the ring.  At step s rank r holds the first-chunk units of
+origin r - s and the second-chunk units of origin r + s that some rank still
+ahead (in that unit's direction) wants, and forwards only those; both rings
+stop after the last step at which anything is wanted.
 """
 
 from __future__ import annotations
@@ -75,11 +80,17 @@ class RingPlan:
     q_heads: int
     kv_heads: int
     need: torch.Tensor  # [B, Hq, 2P, 2P] bool, cpu
-    # carry[o][s]: sorted unit ids of origin o held by rank o+s at step s
+    # carry[o][s]: sorted unit ids of origin o held at step s (first-chunk
+    # units by rank o+s, second-chunk units by rank o-s)
     carry: List[List[torch.Tensor]] = field(default_factory=list)
     # wanted[o][r]: sorted unit ids of origin o that rank r computes with
     wanted: List[List[torch.Tensor]] = field(default_factory=list)
     last_step: int = 0
+    # ring direction of second-chunk units: -1 (backward, the default) or +1
+    # (forward with the first chunks, a single-direction ring as in
+    # ring-flash-attn: every step then computes exactly two chunk pairs
+    # per rank in the dense case, while two directions move fewer bytes)
+    hi_dir: int = -1
 
     @property
     def group(self) -> int:
@@ -90,12 +101,12 @@ class RingPlan:
         return 2 * self.batch * self.kv_heads
 
     @staticmethod
-    def build(need: torch.Tensor, rank: int, kv_heads: int) -> "RingPlan":
+    def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True) -> "RingPlan":
         need = need.detach().to("cpu")
         B, Hq, C, _ = need.shape
         P = C // 2
         g = Hq // kv_heads
-        plan = RingPlan(P, rank, B, Hq, kv_heads, need)
+        plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1)
         # units_needed[o][r]: [2, B, Hkv] bool
         wanted_mask = []
         for o in range(P):
@@ -117,7 +128,9 @@ class RingPlan:
             per_step = [None] * (P + 1)
             per_step[P] = acc.clone()
             for s in range(P - 1, 0, -1):
-                acc = acc | wanted_mask[o][(o + s) % P]
+                # first chunk (j = 0) forward to o+s, second (j = 1) backward to o-s
+                acc[0] |= wanted_mask[o][(o + s) % P][0]
+                acc[1] |= wanted_mask[o][(o + plan.hi_dir * s) % P][1]
                 per_step[s] = acc.clone()
             for s in range(1, P):
                 carry.append(ids(per_step[s]))
@@ -128,17 +141,33 @@ class RingPlan:
         plan.last_step = last
         return plan
 
-    def origin(self, step: int) -> int:
-        return (self.rank - step) % self.cp_size
+    def origin(self, step: int, j: int, rank: Optional[int] = None) -> int:
+        """Origin of the chunk-j units held by ``rank`` (default: this rank) at ``step``."""
+        rank = self.rank if rank is None else rank
+        return (rank - self.direction(j) * step) % self.cp_size
+
+    def direction(self, j: int) -> int:
+        """+1: chunk-j units travel r -> r+1; -1: r -> r-1."""
+        return 1 if j == 0 else self.hi_dir
+
+    def chunk_ids(self, ids: torch.Tensor, j: int) -> torch.Tensor:
+        """The chunk-j units among sorted unit ids."""
+        half = self.batch * self.kv_heads
+        return ids[ids >= half] if j else ids[ids < half]
+
+    def held(self, step: int, rank: Optional[int] = None) -> torch.Tensor:
+        """Sorted unit ids ``rank`` holds at ``step`` (first then second chunk)."""
+        if step == 0:
+            return torch.arange(self.num_units)
+        return torch.cat([self.chunk_ids(self.carry[self.origin(step, j, rank)][step], j) for j in (0, 1)])
 
     def pairs(self, step: int) -> List[PairWork]:
         """What this rank computes at ``step`` (with the origin's KV)."""
         P, B, Hq, Hkv = self.cp_size, self.batch, self.q_heads, self.kv_heads
-        o = self.origin(step)
         out = []
-        h = torch.arange(Hq)
         for qi, qc in enumerate(zigzag_chunks(self.rank, P)):
-            for kj, kc in enumerate(zigzag_chunks(o, P)):
+            for kj in (0, 1):
+                kc = zigzag_chunks(self.origin(step, kj), P)[kj]
                 if kc > qc:
                     continue
                 mask = self.need[:, :, qc, kc]  # B Hq
