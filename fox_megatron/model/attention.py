@@ -139,8 +139,10 @@ class FoxSelfAttention(MegatronModule):
         tp = self.tp_group.size() if self.tp_group is not None else 1
         self.tp_size = tp
         cp_group = getattr(pg_collection, "cp", None)
-        if cp_group is not None and cp_group.size() > 1:
-            raise NotImplementedError("FoxSelfAttention does not implement context parallelism yet (CP size must be 1)")
+        # context parallelism: the sequence arrives in Megatron's zigzag
+        # layout and attention runs over the group (fox_megatron.context_parallel)
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        self.cp_stats = None
 
         self.num_heads = config.num_attention_heads
         self.num_groups = config.num_query_groups or config.num_attention_heads
@@ -288,8 +290,19 @@ class FoxSelfAttention(MegatronModule):
                     f"{packed_seq_params.qkv_format!r} (give cu_seqlens over the flattened batch rows)"
                 )
             cu_seqlens = packed_seq_params.cu_seqlens_q
+            if self.cp_group is not None:
+                raise NotImplementedError(
+                    "FoxSelfAttention: packed documents (packed_seq_params) with context_parallel_size > 1 "
+                    "are not supported yet; use unpacked sequences with CP, or CP 1 for packed data"
+                )
 
-        if self.fox.kv_shift:
+        if self.fox.kv_shift and self.cp_group is not None:
+            # the token before each local chunk lives on a neighbouring rank
+            from fox_megatron.context_parallel import shift_tokens_cp
+
+            k = shift_tokens_cp(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), self.cp_group)
+            v = shift_tokens_cp(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), self.cp_group)
+        elif self.fox.kv_shift:
             starts = document_start_mask(cu_seqlens, T, B, mixed.device)
             k = shift_tokens(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), starts)
             v = shift_tokens(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), starts)
@@ -315,21 +328,24 @@ class FoxSelfAttention(MegatronModule):
 
         acp = self._acp_config()
         want_stats = acp is not None and self.fox.collect_acp_stats
-        result = forgetting_attention(
-            q, k, v, log_fgate,
-            layout="sbhd",
-            cu_seqlens=cu_seqlens,
-            softmax_scale=self.softmax_scale,
-            acp=acp,
-            backend=self.fox.attention_backend,
-            return_stats=want_stats,
-        )
-        if want_stats:
-            o, stats = result
-            self.acp_kept_fraction = stats.kept_tiles.detach().float().mean() if stats is not None else None
+        if self.cp_group is not None:
+            o = self._cp_attention(q, k, v, log_fgate, acp, want_stats)
         else:
-            o = result
-            self.acp_kept_fraction = None
+            result = forgetting_attention(
+                q, k, v, log_fgate,
+                layout="sbhd",
+                cu_seqlens=cu_seqlens,
+                softmax_scale=self.softmax_scale,
+                acp=acp,
+                backend=self.fox.attention_backend,
+                return_stats=want_stats,
+            )
+            if want_stats:
+                o, stats = result
+                self.acp_kept_fraction = stats.kept_tiles.detach().float().mean() if stats is not None else None
+            else:
+                o = result
+                self.acp_kept_fraction = None
 
         if self.out_norm is not None:
             o = self.out_norm(o)
@@ -337,6 +353,29 @@ class FoxSelfAttention(MegatronModule):
         if self.fox.output_gate:
             o = o * torch.sigmoid(_at_least_fp32(pieces["output_gate"])).to(o.dtype)
         return self.linear_proj(o)
+
+    def _cp_attention(self, q, k, v, log_fgate, acp, want_stats):
+        from fox_megatron.context_parallel import RingStats, cp_forgetting_attention
+
+        ring = self.fox.cp_mode == "ring"
+        self.cp_stats = RingStats() if ring else None
+        o = cp_forgetting_attention(
+            q, k, v, log_fgate,
+            group=self.cp_group,
+            mode=self.fox.cp_mode,
+            layout="sbhd",
+            softmax_scale=self.softmax_scale,
+            acp=acp,
+            backend=self.fox.attention_backend,
+            stats=self.cp_stats,
+        )
+        # Ring: the share of causal (chunk pair, row, head) work computed, the
+        # same on every rank (the skip table is global); Ulysses: not tracked.
+        self.acp_kept_fraction = None
+        if want_stats and ring and self.cp_stats.pairs_causal:
+            self.acp_kept_fraction = torch.tensor(
+                self.cp_stats.pairs_computed / self.cp_stats.pairs_causal, device=q.device)
+        return o
 
     # ------------------------------------------------------------ checkpoint
 

@@ -49,6 +49,9 @@ class FoxConfig:
     attention_backend:     "auto" (Triton on CUDA, torch on CPU), "triton",
                            "torch".
     collect_acp_stats:     keep the kept-tile fraction of every forward.
+    cp_mode:               context parallelism (context_parallel_size > 1):
+                           "ring" (pruning-aware ring attention) or
+                           "ulysses" (head all-to-all).
     """
 
     acp: bool = True
@@ -61,12 +64,15 @@ class FoxConfig:
     use_rope: bool = False
     attention_backend: str = "auto"
     collect_acp_stats: bool = True
+    cp_mode: str = "ring"
 
     def __post_init__(self):
         if self.acp and not self.acp_log_eps < 0.0:
             raise ValueError(f"acp_log_eps must be negative (eps < 1), got {self.acp_log_eps}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.cp_mode not in ("ring", "ulysses"):
+            raise ValueError(f"cp_mode must be 'ring' or 'ulysses', got {self.cp_mode!r}")
 
     @classmethod
     def pro(cls, **overrides) -> "FoxConfig":
