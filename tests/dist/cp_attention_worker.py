@@ -5,7 +5,10 @@ Every rank builds the same global batch, computes whole-sequence attention
 compares outputs and gradients (q, k, v, log forget gates) on its slice.
 Rank 0 writes a JSON report: {case: max relative error} plus byte counts.
 
-    python -m torch.distributed.run --nproc_per_node P tests/dist/cp_attention_worker.py OUT.json
+    python -m torch.distributed.run --nproc_per_node P tests/dist/cp_attention_worker.py OUT.json [--gpu]
+
+--gpu: NCCL, one GPU per rank, bf16 through the Triton kernels, longer
+sequences; the CP = 1 answer is the same kernel on the whole sequence.
 """
 
 import json
@@ -30,6 +33,9 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
+DEVICE, DTYPE, BACKEND = "cpu", torch.float32, "torch"
+
+
 def make(B, T, Hq, Hkv, D, gate_scale, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, Hq, D, generator=g)
@@ -38,29 +44,33 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
     # log f in [-gate_scale, 0): large scale = fast forgetting (local gates)
     logf = -gate_scale * torch.rand(B, T, Hq, generator=g)
     do = torch.randn(B, T, Hq, D, generator=g)
-    return q, k, v, logf, do
+    return [t.to(DEVICE, DTYPE if t is not logf else torch.float32) for t in (q, k, v, logf, do)]
 
 
-def case(group, mode, acp, B=2, T=128, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None):
+def case(group, mode, acp, B=2, T=128, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
+         two_way=True):
     P, r = dist.get_world_size(group), dist.get_rank(group)
+    if DEVICE != "cpu":
+        T, D = T * 32, 64
     q, k, v, logf, do = make(B, T, Hq, Hkv, D, gate_scale, seed)
     acp_cfg = AcpConfig(log_eps=-8.0) if acp else None
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, logf)]
-    o_ref = forgetting_attention(*ref_in, acp=acp_cfg, backend="torch")
+    o_ref = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND)
     o_ref.backward(do)
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
-    o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend="torch", skip=skip, stats=stats)
+    o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
+                              two_way=two_way)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
-    e = torch.tensor(errs, dtype=torch.float64)
+    e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
     dist.all_reduce(e, op=dist.ReduceOp.MAX)
     return dict(zip(["out", "dq", "dk", "dv", "dlogf"], e.tolist()))
 
 
 def sum_bytes(stats):
     t = torch.tensor([stats.fwd_kv_bytes, stats.bwd_kv_bytes, stats.bwd_grad_bytes, stats.full_ring_kv_bytes],
-                     dtype=torch.float64)
+                     dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
     return {"fwd_kv": int(t[0]), "bwd_kv": int(t[1]), "bwd_grad": int(t[2]), "full_ring_kv": int(t[3]),
             "steps": stats.steps, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
@@ -70,9 +80,8 @@ def shift_case(group):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(5)
     T, B, H, D = 64, 2, 2, 8
-    x = torch.randn(T, B, H, D, generator=g)
-    a = torch.rand(T, B, H, generator=g)
-    dy = torch.randn(T, B, H, D, generator=g)
+    x, a, dy = (t.to(DEVICE) for t in (torch.randn(T, B, H, D, generator=g), torch.rand(T, B, H, generator=g),
+                                        torch.randn(T, B, H, D, generator=g)))
     xr = x.clone().requires_grad_()
     y = shift_tokens(xr, a, document_start_mask(None, T, B, x.device))
     y.backward(dy)
@@ -80,17 +89,24 @@ def shift_case(group):
     yl = shift_tokens_cp(xl, zigzag_slice(a, 0, r, P), group)
     yl.backward(zigzag_slice(dy, 0, r, P))
     e = torch.tensor([rel(yl, zigzag_slice(y, 0, r, P)), rel(xl.grad, zigzag_slice(xr.grad, 0, r, P))],
-                     dtype=torch.float64)
+                     dtype=torch.float64, device=DEVICE)
     dist.all_reduce(e, op=dist.ReduceOp.MAX)
     return {"out": e[0].item(), "dx": e[1].item()}
 
 
 def main():
+    global DEVICE, DTYPE, BACKEND
     out_path = sys.argv[1]
-    dist.init_process_group("gloo")
+    if "--gpu" in sys.argv:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        DEVICE, DTYPE, BACKEND = f"cuda:{local}", torch.bfloat16, "auto"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
     group = dist.group.WORLD
     P = dist.get_world_size()
-    report = {"cp": P, "cases": {}, "bytes": {}}
+    report = {"cp": P, "device": str(DEVICE), "dtype": str(DTYPE), "cases": {}, "bytes": {}}
     Hkv_u = 2 if P <= 2 else P  # Ulysses: KV heads must divide by P
     for mode in ("ring", "ulysses"):
         for acp in (False, True):
@@ -103,6 +119,12 @@ def main():
             errs = case(group, "ring", True, T=32 * P, gate_scale=gate_scale, skip=skip, stats=st, seed=3)
             report["cases"][f"ring_{name}_{skip}"] = errs
             report["bytes"][f"{name}_{skip}"] = sum_bytes(st)
+    # a single-direction ring (second chunks forward too)
+    for skip in ("acp", "dense"):
+        st = RingStats()
+        report["cases"][f"ring_oneway_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=4.0, skip=skip,
+                                                      stats=st, seed=3, two_way=False)
+        report["bytes"][f"oneway_{skip}"] = sum_bytes(st)
     report["shift"] = shift_case(group)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
