@@ -1,0 +1,178 @@
+"""Context-parallel FoX attention benchmark (forward + backward, one node).
+
+Dense ring vs ACP ring vs Ulysses (ACP on and off) at L = 64k and 128k with
+the "paper-like" gates of BENCH.md (head h: per-token log-decay
+-r_h * exp(0.5 z), r_h log-uniform over [1e-4, 1]; q and k RMS-normalised,
+U = sqrt(D), delta = -2U - log L - 10), bf16 q/k/v, one sequence (B = 1).
+
+    python -m torch.distributed.run --nproc_per_node 4 benchmarks/cp_attention.py
+    python benchmarks/cp_attention.py            # CP = 1 reference (if it fits)
+
+Each run adds its records to benchmarks/results/cp_attention_<gpu>.json
+(replacing records with the same key).  kv_bytes: bytes all ranks sent for
+attention in one fwd+bwd step (ring: KV + key decays both passes plus the
+returned dK/dV; Ulysses: the all-to-all volume, counted from the shapes).
+Times are the median over timed steps, each fenced by a barrier so every
+rank runs the same number of collectives (triton's do_bench picks its own
+repetition count per rank, which a collective cannot survive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fox_megatron.context_parallel import RingStats, cp_forgetting_attention  # noqa: E402
+from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
+
+
+def local_inputs(T, H, D, seed, device):
+    """This rank's T tokens (zigzag slices of an i.i.d. sequence are i.i.d.)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, T, H, D, device=device, generator=g)
+    k = torch.randn(1, T, H, D, device=device, generator=g)
+    v = torch.randn(1, T, H, D, device=device, generator=g)
+    q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
+    r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device))
+    log_f = -r * torch.exp(0.5 * torch.randn(1, T, H, device=device, generator=g))
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    return q, k, v, log_f.float().requires_grad_()
+
+
+def timed(fn, inputs, steps, warmup, group):
+    dout = None
+    times = []
+    for i in range(warmup + steps):
+        for t in inputs:
+            t.grad = None
+        if group is not None:
+            dist.barrier(group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        if dout is None:
+            dout = torch.randn_like(out)
+        out.backward(dout)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    ms = torch.tensor([statistics.median(times)], device="cuda")
+    if group is not None:
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)  # the step ends when the slowest rank ends
+    return float(ms)
+
+
+def ulysses_bytes(P, T_local, H, D, elem=2):
+    """All-to-all bytes of one fwd+bwd step, all ranks: q, k, v, gate (fp32)
+    and output out; their gradients back.  Each rank keeps 1/P of a tensor."""
+    per_rank = T_local * H * ((3 + 1) * D * elem + 4)  # q k v o + gate
+    return int(2 * P * per_rank * (P - 1) / P)  # forward + backward
+
+
+def gpu_tag(name):
+    for tag in ("h200", "h100", "a100", "b200"):
+        if tag in name.lower():
+            return tag
+    return name.lower().replace(" ", "_")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="65536,131072")
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="default benchmarks/results/cp_attention_<gpu>.json")
+    args = ap.parse_args()
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+        group, P, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    else:
+        group, P, rank = None, 1, 0
+    H, D = args.heads, args.head_dim
+    acp_cfg = AcpConfig(log_eps=-10.0, logit_bound=math.sqrt(D))  # QK-norm, unit weights
+    records = []
+    for L in (int(x) for x in args.lengths.split(",")):
+        T = L // P
+        q, k, v, log_f = local_inputs(T, H, D, seed=1000 + rank, device="cuda")
+        inputs = (q, k, v, log_f)
+        if P == 1:
+            variants = [("single", False, None), ("single", True, None)]
+        else:
+            variants = [("ring", False, "dense"), ("ring", True, "dense"), ("ring", True, "acp"),
+                        ("ring_oneway", True, "acp"), ("ulysses", False, None), ("ulysses", True, None)]
+        for mode, acp, skip in variants:
+            stats = RingStats() if mode.startswith("ring") else None
+            acp_arg = acp_cfg if acp else None
+            if mode == "single":
+                fn = lambda: forgetting_attention(q, k, v, log_f, acp=acp_arg)  # noqa: E731
+            else:
+                fn = lambda: cp_forgetting_attention(  # noqa: E731
+                    q, k, v, log_f, group=group, mode="ulysses" if mode == "ulysses" else "ring",
+                    acp=acp_arg, skip=skip or "acp", stats=stats, two_way=mode != "ring_oneway")
+            try:
+                ms = timed(fn, inputs, args.steps, args.warmup, group)
+            except torch.OutOfMemoryError:
+                ms = None
+                torch.cuda.empty_cache()
+            rec = {"bench": "cp_attention", "mode": "ring" if mode.startswith("ring") else mode, "acp": acp,
+                   "cp": P, "L": L, "H": H, "D": D, "ms": ms}
+            if mode.startswith("ring"):
+                t = torch.tensor([stats.fwd_kv_bytes, stats.bwd_kv_bytes, stats.bwd_grad_bytes,
+                                  stats.full_ring_kv_bytes], dtype=torch.float64, device="cuda")
+                dist.all_reduce(t, group=group)
+                rec.update(kv_bytes=int(t[0] + t[1] + t[2]), fwd_kv_bytes=int(t[0]), bwd_kv_bytes=int(t[1]),
+                           bwd_grad_bytes=int(t[2]), full_ring_kv_bytes_per_pass=int(t[3]), skip=skip,
+                           two_way=mode != "ring_oneway", ring_steps=stats.steps,
+                           kept_pairs=stats.pairs_computed / max(stats.pairs_causal, 1))
+            elif mode == "ulysses":
+                rec["kv_bytes"] = ulysses_bytes(P, T, H, D)
+            else:
+                rec["kv_bytes"] = 0
+            records.append(rec)
+            if rank == 0:
+                print(json.dumps(rec), flush=True)
+        del q, k, v, log_f, inputs
+        torch.cuda.empty_cache()
+
+    if rank == 0:
+        import triton
+
+        name = torch.cuda.get_device_name()
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"cp_attention_{gpu_tag(name)}.json")
+        doc = {"records": []}
+        if os.path.exists(out):
+            with open(out) as f:
+                doc = json.load(f)
+        key = lambda r: (r["mode"], r["acp"], r["cp"], r["L"], r.get("skip"), r.get("two_way"))  # noqa: E731
+        new = {key(r) for r in records}
+        doc["records"] = [r for r in doc.get("records", []) if key(r) not in new] + records
+        doc.update(gpu=name, gpus=P, torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
