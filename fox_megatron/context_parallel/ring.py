@@ -134,6 +134,7 @@ class _Ring:
         self.held = torch.arange(plan.num_units)
         self.stats, self.field = stats, stats_field
         self.reqs = []
+        self.sent = []
         self.incoming = None
 
     def post_next(self, step: int):
@@ -164,11 +165,13 @@ class _Ring:
             if part.stop > part.start:
                 ops += [("recv", kv_in[part], peer, _TAG_KV + 10 * j), ("recv", c_in[part], peer, _TAG_C + 10 * j)]
         self.reqs = p2p(ops, self.group)
+        # keep the outgoing messages alive until the sends complete
+        self.sent = [t for kind, t, _, _ in ops if kind == "send"]
         self.incoming = (held, kv_in, c_in)
 
     def advance(self):
         wait_all(self.reqs)
-        self.reqs = []
+        self.reqs, self.sent = [], []
         ids, kv_in, c_in = self.incoming
         self.held, self.kv, self.c = ids, kv_in, c_in
         self.incoming = None
@@ -260,7 +263,7 @@ class _RingAttention(torch.autograd.Function):
         pending = []  # (requests, recv ids, recv buffer) of gradient returns
 
         def land(items):
-            for reqs, recvs in items:
+            for reqs, recvs, _ in items:
                 wait_all(reqs)
                 for ids, buf in recvs:
                     ids = ids.to(dev)
@@ -322,7 +325,7 @@ class _RingAttention(torch.autograd.Function):
                         ops.append(("recv", buf, src, _TAG_GRAD + 10 * j))
                         recvs.append((recv_ids, buf))
                 reqs = p2p(ops, group)
-                pending.append((reqs, recvs))
+                pending.append((reqs, recvs, ops))  # ops: keeps the sent messages alive
             if step < plan.last_step:
                 ring.advance()
         land(pending)
