@@ -28,11 +28,10 @@ for what pruning saves.  ``RingStats`` counts the bytes this rank sends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
 from fox_megatron.kernels import attention_chunk_backward, attention_chunk_forward, merge_partial_attention
 

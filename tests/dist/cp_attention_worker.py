@@ -12,7 +12,6 @@ sequences; the CP = 1 answer is the same kernel on the whole sequence.
 """
 
 import json
-import math
 import os
 import sys
 import warnings
