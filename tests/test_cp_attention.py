@@ -59,6 +59,22 @@ def _plan_from_decay(c, thr, P, rank, Hkv, two_way=True):
     return RingPlan.build(chunk_need_table(first, last, thr), rank, Hkv, two_way)
 
 
+def test_sub_block_table_keeps_a_suffix_of_each_key_chunk():
+    P, B, H, T, nsub = 2, 1, 1, 64, 4
+    c = -torch.arange(T, dtype=torch.float32).view(1, 1, T) * 1.0  # log f = -1 per token
+    Tc, Ts = T // (2 * P), T // (2 * P * nsub)
+    first = c[:, :, ::Tc]
+    last = c[:, :, Ts - 1::Ts].view(B, H, 2 * P, nsub)
+    need = chunk_need_table(first, last, torch.full((B, H), -4.5))[0, 0]
+    # chunk 1 (tokens 16..31) sees only the last sub-block of chunk 0 (decays -1 to -4 for its first query)
+    assert need[1, 0].tolist() == [False, False, False, True]
+    assert need[1, 1].all() and not need[0, 1].any() and not need[2, 0].any()
+    plan = RingPlan.build(need[None, None].expand(B, H, -1, -1, -1), 1, H)
+    assert plan.num_units == 2 * nsub * B * H
+    (pw,) = [p for p in plan.pairs(1) if p.qi == 0]  # rank 1's chunk 1 vs rank 0's chunk 0
+    assert pw.units.tolist() == [[3]]
+
+
 @pytest.mark.parametrize("two_way", [True, False])
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_plan_dense_is_causal_and_carry_shrinks(P, two_way):
@@ -93,7 +109,7 @@ def test_plan_prunes_and_ends_early_with_fast_forgetting():
     thr = torch.full((B, H), -20.0)
     plan = _plan_from_decay(c, thr, P, 0, H)
     # only neighbouring chunks survive: every chunk is 8 tokens = -24 of decay
-    need = plan.need[0, 0]
+    need = plan.need[0, 0, :, :, 0]
     assert bool(torch.equal(need, torch.eye(2 * P, dtype=torch.bool) | torch.eye(2 * P, dtype=torch.bool).roll(-1, 1).tril()))
     assert plan.last_step == 1  # one hop each way
     computed, causal = plan.pair_counts()
@@ -113,7 +129,7 @@ def attention_reports(tmp_path_factory):
 @pytest.mark.parametrize("P", [2, 4])
 @pytest.mark.parametrize("name", ["ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1",
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
-                                  "ring_oneway_acp", "ring_oneway_dense"])
+                                  "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = attention_reports[P]["cases"][name]
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}
@@ -137,6 +153,10 @@ def test_acp_ring_sends_fewer_bytes_with_local_gates(attention_reports, P):
     # the two-way ring moves less than the one-way ring; pruning helps both
     assert acp["fwd_kv"] <= b["oneway_acp"]["fwd_kv"] < b["oneway_dense"]["fwd_kv"]
     assert dense["fwd_kv"] <= b["oneway_dense"]["fwd_kv"] <= dense["full_ring_kv"]
+    # sub-blocks: only the unpruned tail of a key chunk travels
+    whole = b["local_acp_whole"]
+    assert acp["fwd_kv"] < whole["fwd_kv"] < dense["fwd_kv"]
+    assert acp["kept_keys"] < whole["kept_keys"] <= 1.0
 
 
 @pytest.mark.parametrize("P", [2, 4])

@@ -56,6 +56,7 @@ def cp_forgetting_attention(
     stats: Optional[RingStats] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     two_way: bool = True,
+    sub_blocks: Optional[int] = None,
 ) -> torch.Tensor:
     """``forgetting_attention`` for a sequence split over a context-parallel group.
 
@@ -65,7 +66,9 @@ def cp_forgetting_attention(
     aware ring (``skip`` "acp" or "dense"; ``stats`` collects bytes sent);
     "ulysses": head all-to-all.  ``two_way``: second chunks travel the ring
     backward (fewer bytes) or, False, forward with the first chunks (equal
-    work at every step).  Gradients reach q, k, v and log_fgate.
+    work at every step).  ``sub_blocks``: parts of a chunk that are sent and
+    pruned separately (default: 4 when the chunk divides by 4, else 1; 1 =
+    whole chunks).  Gradients reach q, k, v and log_fgate.
     """
     if mode not in CP_MODES:
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
@@ -93,7 +96,10 @@ def cp_forgetting_attention(
     to_b = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(0, 1))
     qb, kb, vb, gb = to_b(q), to_b(k), to_b(v), to_b(log_fgate)
     c_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    c, c_first, c_last = global_cumulative_decay(gb.permute(0, 2, 1), group, c_dtype)
+    Tc = T // 2
+    if sub_blocks is None:
+        sub_blocks = 4 if Tc % 4 == 0 else 1
+    c, c_first, c_last = global_cumulative_decay(gb.permute(0, 2, 1), group, c_dtype, sub_blocks)
     thr = cp_acp_threshold(acp, qb, kb, scale, group, P * T) if acp is not None else None
     need = chunk_need_table(c_first, c_last, thr if skip == "acp" else None)
     plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2], two_way=two_way)

@@ -3,8 +3,9 @@
 c_t = sum_{l <= t} log f_l over the *whole* sequence.  Each rank holds two
 chunks (r and 2P-1-r): it scans them locally, all-gathers every chunk's total
 (B x H x 2P numbers) and adds the sum of the chunks before each of its own.
-The same all-gather also carries each chunk's first gate, so every rank
-learns c at the first and last token of every chunk (what the ring's skip
+The same all-gather also carries each chunk's first gate and its running sum
+at the end of each sub-block, so every rank learns c at the first token of
+every chunk and at the last token of every sub-block (what the ring's skip
 table needs) without a second collective.
 
 Backward is the mirror image: dL/dlog f_l = sum_{t >= l} dL/dc_t, a
@@ -40,7 +41,7 @@ def _gather_chunk_values(x: torch.Tensor, group) -> torch.Tensor:
 
 class _GlobalDecay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_f: torch.Tensor, group, out_dtype: torch.dtype):
+    def forward(ctx, log_f: torch.Tensor, group, out_dtype: torch.dtype, sub_blocks: int):
         B, H, T = log_f.shape
         P = dist.get_world_size(group)
         r = dist.get_rank(group)
@@ -49,16 +50,19 @@ class _GlobalDecay(torch.autograd.Function):
         # pruning margins are worth
         x = log_f.detach().to(torch.float64).view(B, H, 2, Tc)
         local = torch.cumsum(x, dim=-1)
-        ends = torch.stack([x[..., 0], local[..., -1]], dim=-1)  # B H 2(chunk) 2(first gate, total)
-        ends = _gather_chunk_values(ends.transpose(-1, -2), group)  # B H 2 2P
-        first_gate, total = ends[..., 0, :], ends[..., 1, :]
+        Ts = Tc // sub_blocks
+        # per chunk: its first gate, then its running sum at every sub-block end
+        ends = torch.cat([x[..., :1], local[..., Ts - 1::Ts]], dim=-1)  # B H 2(chunk) 1+nsub
+        ends = _gather_chunk_values(ends.transpose(-1, -2), group)  # B H 1+nsub 2P
+        first_gate, sub_ends = ends[..., 0, :], ends[..., 1:, :].transpose(-1, -2)  # B H 2P / B H 2P nsub
+        total = sub_ends[..., -1]
         prefix = torch.cumsum(total, dim=-1) - total  # exclusive: sum of earlier chunks
         mine = torch.tensor(zigzag_chunks(r, P), device=log_f.device)
         c = (local + prefix[..., mine, None]).view(B, H, T).to(out_dtype)
         # the same float64 expressions as c itself, so the table agrees with
         # the decays the kernel sees bit for bit
         c_first = (prefix + first_gate).to(out_dtype)
-        c_last = (prefix + total).to(out_dtype)
+        c_last = (prefix[..., None] + sub_ends).to(out_dtype)
         ctx.group = group
         ctx.in_dtype = log_f.dtype
         ctx.mark_non_differentiable(c_first, c_last)
@@ -77,23 +81,26 @@ class _GlobalDecay(torch.autograd.Function):
         suffix = torch.flip(torch.cumsum(torch.flip(totals, [-1]), -1), [-1]) - totals  # later chunks
         mine = torch.tensor(zigzag_chunks(r, P), device=dc.device)
         out = (within + suffix[..., mine, None]).view(B, H, T).to(ctx.in_dtype)
-        return out, None, None
+        return out, None, None, None
 
 
 def global_cumulative_decay(
-    log_fgate_bht: torch.Tensor, group, out_dtype: torch.dtype = torch.float32
+    log_fgate_bht: torch.Tensor, group, out_dtype: torch.dtype = torch.float32, sub_blocks: int = 1
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global decays of this rank's tokens and every chunk's boundary decays.
 
     log_fgate_bht: [B, H, T_local] log forget gates of the local tokens
     (zigzag: chunk r then chunk 2P-1-r, T_local even).  Returns
-    (c [B, H, T_local] differentiable, c_first [B, H, 2P], c_last [B, H, 2P])
-    where c_first / c_last are c at the first / last token of every global
-    chunk (no gradient).
+    (c [B, H, T_local] differentiable, c_first [B, H, 2P],
+    c_last [B, H, 2P, sub_blocks]) where c_first is c at the first token of
+    every global chunk and c_last at the last token of each of its
+    ``sub_blocks`` equal parts (no gradient).
     """
     if log_fgate_bht.dim() != 3 or log_fgate_bht.shape[-1] % 2:
         raise ValueError(
             f"log forget gates must be [B, H, T_local] with T_local even (two zigzag chunks), "
             f"got {tuple(log_fgate_bht.shape)}"
         )
-    return _GlobalDecay.apply(log_fgate_bht, group, out_dtype)
+    if (log_fgate_bht.shape[-1] // 2) % sub_blocks:
+        raise ValueError(f"a chunk of {log_fgate_bht.shape[-1] // 2} tokens does not split into {sub_blocks} sub-blocks")
+    return _GlobalDecay.apply(log_fgate_bht, group, out_dtype, sub_blocks)

@@ -53,7 +53,8 @@ class RingStats:
     sends every rank's whole KV P-1 times (as ring-flash-attn does) would send
     from this rank per pass, for reference.  pairs_computed / pairs_causal:
     (chunk pair, batch row, head) triples computed vs all causal ones, over
-    all ranks.  steps: ring steps taken (P-1 for a full ring).
+    all ranks.  kept_keys: key sub-blocks attended over causal ones.  steps:
+    ring steps taken (P-1 for a full ring).
     """
 
     fwd_kv_bytes: int = 0
@@ -62,6 +63,7 @@ class RingStats:
     full_ring_kv_bytes: int = 0
     pairs_computed: int = 0
     pairs_causal: int = 0
+    kept_keys: float = 1.0
     steps: int = 0
 
     @property
@@ -86,29 +88,44 @@ def _from_rows(rows: List[torch.Tensor], B: int, H: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _kv_units(k: torch.Tensor, v: torch.Tensor, Tc: int) -> torch.Tensor:
-    """[B, 2Tc, Hkv, D] x2 -> [2 * B * Hkv, 2, Tc, D] (unit = (j*B + b)*Hkv + h)."""
-    B, _, Hkv, D = k.shape
-    kv = torch.stack([k, v], dim=0).view(2, B, 2, Tc, Hkv, D)  # kv B j t h d
-    return kv.permute(2, 1, 4, 0, 3, 5).reshape(2 * B * Hkv, 2, Tc, D)
+def _kv_units(k: torch.Tensor, v: torch.Tensor, nsub: int) -> torch.Tensor:
+    """[B, 2Tc, Hkv, D] x2 -> [2 * nsub * B * Hkv, 2, Ts, D]
+    (unit = ((j * nsub + s) * B + b) * Hkv + h)."""
+    B, T, Hkv, D = k.shape
+    Ts = T // (2 * nsub)
+    kv = torch.stack([k, v], dim=0).view(2, B, 2, nsub, Ts, Hkv, D)  # kv b j s t h d
+    return kv.permute(2, 3, 1, 5, 0, 4, 6).reshape(-1, 2, Ts, D)
 
 
-def _c_units(c: torch.Tensor, Hkv: int, Tc: int) -> torch.Tensor:
-    """[B, Hq, 2Tc] -> [2 * B * Hkv, group, Tc]."""
-    B, Hq, _ = c.shape
-    g = Hq // Hkv
-    return c.view(B, Hkv, g, 2, Tc).permute(3, 0, 1, 2, 4).reshape(2 * B * Hkv, g, Tc)
+def _c_units(c: torch.Tensor, Hkv: int, nsub: int) -> torch.Tensor:
+    """[B, Hq, 2Tc] -> [2 * nsub * B * Hkv, group, Ts]."""
+    B, Hq, T = c.shape
+    g, Ts = Hq // Hkv, T // (2 * nsub)
+    return c.view(B, Hkv, g, 2, nsub, Ts).permute(3, 4, 0, 1, 2, 5).reshape(-1, g, Ts)
 
 
-def _c_from_units(cu: torch.Tensor, B: int, Hkv: int, Tc: int) -> torch.Tensor:
-    g = cu.shape[1]
-    return cu.view(2, B, Hkv, g, Tc).permute(1, 2, 3, 0, 4).reshape(B, Hkv * g, 2 * Tc)
+def _c_from_units(cu: torch.Tensor, B: int, Hkv: int, nsub: int) -> torch.Tensor:
+    g, Ts = cu.shape[1], cu.shape[2]
+    return cu.view(2, nsub, B, Hkv, g, Ts).permute(2, 3, 4, 0, 1, 5).reshape(B, Hkv * g, 2 * nsub * Ts)
 
 
-def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, Tc: int):
-    D = units.shape[-1]
-    x = units.view(2, B, Hkv, 2, Tc, D).permute(3, 1, 0, 4, 2, 5).reshape(2, B, 2 * Tc, Hkv, D)
+def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, nsub: int):
+    Ts, D = units.shape[2], units.shape[3]
+    x = units.view(2, nsub, B, Hkv, 2, Ts, D).permute(4, 2, 0, 1, 5, 3, 6).reshape(2, B, 2 * nsub * Ts, Hkv, D)
     return x[0], x[1]
+
+
+def _gather_keys(ring, pos, pw):
+    """k, v [N, m*Ts, 1, D] and c_k [N, 1, m*Ts] of a pair's key suffix,
+    plus the buffer positions [N, m] they came from."""
+    bi = pos[pw.units.to(pos.device)]  # N m
+    N, m = bi.shape
+    kv = ring.kv.index_select(0, bi.reshape(-1))  # N*m 2 Ts D
+    Ts, D = kv.shape[2], kv.shape[3]
+    kv = kv.view(N, m, 2, Ts, D).transpose(1, 2).reshape(N, 2, m * Ts, D)
+    sub = pw.sub.to(pos.device)
+    ck = ring.c[bi, sub[:, None]].reshape(N, 1, m * Ts)
+    return kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2), ck, bi
 
 
 def _positions(ids: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -193,7 +210,8 @@ class _RingAttention(torch.autograd.Function):
         acc_lse = [torch.full((B * Hq, Tc), float("-inf"), device=dev) for _ in range(2)]
         if stats is not None:
             stats.fwd_kv_bytes = 0
-        ring = _Ring(plan, group, _kv_units(k, v, Tc), _c_units(c, Hkv, Tc).contiguous(), "fwd_kv_bytes", stats)
+        nsub = plan.sub_blocks
+        ring = _Ring(plan, group, _kv_units(k, v, nsub), _c_units(c, Hkv, nsub).contiguous(), "fwd_kv_bytes", stats)
 
         for step in range(plan.last_step + 1):
             ring.post_next(step)
@@ -201,14 +219,11 @@ class _RingAttention(torch.autograd.Function):
             if pairs:
                 pos = ring.positions()
             for pw in pairs:
-                rows, units, sub = pw.rows.to(dev), pw.units.to(dev), pw.sub.to(dev)
-                bi = pos[units]
-                kv = ring.kv.index_select(0, bi)
+                rows = pw.rows.to(dev)
+                k_sel, v_sel, ck, _ = _gather_keys(ring, pos, pw)
                 out, lse = attention_chunk_forward(
-                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2),
-                    kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2),
-                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1),
-                    ring.c[bi, sub].unsqueeze(1),
+                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
+                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
                     causal=pw.causal, softmax_scale=scale,
                     acp_threshold=thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None,
                     backend=backend,
@@ -230,6 +245,7 @@ class _RingAttention(torch.autograd.Function):
         if stats is not None:
             stats.steps = plan.last_step
             stats.pairs_computed, stats.pairs_causal = plan.pair_counts()
+            stats.kept_keys = plan.kept_key_fraction()
             stats.full_ring_kv_bytes = (plan.cp_size - 1) * _nbytes(k, v, c)
         return out, lse
 
@@ -253,12 +269,14 @@ class _RingAttention(torch.autograd.Function):
         dq_rows = [torch.zeros(B * Hq, Tc, D, device=dev) for _ in range(2)]
         dc_rows = [torch.zeros(B * Hq, Tc, device=dev) for _ in range(2)]
         n_units = plan.num_units
-        dkv_local = torch.zeros(n_units, 2, Tc, D, device=dev)
-        dck_local = torch.zeros(n_units, g, Tc, device=dev)
+        nsub = plan.sub_blocks
+        Ts = Tc // nsub
+        dkv_local = torch.zeros(n_units, 2, Ts, D, device=dev)
+        dck_local = torch.zeros(n_units, g, Ts, device=dev)
         if stats is not None:
             stats.bwd_kv_bytes = 0
             stats.bwd_grad_bytes = 0
-        ring = _Ring(plan, group, _kv_units(k, v, Tc), _c_units(c, Hkv, Tc).contiguous(), "bwd_kv_bytes", stats)
+        ring = _Ring(plan, group, _kv_units(k, v, nsub), _c_units(c, Hkv, nsub).contiguous(), "bwd_kv_bytes", stats)
         pending = []  # (requests, recv ids, recv buffer) of gradient returns
 
         def land(items):
@@ -267,8 +285,8 @@ class _RingAttention(torch.autograd.Function):
                 for ids, buf in recvs:
                     ids = ids.to(dev)
                     n = ids.numel()
-                    dkv_local.index_add_(0, ids, buf[: n * 2 * Tc * D].view(n, 2, Tc, D))
-                    dck_local.index_add_(0, ids, buf[n * 2 * Tc * D:].view(n, g, Tc))
+                    dkv_local.index_add_(0, ids, buf[: n * 2 * Ts * D].view(n, 2, Ts, D))
+                    dck_local.index_add_(0, ids, buf[n * 2 * Ts * D:].view(n, g, Ts))
 
         for step in range(plan.last_step + 1):
             ring.post_next(step)
@@ -276,20 +294,17 @@ class _RingAttention(torch.autograd.Function):
             if step == 0:
                 dkv, dck = dkv_local, dck_local
             else:
-                dkv = torch.zeros((ring.held.numel(), 2, Tc, D), device=dev)
-                dck = torch.zeros((ring.held.numel(), g, Tc), device=dev)
+                dkv = torch.zeros((ring.held.numel(), 2, Ts, D), device=dev)
+                dck = torch.zeros((ring.held.numel(), g, Ts), device=dev)
             if pairs:
                 pos = ring.positions()
             for pw in pairs:
-                rows, units, sub = pw.rows.to(dev), pw.units.to(dev), pw.sub.to(dev)
-                bi = pos[units]
-                kv = ring.kv.index_select(0, bi)
+                rows = pw.rows.to(dev)
+                k_sel, v_sel, ck, bi = _gather_keys(ring, pos, pw)
                 dq, dk, dv, dcq, dckk = attention_chunk_backward(
                     do_rows[pw.qi].index_select(0, rows).unsqueeze(2),
-                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2),
-                    kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2),
-                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1),
-                    ring.c[bi, sub].unsqueeze(1),
+                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
+                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
                     o_rows[pw.qi].index_select(0, rows).unsqueeze(2),
                     lse_rows[pw.qi].index_select(0, rows).unsqueeze(1),
                     causal=pw.causal, softmax_scale=scale,
@@ -298,8 +313,12 @@ class _RingAttention(torch.autograd.Function):
                 )
                 dq_rows[pw.qi].index_add_(0, rows, dq.squeeze(2).float())
                 dc_rows[pw.qi].index_add_(0, rows, dcq.squeeze(1).float())
-                dkv.index_add_(0, bi, torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float())
-                dck.view(-1, Tc).index_add_(0, bi * g + sub, dckk.squeeze(1).float())
+                N, m = bi.shape
+                dkv_rows = torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float()  # N 2 m*Ts D
+                dkv_rows = dkv_rows.view(N, 2, m, Ts, D).transpose(1, 2).reshape(N * m, 2, Ts, D)
+                dkv.index_add_(0, bi.reshape(-1), dkv_rows)
+                sub = pw.sub.to(dev)
+                dck.view(-1, Ts).index_add_(0, (bi * g + sub[:, None]).reshape(-1), dckk.float().reshape(N * m, Ts))
             land(pending)
             pending = []
             if step > 0:
@@ -320,7 +339,7 @@ class _RingAttention(torch.autograd.Function):
                     src = (r + plan.direction(j) * step) % P
                     recv_ids = plan.chunk_ids(plan.wanted[r][src], j)
                     if recv_ids.numel():
-                        buf = torch.empty(recv_ids.numel() * (2 * Tc * D + g * Tc), device=dev)
+                        buf = torch.empty(recv_ids.numel() * (2 * Ts * D + g * Ts), device=dev)
                         ops.append(("recv", buf, src, _TAG_GRAD + 10 * j))
                         recvs.append((recv_ids, buf))
                 reqs = p2p(ops, group)
@@ -330,8 +349,8 @@ class _RingAttention(torch.autograd.Function):
         land(pending)
 
         dq = _from_rows(dq_rows, B, Hq).to(q.dtype)
-        dk, dv = _kv_from_units(dkv_local, B, Hkv, Tc)
-        dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, Tc)
+        dk, dv = _kv_from_units(dkv_local, B, Hkv, nsub)
+        dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, nsub)
         return dq, dk.to(k.dtype), dv.to(v.dtype), dc.to(c.dtype), None, None, None, None, None, None
 
 

@@ -8,10 +8,17 @@ largest decay is below the ACP threshold holds only pruned weights and is
 skipped as a whole (DESIGN.md section 2).  Every rank evaluates the same table,
 so every rank also knows, without asking, what every other rank will send it.
 
-Unit of transfer: one KV chunk of one batch row and one key/value head
-(``[2 (k, v), Tc, D]`` plus the decays of its Tc tokens for the query heads
-that share it).  Unit id u = (j * B + b) * Hkv + h, j = 0 for the origin
-rank's first chunk and 1 for its second.
+Sub-blocks.  Each chunk is cut into ``nsub`` equal sub-blocks.  c falls
+along the keys, so for a (query chunk, key chunk) pair the key sub-blocks
+that survive pruning form a suffix of the key chunk: every query of the chunk
+drops the leading ones (its decays are below the first query's).  Keys are
+sent and attended from that suffix on, so a head that forgets within a
+chunk's length moves only the tail of the previous chunk.
+
+Unit of transfer: one sub-block of one KV chunk, one batch row and one
+key/value head (``[2 (k, v), Ts, D]`` plus the decays of its Ts tokens for
+the query heads that share it).  Unit id u = ((j * nsub + s) * B + b) * Hkv
++ h, j = 0 for the origin rank's first chunk and 1 for its second.
 
 Two rings, one per chunk kind.  Causal attention wants the chunks *before*
 a query chunk: rank r's first chunk (r) follows rank r-1's first chunk, but
@@ -39,21 +46,27 @@ __all__ = ["chunk_need_table", "RingPlan", "PairWork"]
 def chunk_need_table(
     c_first: torch.Tensor, c_last: torch.Tensor, threshold: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """[B, H, 2P(query chunk), 2P(key chunk)] bool: must this pair be computed?
+    """[B, H, 2P(query chunk), 2P(key chunk), nsub] bool: which key sub-blocks
+    must the pair attend to?
 
-    Causal pairs only (key chunk <= query chunk).  The diagonal is always
-    kept (its largest decay is 0, at i = j).  With ``threshold`` [B, H] (ACP
-    delta) an off-diagonal pair is dropped when c[first q] - c[last k] < delta,
-    compared in the dtype of the decays, as the kernel compares them.
+    c_first: [B, H, 2P] decay at each chunk's first token; c_last:
+    [B, H, 2P, nsub] (or [B, H, 2P] for nsub = 1) at each sub-block's last
+    token.  Causal pairs only (key chunk <= query chunk).  The diagonal is
+    always kept whole (its largest decay is 0, at i = j).  With
+    ``threshold`` [B, H] (ACP delta) a key sub-block is dropped when
+    c[first q] - c[last k of the sub-block] < delta, compared in the dtype of
+    the decays, as the kernel compares them.
     """
-    B, H, C = c_first.shape
+    if c_last.dim() == 3:
+        c_last = c_last[..., None]
+    B, H, C, nsub = c_last.shape
     idx = torch.arange(C, device=c_first.device)
     causal = idx[None, :] <= idx[:, None]  # [q, k]
-    need = causal.expand(B, H, C, C).clone()
+    need = causal[:, :, None].expand(B, H, C, C, nsub).clone()
     if threshold is not None:
-        largest = c_first[..., :, None] - c_last[..., None, :]
-        keep = largest >= threshold.to(largest.dtype)[..., None, None]
-        diag = idx[None, :] == idx[:, None]
+        largest = c_first[..., :, None, None] - c_last[..., None, :, :]  # B H q k s
+        keep = largest >= threshold.to(largest.dtype)[..., None, None, None]
+        diag = (idx[None, :] == idx[:, None])[:, :, None]
         need &= keep | diag
     return need
 
@@ -66,7 +79,7 @@ class PairWork:
     kj: int  # 0/1: which of the origin's chunks the keys are
     causal: bool
     rows: torch.Tensor  # int64 [N] query rows b * Hq + h that need this pair
-    units: torch.Tensor  # int64 [N] unit id of the key/value chunk each row reads
+    units: torch.Tensor  # int64 [N, m] unit ids of the key sub-blocks each row reads (a suffix)
     sub: torch.Tensor  # int64 [N] h % group: which decay row of the unit
 
 
@@ -79,7 +92,7 @@ class RingPlan:
     batch: int
     q_heads: int
     kv_heads: int
-    need: torch.Tensor  # [B, Hq, 2P, 2P] bool, cpu
+    need: torch.Tensor  # [B, Hq, 2P, 2P, nsub] bool, cpu
     # carry[o][s]: sorted unit ids of origin o held at step s (first-chunk
     # units by rank o+s, second-chunk units by rank o-s)
     carry: List[List[torch.Tensor]] = field(default_factory=list)
@@ -97,26 +110,32 @@ class RingPlan:
         return self.q_heads // self.kv_heads
 
     @property
+    def sub_blocks(self) -> int:
+        return self.need.shape[-1]
+
+    @property
     def num_units(self) -> int:
-        return 2 * self.batch * self.kv_heads
+        return 2 * self.sub_blocks * self.batch * self.kv_heads
 
     @staticmethod
     def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True) -> "RingPlan":
         need = need.detach().to("cpu")
-        B, Hq, C, _ = need.shape
+        if need.dim() == 4:
+            need = need[..., None]
+        B, Hq, C, _, nsub = need.shape
         P = C // 2
         g = Hq // kv_heads
         plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1)
-        # units_needed[o][r]: [2, B, Hkv] bool
+        # wanted_mask[o][r]: [2, nsub, B, Hkv] bool
         wanted_mask = []
         for o in range(P):
             row = []
             for r in range(P):
-                m = torch.zeros(2, B, kv_heads, dtype=torch.bool)
+                m = torch.zeros(2, nsub, B, kv_heads, dtype=torch.bool)
                 for j, kc in enumerate(zigzag_chunks(o, P)):
                     for qc in zigzag_chunks(r, P):
-                        # [B, Hq] -> any query head of the group
-                        m[j] |= need[:, :, qc, kc].view(B, kv_heads, g).any(-1)
+                        # [B, Hq, nsub] -> any query head of the group
+                        m[j] |= need[:, :, qc, kc].view(B, kv_heads, g, nsub).any(2).permute(2, 0, 1)
                 row.append(m)
             wanted_mask.append(row)
         ids = lambda m: torch.nonzero(m.reshape(-1)).flatten()  # noqa: E731
@@ -124,7 +143,7 @@ class RingPlan:
         last = 0
         for o in range(P):
             carry = [torch.arange(plan.num_units)]  # step 0: the origin holds all
-            acc = torch.zeros(2, B, kv_heads, dtype=torch.bool)
+            acc = torch.zeros(2, nsub, B, kv_heads, dtype=torch.bool)
             per_step = [None] * (P + 1)
             per_step[P] = acc.clone()
             for s in range(P - 1, 0, -1):
@@ -152,7 +171,7 @@ class RingPlan:
 
     def chunk_ids(self, ids: torch.Tensor, j: int) -> torch.Tensor:
         """The chunk-j units among sorted unit ids."""
-        half = self.batch * self.kv_heads
+        half = self.num_units // 2
         return ids[ids >= half] if j else ids[ids < half]
 
     def held(self, step: int, rank: Optional[int] = None) -> torch.Tensor:
@@ -170,17 +189,27 @@ class RingPlan:
                 kc = zigzag_chunks(self.origin(step, kj), P)[kj]
                 if kc > qc:
                     continue
-                mask = self.need[:, :, qc, kc]  # B Hq
-                rows = torch.nonzero(mask.reshape(-1)).flatten()
-                if rows.numel() == 0:
-                    continue
-                b, hh = rows // Hq, rows % Hq
-                units = (kj * B + b) * Hkv + hh // self.group
-                out.append(PairWork(qi, kj, kc == qc, rows, units, hh % self.group))
+                nsub = self.sub_blocks
+                # leading sub-blocks pruned for each (b, h); nsub = whole pair skipped
+                start = nsub - self.need[:, :, qc, kc].sum(-1)  # B Hq
+                for ks in torch.unique(start).tolist():
+                    if ks >= nsub:
+                        continue
+                    rows = torch.nonzero((start == ks).reshape(-1)).flatten()
+                    b, hh = rows // Hq, rows % Hq
+                    blocks = torch.arange(ks, nsub)
+                    units = (((kj * nsub + blocks[None, :]) * B + b[:, None]) * Hkv + (hh // self.group)[:, None])
+                    out.append(PairWork(qi, kj, kc == qc, rows, units, hh % self.group))
         return out
 
     def pair_counts(self) -> Tuple[int, int]:
         """(computed, causal) chunk-pair x (batch, head) counts over all ranks."""
         C = 2 * self.cp_size
         causal = C * (C + 1) // 2 * self.batch * self.q_heads
-        return int(self.need.sum()), causal
+        return int(self.need.any(-1).sum()), causal
+
+    def kept_key_fraction(self) -> float:
+        """Key sub-blocks attended over causal ones (all pairs, rows, heads)."""
+        C = 2 * self.cp_size
+        causal = C * (C + 1) // 2 * self.batch * self.q_heads * self.sub_blocks
+        return float(self.need.sum()) / causal

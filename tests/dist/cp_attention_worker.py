@@ -47,7 +47,7 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=128, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True):
+         two_way=True, sub_blocks=None):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     if DEVICE != "cpu":
         T, D = T * 32, 64
@@ -59,7 +59,7 @@ def case(group, mode, acp, B=2, T=128, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
     o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
-                              two_way=two_way)
+                              two_way=two_way, sub_blocks=sub_blocks)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
     e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
@@ -72,7 +72,7 @@ def sum_bytes(stats):
                      dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
     return {"fwd_kv": int(t[0]), "bwd_kv": int(t[1]), "bwd_grad": int(t[2]), "full_ring_kv": int(t[3]),
-            "steps": stats.steps, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
+            "steps": stats.steps, "kept_keys": stats.kept_keys, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
 
 
 def shift_case(group):
@@ -112,16 +112,21 @@ def main():
             kw = dict(Hq=4, Hkv=2) if mode == "ring" else dict(Hq=4, Hkv=Hkv_u)
             report["cases"][f"{mode}_acp{int(acp)}"] = case(group, mode, acp, **kw)
     # fast forgetting: ACP prunes whole chunk pairs; a dense ring for comparison
-    for name, gate_scale in (("local", 4.0), ("flat", 1e-4)):
+    for name, gate_scale in (("local", 8.0), ("flat", 1e-4)):
         for skip in ("acp", "dense"):
             st = RingStats()
             errs = case(group, "ring", True, T=32 * P, gate_scale=gate_scale, skip=skip, stats=st, seed=3)
             report["cases"][f"ring_{name}_{skip}"] = errs
             report["bytes"][f"{name}_{skip}"] = sum_bytes(st)
+    # whole chunks as units (no sub-blocks)
+    st = RingStats()
+    report["cases"]["ring_local_acp_whole"] = case(group, "ring", True, T=32 * P, gate_scale=8.0, stats=st, seed=3,
+                                                   sub_blocks=1)
+    report["bytes"]["local_acp_whole"] = sum_bytes(st)
     # a single-direction ring (second chunks forward too)
     for skip in ("acp", "dense"):
         st = RingStats()
-        report["cases"][f"ring_oneway_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=4.0, skip=skip,
+        report["cases"][f"ring_oneway_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=8.0, skip=skip,
                                                       stats=st, seed=3, two_way=False)
         report["bytes"][f"oneway_{skip}"] = sum_bytes(st)
     report["shift"] = shift_case(group)
