@@ -1,7 +1,7 @@
 """Context parallelism for FoX (fox_megatron.context_parallel).
 
 The distributed checks run under torchrun with gloo on CPU (tests/dist/
-cp_*_worker.py): CP = 2 and 4 against CP = 1 on the same global batch, both
+cp_*_worker.py): CP = 2, 3 and 4 against CP = 1 on the same global batch, both
 modes, ACP on and off; the whole FoX GPT's loss and gradients at CP = 2; the
 ring's byte counts against the dense ring.  The GPU variants (bf16, Triton,
 NCCL) need 2+ GPUs.
@@ -123,10 +123,10 @@ def test_plan_prunes_and_ends_early_with_fast_forgetting():
 @pytest.fixture(scope="module")
 def attention_reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp_attn")
-    return {P: _torchrun("cp_attention_worker.py", P, tmp) for P in (2, 4)}
+    return {P: _torchrun("cp_attention_worker.py", P, tmp) for P in (2, 3, 4)}
 
 
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2, 3, 4])
 @pytest.mark.parametrize("name", ["ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1",
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
                                   "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole"])
@@ -136,12 +136,12 @@ def test_cp_matches_single_device(attention_reports, P, name):
     assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_token_shift_halo_matches_single_device(attention_reports, P):
     assert max(attention_reports[P]["shift"].values()) < TOL
 
 
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_acp_ring_sends_fewer_bytes_with_local_gates(attention_reports, P):
     b = attention_reports[P]["bytes"]
     acp, dense = b["local_acp"], b["local_dense"]
@@ -159,7 +159,7 @@ def test_acp_ring_sends_fewer_bytes_with_local_gates(attention_reports, P):
     assert acp["kept_keys"] < whole["kept_keys"] <= 1.0
 
 
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_acp_ring_sends_dense_volume_when_nothing_prunes(attention_reports, P):
     b = attention_reports[P]["bytes"]
     for key in ("fwd_kv", "bwd_kv", "bwd_grad", "pairs_computed", "steps"):

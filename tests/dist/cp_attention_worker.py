@@ -46,9 +46,10 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
     return [t.to(DEVICE, DTYPE if t is not logf else torch.float32) for t in (q, k, v, logf, do)]
 
 
-def case(group, mode, acp, B=2, T=128, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
+def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
          two_way=True, sub_blocks=None):
     P, r = dist.get_world_size(group), dist.get_rank(group)
+    T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
         T, D = T * 32, 64
     q, k, v, logf, do = make(B, T, Hq, Hkv, D, gate_scale, seed)
@@ -78,7 +79,7 @@ def sum_bytes(stats):
 def shift_case(group):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(5)
-    T, B, H, D = 64, 2, 2, 8
+    T, B, H, D = 32 * P, 2, 2, 8
     x, a, dy = (t.to(DEVICE) for t in (torch.randn(T, B, H, D, generator=g), torch.rand(T, B, H, generator=g),
                                         torch.randn(T, B, H, D, generator=g)))
     xr = x.clone().requires_grad_()
@@ -109,7 +110,7 @@ def main():
     Hkv_u = 2 if P <= 2 else P  # Ulysses: KV heads must divide by P
     for mode in ("ring", "ulysses"):
         for acp in (False, True):
-            kw = dict(Hq=4, Hkv=2) if mode == "ring" else dict(Hq=4, Hkv=Hkv_u)
+            kw = dict(Hq=4, Hkv=2) if mode == "ring" else dict(Hq=2 * Hkv_u, Hkv=Hkv_u)
             report["cases"][f"{mode}_acp{int(acp)}"] = case(group, mode, acp, **kw)
     # fast forgetting: ACP prunes whole chunk pairs; a dense ring for comparison
     for name, gate_scale in (("local", 8.0), ("flat", 1e-4)):
