@@ -129,7 +129,8 @@ def attention_reports(tmp_path_factory):
 @pytest.mark.parametrize("P", [2, 3, 4])
 @pytest.mark.parametrize("name", ["ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1",
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
-                                  "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole"])
+                                  "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole",
+                                  "ulysses_packed_acp0", "ulysses_packed_acp1"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = attention_reports[P]["cases"][name]
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}
@@ -139,6 +140,7 @@ def test_cp_matches_single_device(attention_reports, P, name):
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_token_shift_halo_matches_single_device(attention_reports, P):
     assert max(attention_reports[P]["shift"].values()) < TOL
+    assert max(attention_reports[P]["shift_packed"].values()) < TOL
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])
@@ -169,7 +171,7 @@ def test_acp_ring_sends_dense_volume_when_nothing_prunes(attention_reports, P):
 
 def test_gpt_model_cp2_matches_cp1(tmp_path):
     report = _torchrun("cp_model_worker.py", 2, tmp_path)
-    for name in ("ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1"):
+    for name in ("ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1", "ulysses_acp1_packed"):
         errs = report["cases"][name]
         assert errs["loss"] < 1e-5 and errs["grad"] < 1e-4, (name, errs)
         assert errs["n_grads"] > 10

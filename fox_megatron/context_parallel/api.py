@@ -64,7 +64,9 @@ def cp_forgetting_attention(
     Megatron's get_batch_on_this_cp_rank gives them) and gets the outputs of
     those tokens, equal to whole-sequence attention.  mode "ring": pruning-
     aware ring (``skip`` "acp" or "dense"; ``stats`` collects bytes sent);
-    "ulysses": head all-to-all.  ``two_way``: second chunks travel the ring
+    "ulysses": head all-to-all.  ``cu_seqlens`` (Ulysses only): document
+    starts over the row-major flattening of the *global* (unsplit) [B, L]
+    tokens, as for ``forgetting_attention`` at CP = 1.  ``two_way``: second chunks travel the ring
     backward (fewer bytes) or, False, forward with the first chunks (equal
     work at every step).  ``sub_blocks``: parts of a chunk that are sent and
     pruned separately (default: 4 when the chunk divides by 4, else 1; 1 =
@@ -74,10 +76,10 @@ def cp_forgetting_attention(
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
     if skip not in ("acp", "dense"):
         raise ValueError(f"skip must be 'acp' or 'dense', got {skip!r}")
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and mode == "ring":
         raise NotImplementedError(
-            "packed documents (cu_seqlens) with context parallelism are not supported yet: "
-            "use context_parallel_size 1 for packed data, or unpacked sequences with CP"
+            "packed documents (cu_seqlens) are not supported by the ring CP mode yet (its chunk kernels "
+            "have no document mask): use cp_mode 'ulysses' for packed data with context parallelism"
         )
     if layout not in ("bshd", "sbhd"):
         raise ValueError(f"layout must be 'bshd' or 'sbhd', got {layout!r}")
@@ -90,7 +92,7 @@ def cp_forgetting_attention(
     if mode == "ulysses":
         to_s = (lambda x: x.transpose(0, 1)) if layout == "bshd" else (lambda x: x)
         o = ulysses_attention(to_s(q), to_s(k), to_s(v), to_s(log_fgate), group=group, softmax_scale=scale,
-                              acp=acp, backend=backend)
+                              acp=acp, backend=backend, cu_seqlens=cu_seqlens)
         return to_s(o)
 
     to_b = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(0, 1))

@@ -12,6 +12,8 @@ gradients of the received tokens the opposite way.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -76,11 +78,15 @@ def halo_previous_tokens(x: torch.Tensor, group):
     return _Halo.apply(x[Tc - 1], x[-1], group)
 
 
-def shift_tokens_cp(x: torch.Tensor, gate: torch.Tensor, group) -> torch.Tensor:
+def shift_tokens_cp(x: torch.Tensor, gate: torch.Tensor, group, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FoX's token shift x'_t = a_t x_{t-1} + (1 - a_t) x_t on a zigzag-local
-    sbhd tensor x [T_local, B, H, D] with gate a [T_local, B, H]."""
+    sbhd tensor x [T_local, B, H, D] with gate a [T_local, B, H].  starts:
+    optional [T_local, B] bool, True where a document begins (its previous
+    token counts as zero, halo included)."""
     Tc = x.shape[0] // 2
     prev_lo, prev_hi = halo_previous_tokens(x, group)
     prev = torch.cat([prev_lo[None], x[: Tc - 1], prev_hi[None], x[Tc:-1]], dim=0)
+    if starts is not None:
+        prev = prev.masked_fill(starts[:, :, None, None], 0.0)
     a = gate.to(x.dtype).unsqueeze(-1)
     return x + a * (prev - x)

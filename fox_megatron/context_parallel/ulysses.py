@@ -104,12 +104,15 @@ def _local_heads_acp(acp: Optional[AcpConfig], rank: int, P: int, Hq: int) -> Op
 
 
 def ulysses_attention(q, k, v, log_fgate, *, group, softmax_scale: float, acp: Optional[AcpConfig] = None,
-                      backend: str = "auto", use_deepspeed: Optional[bool] = None) -> torch.Tensor:
+                      backend: str = "auto", use_deepspeed: Optional[bool] = None,
+                      cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Forgetting attention over the CP group by head all-to-all (sbhd).
 
     q: [T_local, B, Hq, D], k/v: [T_local, B, Hkv, D], log_fgate
     [T_local, B, Hq] (zigzag-local).  Hkv must divide by the CP size (GQA
-    groups stay whole on one rank).  Returns [T_local, B, Hq, D].
+    groups stay whole on one rank).  cu_seqlens: optional document starts over
+    the global (unsplit) rows, which is what every rank sees after the
+    exchange.  Returns [T_local, B, Hq, D].
     """
     P, r = dist.get_world_size(group), dist.get_rank(group)
     Hq, Hkv = q.shape[2], k.shape[2]
@@ -125,7 +128,7 @@ def ulysses_attention(q, k, v, log_fgate, *, group, softmax_scale: float, acp: O
     def local_attention(qh, kh, vh, *args, **kwargs):
         o = forgetting_attention(
             qh.index_select(0, order), kh.index_select(0, order), vh.index_select(0, order), gate,
-            layout="sbhd", softmax_scale=softmax_scale, acp=local_acp, backend=backend,
+            layout="sbhd", softmax_scale=softmax_scale, acp=local_acp, backend=backend, cu_seqlens=cu_seqlens,
         )
         return o.index_select(0, inverse)
 

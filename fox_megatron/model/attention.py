@@ -24,7 +24,8 @@ checkpoints reshard across TP sizes part by part.
 
 Packed documents: ``packed_seq_params.cu_seqlens_q`` holds document starts
 over the row-major flattening of (batch, sequence) tokens (sbhd layout kept,
-as the kernel defines it).  The decay restarts at each document and the
+as the kernel defines it).  With context parallelism (cp_mode "ulysses"
+only) they index the global, unsplit rows.  The decay restarts at each document and the
 token shift does not carry the last token of one document into the next.
 """
 
@@ -290,18 +291,24 @@ class FoxSelfAttention(MegatronModule):
                     f"{packed_seq_params.qkv_format!r} (give cu_seqlens over the flattened batch rows)"
                 )
             cu_seqlens = packed_seq_params.cu_seqlens_q
-            if self.cp_group is not None:
+            if self.cp_group is not None and self.fox.cp_mode != "ulysses":
                 raise NotImplementedError(
                     "FoxSelfAttention: packed documents (packed_seq_params) with context_parallel_size > 1 "
-                    "are not supported yet; use unpacked sequences with CP, or CP 1 for packed data"
+                    "need cp_mode 'ulysses' (the ring mode has no document mask yet)"
                 )
 
         if self.fox.kv_shift and self.cp_group is not None:
             # the token before each local chunk lives on a neighbouring rank
-            from fox_megatron.context_parallel import shift_tokens_cp
+            from fox_megatron.context_parallel import shift_tokens_cp, zigzag_slice
 
-            k = shift_tokens_cp(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), self.cp_group)
-            v = shift_tokens_cp(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), self.cp_group)
+            starts = None
+            if cu_seqlens is not None:
+                # with CP, cu_seqlens index the global (unsplit) rows
+                P = self.cp_group.size()
+                starts = zigzag_slice(document_start_mask(cu_seqlens, T * P, B, mixed.device), 0,
+                                      self.cp_group.rank(), P)
+            k = shift_tokens_cp(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), self.cp_group, starts)
+            v = shift_tokens_cp(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), self.cp_group, starts)
         elif self.fox.kv_shift:
             starts = document_start_mask(cu_seqlens, T, B, mixed.device)
             k = shift_tokens(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), starts)
@@ -329,7 +336,7 @@ class FoxSelfAttention(MegatronModule):
         acp = self._acp_config()
         want_stats = acp is not None and self.fox.collect_acp_stats
         if self.cp_group is not None:
-            o = self._cp_attention(q, k, v, log_fgate, acp, want_stats)
+            o = self._cp_attention(q, k, v, log_fgate, acp, want_stats, cu_seqlens)
         else:
             result = forgetting_attention(
                 q, k, v, log_fgate,
@@ -354,7 +361,7 @@ class FoxSelfAttention(MegatronModule):
             o = o * torch.sigmoid(_at_least_fp32(pieces["output_gate"])).to(o.dtype)
         return self.linear_proj(o)
 
-    def _cp_attention(self, q, k, v, log_fgate, acp, want_stats):
+    def _cp_attention(self, q, k, v, log_fgate, acp, want_stats, cu_seqlens):
         from fox_megatron.context_parallel import RingStats, cp_forgetting_attention
 
         ring = self.fox.cp_mode == "ring"
@@ -368,6 +375,7 @@ class FoxSelfAttention(MegatronModule):
             acp=acp,
             backend=self.fox.attention_backend,
             stats=self.cp_stats,
+            cu_seqlens=cu_seqlens,
         )
         # Ring: the share of causal (chunk pair, row, head) work computed, the
         # same on every rank (the skip table is global); Ulysses: not tracked.

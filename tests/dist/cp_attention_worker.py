@@ -47,20 +47,25 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True, sub_blocks=None):
+         two_way=True, sub_blocks=None, packed=False):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
         T, D = T * 32, 64
     q, k, v, logf, do = make(B, T, Hq, Hkv, D, gate_scale, seed)
     acp_cfg = AcpConfig(log_eps=-8.0) if acp else None
+    cu = None
+    if packed:
+        # documents over the global rows; some cross chunk and rank borders
+        cu = torch.tensor([0, 7, 30, T, T + 50, T + 51, 2 * T if B == 2 else B * T], device=DEVICE)
+        cu = torch.unique(torch.cat([cu, torch.arange(0, B * T + 1, T, device=DEVICE)])).int()
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, logf)]
-    o_ref = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND)
+    o_ref = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND, cu_seqlens=cu)
     o_ref.backward(do)
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
     o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
-                              two_way=two_way, sub_blocks=sub_blocks)
+                              two_way=two_way, sub_blocks=sub_blocks, cu_seqlens=cu)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
     e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
@@ -76,17 +81,19 @@ def sum_bytes(stats):
             "steps": stats.steps, "kept_keys": stats.kept_keys, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
 
 
-def shift_case(group):
+def shift_case(group, packed=False):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(5)
     T, B, H, D = 32 * P, 2, 2, 8
     x, a, dy = (t.to(DEVICE) for t in (torch.randn(T, B, H, D, generator=g), torch.rand(T, B, H, generator=g),
                                         torch.randn(T, B, H, D, generator=g)))
     xr = x.clone().requires_grad_()
-    y = shift_tokens(xr, a, document_start_mask(None, T, B, x.device))
+    cu = torch.tensor([0, 5, 16, 17, T, T + 33, 2 * T], device=DEVICE) if packed else None
+    starts = document_start_mask(cu, T, B, x.device)
+    y = shift_tokens(xr, a, starts)
     y.backward(dy)
     xl = zigzag_slice(x, 0, r, P).clone().requires_grad_()
-    yl = shift_tokens_cp(xl, zigzag_slice(a, 0, r, P), group)
+    yl = shift_tokens_cp(xl, zigzag_slice(a, 0, r, P), group, zigzag_slice(starts, 0, r, P) if packed else None)
     yl.backward(zigzag_slice(dy, 0, r, P))
     e = torch.tensor([rel(yl, zigzag_slice(y, 0, r, P)), rel(xl.grad, zigzag_slice(xr.grad, 0, r, P))],
                      dtype=torch.float64, device=DEVICE)
@@ -130,7 +137,12 @@ def main():
         report["cases"][f"ring_oneway_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=8.0, skip=skip,
                                                       stats=st, seed=3, two_way=False)
         report["bytes"][f"oneway_{skip}"] = sum_bytes(st)
+    # packed documents (Ulysses)
+    for acp in (False, True):
+        report["cases"][f"ulysses_packed_acp{int(acp)}"] = case(group, "ulysses", acp, Hq=2 * Hkv_u, Hkv=Hkv_u,
+                                                                 gate_scale=0.3, packed=True)
     report["shift"] = shift_case(group)
+    report["shift_packed"] = shift_case(group, packed=True)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -6,7 +6,9 @@ The same weights and global batch run first at CP = 1 (every rank alone),
 then at CP = P with Megatron's zigzag slices of tokens and labels
 (get_batch_on_this_cp_rank's layout).  Parameters are replicated over the CP
 group, so each rank's gradient is a partial sum: all-reduced over the group
-it must equal the CP = 1 gradient.  Rank 0 writes {case: errors}.
+it must equal the CP = 1 gradient.  Packed documents (Ulysses): the same
+cu_seqlens over the global rows at CP = 1 and CP = P.  Rank 0 writes
+{case: errors}.
 """
 
 from __future__ import annotations
@@ -54,20 +56,24 @@ def main():
     r = dist.get_rank()
     tokens, labels, pos = batch(VOCAB, SEQ, MBS, seed=3)
     report = {"cp": P, "cases": {}}
-    for acp in (False, True):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0, 9, 40, SEQ, SEQ + 17, 2 * SEQ], dtype=torch.int32)  # over the global rows
+    packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=47, max_seqlen_kv=47)
+    for acp, pk in ((False, None), (True, None), (True, packed)):
         _set_groups(1)
         torch.manual_seed(11)
         ref = _model(1, acp=acp)
         state = {k: v.clone() for k, v in ref.state_dict().items() if v is not None and torch.is_tensor(v)}
-        ref_loss = ref(tokens, pos, None, labels=labels).sum()
+        ref_loss = ref(tokens, pos, None, labels=labels, packed_seq_params=pk).sum()
         ref_loss.backward()
         ref_grads = _grads(ref)
-        for mode in ("ring", "ulysses"):
+        for mode in ("ring", "ulysses") if pk is None else ("ulysses",):
             _set_groups(P)
             model = _model(P, acp=acp, cp_mode=mode)
             model.load_state_dict(state, strict=False)
             sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
-            loss = model(sl(tokens), sl(pos), None, labels=sl(labels)).sum()
+            loss = model(sl(tokens), sl(pos), None, labels=sl(labels), packed_seq_params=pk).sum()
             loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total)
@@ -81,7 +87,7 @@ def main():
             errs["n_grads"] = len(ref_grads)
             kept = model.decoder.layers[0].self_attention.acp_kept_fraction
             errs["kept"] = None if kept is None else float(kept)
-            report["cases"][f"{mode}_acp{int(acp)}"] = errs
+            report["cases"][f"{mode}_acp{int(acp)}" + ("_packed" if pk is not None else "")] = errs
     if r == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
