@@ -178,6 +178,22 @@ def test_gpt_model_cp2_matches_cp1(tmp_path):
     assert report["cases"]["ring_acp1"]["kept"] < 1.0  # ACP pruned whole chunk pairs
 
 
+@pytest.mark.skipif(os.environ.get("FOX_CP_TRITON_TEST") != "1",
+                    reason="slow (about 90 s): set FOX_CP_TRITON_TEST=1 to run the Triton kernels interpreted")
+def test_cp_through_triton_interpreter(tmp_path):
+    """The ring and Ulysses through the Triton chunk kernels (the GPU path),
+    run by Triton's CPU interpreter in fp32."""
+    env_backup = dict(os.environ)
+    os.environ.update(TRITON_INTERPRET="1", CP_TEST_BACKEND="triton")
+    try:
+        report = _torchrun("cp_attention_worker.py", 2, tmp_path, timeout=900)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    for name, errs in report["cases"].items():
+        assert max(errs.values()) < 1e-4, (name, errs)
+
+
 # ------------------------------------------------------------------- GPU
 
 multi_gpu = pytest.mark.skipif(

@@ -110,6 +110,8 @@ def main():
         DEVICE, DTYPE, BACKEND = f"cuda:{local}", torch.bfloat16, "auto"
         dist.init_process_group("nccl")
     else:
+        # CP_TEST_BACKEND=triton: the GPU kernels through Triton's interpreter (slow; fp32)
+        BACKEND = os.environ.get("CP_TEST_BACKEND", BACKEND)
         dist.init_process_group("gloo")
     group = dist.group.WORLD
     P = dist.get_world_size()
