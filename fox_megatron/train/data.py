@@ -247,18 +247,23 @@ def to_micro_batch(sample: Dict[str, torch.Tensor], cfg, eod: int, device: torch
 
             mb.attention_mask = document_causal_mask(tokens, eod)
     if cfg.context_parallel_size > 1:
-        mb = _slice_for_context_parallel(mb)
+        mb = _slice_for_context_parallel(mb, getattr(cfg.fox, "cp_mode", "ring"))
     return mb
 
 
-def _slice_for_context_parallel(mb: MicroBatch) -> MicroBatch:
-    """This CP rank's part of the sequence, in Megatron's zigzag layout."""
+def _slice_for_context_parallel(mb: MicroBatch, cp_mode: str = "ring") -> MicroBatch:
+    """This CP rank's part of the sequence, in Megatron's zigzag layout.
+
+    Packed documents keep their cu_seqlens over the global (unsplit) rows:
+    FoX's Ulysses mode attends over whole sequences after its all-to-all,
+    and its token-shift halo slices the document starts the same way."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    if mb.packed_seq_params is not None or mb.attention_mask is not None:
+    if mb.attention_mask is not None or (mb.packed_seq_params is not None and cp_mode != "ulysses"):
         raise SystemExit(
-            "reset_attention_mask: packed documents with context_parallel_size > 1 are not "
-            "supported by the trainer yet; use context_parallel_size 1 or unpacked data"
+            "reset_attention_mask: packed documents with context_parallel_size > 1 need FoX with "
+            "fox.cp_mode ulysses (the ring mode has no document mask yet); use context_parallel_size 1, "
+            "unpacked data, or the Ulysses mode"
         )
     parts = get_batch_on_this_cp_rank(
         {
@@ -268,7 +273,9 @@ def _slice_for_context_parallel(mb: MicroBatch) -> MicroBatch:
             "position_ids": mb.position_ids,
         }
     )
-    return MicroBatch(parts["tokens"], parts["labels"], parts["loss_mask"], parts["position_ids"])
+    out = MicroBatch(parts["tokens"], parts["labels"], parts["loss_mask"], parts["position_ids"])
+    out.packed_seq_params = mb.packed_seq_params
+    return out
 
 
 class GlobalBatches:
