@@ -130,7 +130,7 @@ def attention_reports(tmp_path_factory):
 @pytest.mark.parametrize("name", ["ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1",
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
                                   "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole",
-                                  "ulysses_packed_acp0", "ulysses_packed_acp1"])
+                                  "ulysses_packed_acp0", "ulysses_packed_acp1", "ulysses_torch_acp1"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = attention_reports[P]["cases"][name]
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}

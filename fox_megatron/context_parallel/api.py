@@ -57,6 +57,7 @@ def cp_forgetting_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     two_way: bool = True,
     sub_blocks: Optional[int] = None,
+    use_deepspeed: Optional[bool] = None,
 ) -> torch.Tensor:
     """``forgetting_attention`` for a sequence split over a context-parallel group.
 
@@ -70,7 +71,9 @@ def cp_forgetting_attention(
     backward (fewer bytes) or, False, forward with the first chunks (equal
     work at every step).  ``sub_blocks``: parts of a chunk that are sent and
     pruned separately (default: 4 when the chunk divides by 4, else 1; 1 =
-    whole chunks).  Gradients reach q, k, v and log_fgate.
+    whole chunks).  ``use_deepspeed`` (Ulysses): DeepSpeed's
+    DistributedAttention (default when importable) or the local all-to-all.
+    Gradients reach q, k, v and log_fgate.
     """
     if mode not in CP_MODES:
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
@@ -92,7 +95,8 @@ def cp_forgetting_attention(
     if mode == "ulysses":
         to_s = (lambda x: x.transpose(0, 1)) if layout == "bshd" else (lambda x: x)
         o = ulysses_attention(to_s(q), to_s(k), to_s(v), to_s(log_fgate), group=group, softmax_scale=scale,
-                              acp=acp, backend=backend, cu_seqlens=cu_seqlens)
+                              acp=acp, backend=backend, cu_seqlens=cu_seqlens,
+                              use_deepspeed=use_deepspeed)
         return to_s(o)
 
     to_b = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(0, 1))

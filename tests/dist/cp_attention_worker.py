@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fox_megatron.context_parallel import (
-    RingStats, cp_forgetting_attention, shift_tokens_cp, zigzag_slice,
+    RingStats, cp_forgetting_attention, deepspeed_available, shift_tokens_cp, zigzag_slice,
 )
 from fox_megatron.kernels import AcpConfig, forgetting_attention
 from fox_megatron.model.attention import document_start_mask, shift_tokens
@@ -47,7 +47,7 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True, sub_blocks=None, packed=False):
+         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
@@ -65,7 +65,8 @@ def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
     o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
-                              two_way=two_way, sub_blocks=sub_blocks, cu_seqlens=cu)
+                              two_way=two_way, sub_blocks=sub_blocks, cu_seqlens=cu,
+                              use_deepspeed=use_deepspeed)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
     e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
@@ -143,6 +144,9 @@ def main():
     for acp in (False, True):
         report["cases"][f"ulysses_packed_acp{int(acp)}"] = case(group, "ulysses", acp, Hq=2 * Hkv_u, Hkv=Hkv_u,
                                                                  gate_scale=0.3, packed=True)
+    # Ulysses through the local all-to-all (the path without DeepSpeed)
+    report["cases"]["ulysses_torch_acp1"] = case(group, "ulysses", True, Hq=2 * Hkv_u, Hkv=Hkv_u, use_deepspeed=False)
+    report["deepspeed"] = deepspeed_available()
     report["shift"] = shift_case(group)
     report["shift_packed"] = shift_case(group, packed=True)
     if dist.get_rank() == 0:
