@@ -2,20 +2,21 @@
 
 The ring follows ring-flash-attn's design (zigzag layout, partial results
 merged with the log-sum-exp rule, backward from the merged output and lse)
-and adds Adaptive Computation Pruning at chunk granularity:
+and adds Adaptive Computation Pruning at the granularity of chunk sub-blocks:
 
 - compute skip: a (query chunk, key chunk, batch row, head) that the skip
   table prunes is never computed (skip_table.py);
-- communication skip: KV travels as packed units (one chunk of one batch row
-  and one KV head); a rank forwards only the units some later rank still
-  wants, and the ring stops once no unit is wanted anywhere;
+- communication skip: KV travels as packed units (one sub-block of a chunk,
+  one batch row, one KV head); a rank forwards only the units some rank
+  further along still wants, and the ring stops once no unit is wanted
+  anywhere;
 - two directions: first chunks travel r -> r+1, second chunks r -> r-1,
   the directions in which causal attention needs them (skip_table.py);
 - the same plan drives the backward ring.  dK/dV (and the gradient of the
-  keys' decays) do not travel around the ring: rank r meets origin o exactly
-  once (at step r - o), so right after that step its partial is complete and
-  goes straight back to o, only for the units r used.  (Per direction;
-  with two directions r meets each origin once per chunk kind.)
+  keys' decays) do not travel around the ring: rank r meets each origin's
+  first chunks exactly once (at step r - o) and its second chunks exactly
+  once (at step o - r), so right after that step its partial is complete
+  and goes straight back to o, only for the units r used.
 
 Communication overlaps compute: the next step's KV is posted (isend/irecv)
 before this step's pairs are computed, so the buffer in flight and the one
@@ -40,7 +41,9 @@ from .skip_table import RingPlan
 
 __all__ = ["RingStats", "ring_attention"]
 
-_TAG_KV, _TAG_C, _TAG_GRAD = 11, 12, 13
+# gloo matches messages between two ranks by tag: ring tags (+10 for second
+# chunks) stay clear of the halo's (halo.py)
+_TAG_KV, _TAG_C, _TAG_GRAD = 31, 32, 33
 
 
 @dataclass
