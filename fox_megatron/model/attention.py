@@ -377,12 +377,13 @@ class FoxSelfAttention(MegatronModule):
             stats=self.cp_stats,
             cu_seqlens=cu_seqlens,
         )
-        # Ring: the share of causal (chunk pair, row, head) work computed, the
-        # same on every rank (the skip table is global); Ulysses: not tracked.
+        # Ring: the share of causal (key sub-block, query chunk, row, head)
+        # work kept, the same on every rank (the skip table is global; it
+        # counts whole sub-blocks, so it is coarser than the kernel's tiles);
+        # Ulysses: not tracked.
         self.acp_kept_fraction = None
-        if want_stats and ring and self.cp_stats.pairs_causal:
-            self.acp_kept_fraction = torch.tensor(
-                self.cp_stats.pairs_computed / self.cp_stats.pairs_causal, device=q.device)
+        if want_stats and ring:
+            self.acp_kept_fraction = torch.tensor(self.cp_stats.kept_keys, device=q.device)
         return o
 
     # ------------------------------------------------------------ checkpoint
