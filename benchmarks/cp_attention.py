@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sub-blocks", type=int, default=None, help="ring: parts per chunk sent and pruned separately")
     ap.add_argument("--out", default=None, help="default benchmarks/results/cp_attention_<gpu>.json")
     args = ap.parse_args()
 
@@ -126,7 +127,8 @@ def main():
             else:
                 fn = lambda: cp_forgetting_attention(  # noqa: E731
                     q, k, v, log_f, group=group, mode="ulysses" if mode == "ulysses" else "ring",
-                    acp=acp_arg, skip=skip or "acp", stats=stats, two_way=mode != "ring_oneway")
+                    acp=acp_arg, skip=skip or "acp", stats=stats, two_way=mode != "ring_oneway",
+                    sub_blocks=args.sub_blocks)
             try:
                 ms = timed(fn, inputs, args.steps, args.warmup, group)
             except torch.OutOfMemoryError:
@@ -141,7 +143,8 @@ def main():
                 rec.update(kv_bytes=int(t[0] + t[1] + t[2]), fwd_kv_bytes=int(t[0]), bwd_kv_bytes=int(t[1]),
                            bwd_grad_bytes=int(t[2]), full_ring_kv_bytes_per_pass=int(t[3]), skip=skip,
                            two_way=mode != "ring_oneway", ring_steps=stats.steps,
-                           kept_pairs=stats.pairs_computed / max(stats.pairs_causal, 1))
+                           kept_pairs=stats.pairs_computed / max(stats.pairs_causal, 1),
+                           kept_keys=stats.kept_keys, sub_blocks=args.sub_blocks or 4)
             elif mode == "ulysses":
                 rec["kv_bytes"] = ulysses_bytes(P, T, H, D)
             else:
