@@ -677,9 +677,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
         need(cfg.seq_length % unit == 0, "seq_length",
              f"{cfg.seq_length} is not divisible by 2 x context_parallel_size x {ATTENTION_BLOCK} = {unit}")
         if cfg.fox.enabled and cfg.fox.cp_mode == "ulysses":
-            need((heads // tp) % cp == 0, "fox.cp_mode",
-                 f"ulysses needs the {heads // tp} heads per tensor-parallel rank to be divisible "
-                 f"by context_parallel_size {cp} (use cp_mode: ring)")
+            # the all-to-all splits heads over CP: the key/value heads (the
+            # fewer, with GQA) of one tensor-parallel rank must divide evenly
+            need((groups // tp) % cp == 0, "fox.cp_mode",
+                 f"ulysses needs the {groups // tp} key/value heads (num_query_groups) per tensor-parallel "
+                 f"rank to be divisible by context_parallel_size {cp} (use cp_mode: ring)")
 
     # Parallel layout vs world size.
     la = cfg.launch

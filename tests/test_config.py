@@ -427,3 +427,23 @@ def test_bad_env_name():
 
 def test_bad_slurm_time():
     assert error_of(launch__slurm__time="four hours").key == "launch.slurm.time"
+
+
+def test_ulysses_counts_key_value_heads():
+    # 8 query heads but 2 key/value groups: the all-to-all cannot split KV over CP = 4
+    e = error_of(context_parallel_size=4, seq_length=1024, num_attention_heads=8, num_query_groups=2,
+                 fox__cp_mode="ulysses", launch__nproc_per_node=4)
+    assert e.key == "fox.cp_mode" and "2 key/value heads" in str(e)
+    validate(make(context_parallel_size=2, seq_length=1024, num_attention_heads=8, num_query_groups=2,
+                  fox__cp_mode="ulysses", launch__nproc_per_node=2))
+
+
+def test_cp_mode_reaches_the_model_config():
+    from types import SimpleNamespace
+
+    from fox_megatron.train.model_factory import transformer_config
+
+    cfg = make(context_parallel_size=2, seq_length=1024, fox__cp_mode="ulysses", launch__nproc_per_node=2)
+    validate(cfg)
+    tc = transformer_config(cfg, SimpleNamespace(is_cuda=False))
+    assert tc.fox.cp_mode == "ulysses" and tc.context_parallel_size == 2

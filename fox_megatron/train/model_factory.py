@@ -55,6 +55,7 @@ def transformer_config(cfg, info):
         kv_shift=cfg.fox.kv_shift,
         forget_gate_bias_init=cfg.fox.forget_gate_bias_init,
         use_rope=cfg.fox.enabled and cfg.position_embedding_type == "rope",
+        cp_mode=cfg.fox.cp_mode,
     )
     dtype = params_dtype(cfg)
     return FoxTransformerConfig(
