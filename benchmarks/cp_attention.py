@@ -168,8 +168,14 @@ def main():
         key = lambda r: (r["mode"], r["acp"], r["cp"], r["L"], r.get("skip"), r.get("two_way"))  # noqa: E731
         new = {key(r) for r in records}
         doc["records"] = [r for r in doc.get("records", []) if key(r) not in new] + records
-        doc.update(gpu=name, gpus=P, torch=torch.__version__, triton=triton.__version__,
-                   date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv))
+        # one file gathers runs at several CP sizes: keep every command
+        cmd = ("python -m torch.distributed.run --nproc_per_node %d " % P if distributed else "python ") + \
+            " ".join(sys.argv)
+        commands = doc.get("commands", [])
+        commands = [c for c in commands if c != cmd] + [cmd]
+        doc.pop("command", None)
+        doc.update(gpu=name, gpus=max(P, doc.get("gpus", 0)), torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.date.today().isoformat(), commands=commands)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(doc, f, indent=1)
