@@ -120,6 +120,18 @@ def test_plan_prunes_and_ends_early_with_fast_forgetting():
 # --------------------------------------------------------------- torchrun
 
 
+def test_snake_deal_balances_ulysses_head_work():
+    from fox_megatron.context_parallel.ulysses import snake_deal
+
+    work = torch.tensor([1.0, 8.0, 3.0, 6.0, 2.0, 7.0, 4.0, 5.0])
+    order = snake_deal(work, 2)
+    assert sorted(order) == list(range(8))
+    per_rank = [float(work[order[i * 4:(i + 1) * 4]].sum()) for i in range(2)]
+    assert per_rank == [18.0, 18.0]  # 8, 5, 4, 1 and 7, 6, 3, 2
+    # contiguous dealing of heads sorted by work would put 8, 7, 6, 5 on one rank
+    assert max(per_rank) < float(torch.sort(work, descending=True).values[:4].sum())
+
+
 @pytest.fixture(scope="module")
 def attention_reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp_attn")
@@ -130,7 +142,8 @@ def attention_reports(tmp_path_factory):
 @pytest.mark.parametrize("name", ["ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1",
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
                                   "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole",
-                                  "ulysses_packed_acp0", "ulysses_packed_acp1", "ulysses_torch_acp1"])
+                                  "ulysses_packed_acp0", "ulysses_packed_acp1", "ulysses_torch_acp1",
+                                  "ulysses_balanced_ds1", "ulysses_balanced_ds0"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = attention_reports[P]["cases"][name]
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}

@@ -12,6 +12,16 @@ interface only moves q, k and v.
 The gathered sequence arrives in rank order, i.e. in zigzag chunk order
 (0, 2P-1, 1, 2P-2, ...); it is put into natural order before attention and
 back after.
+
+Load balance under ACP.  A rank's attention time follows how much of the
+matrix its heads keep, and heads differ by orders of magnitude (a head that
+forgets within a few hundred tokens keeps a thin band, a slow head keeps
+nearly everything).  Handing out heads in index order can give one rank all
+the slow heads, and the step waits for it.  With ACP on, every rank sums its
+log forget gates per head, one all-reduce of H numbers makes the sums global,
+and the key/value head groups are dealt to ranks in "snake" order of their
+predicted work (1 / forgetting rate, largest first): the same permutation on
+every rank, undone on the output.
 """
 
 from __future__ import annotations
@@ -93,6 +103,35 @@ def _natural_order(P: int, Tc: int, device) -> torch.Tensor:
     return (where[:, None] * Tc + t[None, :]).reshape(-1).to(device)
 
 
+def balanced_head_order(log_fgate: torch.Tensor, Hkv: int, group) -> torch.Tensor:
+    """Permutation of the key/value heads that spreads predicted ACP work
+    evenly over the CP ranks (rank r gets entries r*Hkv/P .. of it).
+
+    log_fgate: [T_local, B, Hq] this rank's log forget gates.  A head's
+    kept part of the attention matrix shrinks as its forgetting rate grows,
+    so a group's work is predicted as sum over its query heads of 1 / rate.
+    Groups are sorted by that, largest first, and dealt 0, 1, .., P-1,
+    P-1, .., 0, ... (each rank ends with Hkv / P groups).
+    """
+    P = dist.get_world_size(group)
+    Hq = log_fgate.shape[-1]
+    rate = -log_fgate.detach().float().sum(dim=(0, 1))
+    dist.all_reduce(rate, group=group)
+    work = (1.0 / rate.clamp_min(1e-6)).view(Hkv, Hq // Hkv).sum(-1).cpu()
+    return torch.tensor(snake_deal(work, P), dtype=torch.long, device=log_fgate.device)
+
+
+def snake_deal(work: torch.Tensor, P: int) -> list:
+    """Items sorted by ``work`` (largest first) dealt to P equal slots in the
+    order 0..P-1, P-1..0, ...; returns the item ids slot after slot."""
+    by_work = torch.sort(work, descending=True, stable=True).indices.tolist()
+    slots = [[] for _ in range(P)]
+    for i, h in enumerate(by_work):
+        lap, pos = divmod(i, P)
+        slots[pos if lap % 2 == 0 else P - 1 - pos].append(h)
+    return [h for s in slots for h in s]
+
+
 def _local_heads_acp(acp: Optional[AcpConfig], rank: int, P: int, Hq: int) -> Optional[AcpConfig]:
     """A per-head logit bound must follow the heads to their rank."""
     if acp is None or not isinstance(acp.logit_bound, torch.Tensor) or acp.logit_bound.dim() == 0:
@@ -118,6 +157,26 @@ def ulysses_attention(q, k, v, log_fgate, *, group, softmax_scale: float, acp: O
     Hq, Hkv = q.shape[2], k.shape[2]
     if Hkv % P:
         raise ValueError(f"Ulysses CP needs the key/value heads per TP rank ({Hkv}) to divide by the CP size ({P})")
+    T = q.shape[0]
+    head_inverse = None
+    if acp is not None and Hkv > P:
+        g = Hq // Hkv
+        kv_perm = balanced_head_order(log_fgate, Hkv, group)
+        q_perm = (kv_perm[:, None] * g + torch.arange(g, device=q.device)).reshape(-1)
+        head_inverse = torch.empty_like(q_perm)
+        head_inverse[q_perm] = torch.arange(Hq, device=q.device)
+        q, log_fgate = q.index_select(2, q_perm), log_fgate.index_select(2, q_perm)
+        k, v = k.index_select(2, kv_perm), v.index_select(2, kv_perm)
+        if isinstance(acp.logit_bound, torch.Tensor) and acp.logit_bound.dim() and acp.logit_bound.shape[-1] == Hq:
+            acp = AcpConfig(log_eps=acp.log_eps, logit_bound=acp.logit_bound.index_select(-1, q_perm.to(
+                acp.logit_bound.device)))
+    o = _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens)
+    return o if head_inverse is None else o.index_select(2, head_inverse)
+
+
+def _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens):
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    Hq, Hkv = q.shape[2], k.shape[2]
     T = q.shape[0]
     order = _natural_order(P, T // 2, q.device)
     inverse = torch.empty_like(order)

@@ -146,6 +146,10 @@ def main():
                                                                  gate_scale=0.3, packed=True)
     # Ulysses through the local all-to-all (the path without DeepSpeed)
     report["cases"]["ulysses_torch_acp1"] = case(group, "ulysses", True, Hq=2 * Hkv_u, Hkv=Hkv_u, use_deepspeed=False)
+    # more KV heads than ranks: ACP deals the heads to balance the work (a permutation)
+    for ds in (None, False):
+        report["cases"][f"ulysses_balanced_ds{int(ds is None)}"] = case(
+            group, "ulysses", True, Hq=4 * Hkv_u, Hkv=2 * Hkv_u, gate_scale=2.0, use_deepspeed=ds)
     report["deepspeed"] = deepspeed_available()
     report["shift"] = shift_case(group)
     report["shift_packed"] = shift_case(group, packed=True)
