@@ -75,6 +75,27 @@ def timed(fn, inputs, steps, warmup, group):
     return float(ms)
 
 
+def profile_step(fn, inputs, group, rank, path):
+    """One fwd+bwd step under torch.profiler; rank 0 writes the operator table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for t in inputs:
+        t.grad = None
+    if group is not None:
+        dist.barrier(group)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ka = prof.key_averages()
+        with open(path, "w") as f:
+            f.write(ka.table(sort_by="cuda_time_total", row_limit=40) + "\n")
+            f.write(ka.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+
+
 def ulysses_bytes(P, T_local, H, D, elem=2):
     """All-to-all bytes of one fwd+bwd step, all ranks: q, k, v, gate (fp32)
     and output out; their gradients back.  Each rank keeps 1/P of a tensor."""
@@ -98,6 +119,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sub-blocks", type=int, default=None, help="ring: parts per chunk sent and pruned separately")
     ap.add_argument("--out", default=None, help="default benchmarks/results/cp_attention_<gpu>.json")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of mode:acp:skip to run (e.g. ring:1:acp,ulysses:1:-); default all")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing, profile one step of each variant with torch.profiler; rank 0 writes "
+                         "the operator table (CUDA and CPU time) to DIR")
     args = ap.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -119,6 +145,9 @@ def main():
         else:
             variants = [("ring", False, "dense"), ("ring", True, "dense"), ("ring", True, "acp"),
                         ("ring_oneway", True, "acp"), ("ulysses", False, None), ("ulysses", True, None)]
+        if args.variants:
+            want = {tuple(v.split(":")) for v in args.variants.split(",")}
+            variants = [x for x in variants if (x[0], str(int(x[1])), x[2] or "-") in want]
         for mode, acp, skip in variants:
             stats = RingStats() if mode.startswith("ring") else None
             acp_arg = acp_cfg if acp else None
@@ -152,6 +181,9 @@ def main():
             records.append(rec)
             if rank == 0:
                 print(json.dumps(rec), flush=True)
+            if args.profile and ms is not None:
+                profile_step(fn, inputs, group, rank, os.path.join(
+                    args.profile, f"profile_{mode}_acp{int(acp)}_{skip or '-'}_cp{P}_L{L}.txt"))
         del q, k, v, log_f, inputs
         torch.cuda.empty_cache()
 
