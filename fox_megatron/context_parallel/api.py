@@ -33,6 +33,8 @@ def cp_acp_threshold(acp: AcpConfig, q, k, softmax_scale: float, group, global_l
         m = torch.cat([q.detach().float().norm(dim=-1).amax(1), k.detach().float().norm(dim=-1).amax(1)], dim=-1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         U = softmax_scale * m[:, :Hq] * m[:, Hq:].repeat_interleave(Hq // Hkv, dim=1)
+    elif isinstance(acp.logit_bound, (int, float)):
+        U = torch.full((B, Hq), float(acp.logit_bound), device=q.device)  # a fill, no host-to-device copy
     else:
         U = torch.as_tensor(acp.logit_bound, dtype=torch.float32, device=q.device)
         U = U.reshape(-1, Hq) if U.dim() == 2 else U

@@ -57,8 +57,11 @@ class _GlobalDecay(torch.autograd.Function):
         first_gate, sub_ends = ends[..., 0, :], ends[..., 1:, :].transpose(-1, -2)  # B H 2P / B H 2P nsub
         total = sub_ends[..., -1]
         prefix = torch.cumsum(total, dim=-1) - total  # exclusive: sum of earlier chunks
-        mine = torch.tensor(zigzag_chunks(r, P), device=log_f.device)
-        c = (local + prefix[..., mine, None]).view(B, H, T).to(out_dtype)
+        lo, hi = zigzag_chunks(r, P)
+        # stacked slices, not a device index tensor (whose host-to-device
+        # copy would stall the host)
+        mine = torch.stack([prefix[..., lo], prefix[..., hi]], dim=-1)
+        c = (local + mine[..., None]).view(B, H, T).to(out_dtype)
         # the same float64 expressions as c itself, so the table agrees with
         # the decays the kernel sees bit for bit
         c_first = (prefix + first_gate).to(out_dtype)
@@ -79,8 +82,9 @@ class _GlobalDecay(torch.autograd.Function):
         within = total[..., None] - torch.cumsum(g, dim=-1) + g  # sum_{t >= l} inside the chunk
         totals = _gather_chunk_values(total, group)  # B H 2P
         suffix = torch.flip(torch.cumsum(torch.flip(totals, [-1]), -1), [-1]) - totals  # later chunks
-        mine = torch.tensor(zigzag_chunks(r, P), device=dc.device)
-        out = (within + suffix[..., mine, None]).view(B, H, T).to(ctx.in_dtype)
+        lo, hi = zigzag_chunks(r, P)
+        mine = torch.stack([suffix[..., lo], suffix[..., hi]], dim=-1)
+        out = (within + mine[..., None]).view(B, H, T).to(ctx.in_dtype)
         return out, None, None, None
 
 

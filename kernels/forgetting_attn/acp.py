@@ -114,6 +114,9 @@ def acp_threshold(
     length); a tensor [S, 1] gives a per-sequence N.
     """
     U = torch.as_tensor(logit_bound, dtype=torch.float32)
+    if isinstance(num_keys, int):
+        # a Python count stays on the host (a device scalar would cost a sync)
+        return -2.0 * U - math.log(max(num_keys, 1)) + float(log_eps)
     N = torch.as_tensor(num_keys, dtype=torch.float32, device=U.device).clamp_min(1.0)
     return -2.0 * U - torch.log(N) + float(log_eps)
 
