@@ -132,6 +132,26 @@ class MegatronEngine:
             ),
         }
 
+    def _create_optimizer_state(self) -> None:
+        """Give torch's Adam the (zero) state it creates at its first step.
+
+        A process that loads before it has stepped has an empty optimizer
+        state, and the distributed optimizer's sharded_state_dict reads the
+        step count from that state when neither Apex nor Transformer Engine
+        provides the Adam (megatron-core asserts one step value).  The load
+        then overwrites these tensors."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def write_checkpoint(self, tmp_dir: str) -> None:
         from megatron.core import dist_checkpointing
 
@@ -147,6 +167,7 @@ class MegatronEngine:
         source = os.path.join(ckpt_dir, DIST_SUBDIR)
         if not os.path.isdir(source):
             raise SystemExit(f"load: {ckpt_dir} holds no torch_dist checkpoint (written by a CPU run?)")
+        self._create_optimizer_state()
         state = dist_checkpointing.load(self._sharded_state(is_loading=True), source)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

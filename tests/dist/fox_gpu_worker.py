@@ -53,6 +53,9 @@ def run_dcp(out, ckpt_dir):
     model = _model()
     with torch.no_grad():
         loss_tp2 = float(_loss(model))
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)  # dist_checkpointing.save wants an existing, empty folder
+    torch.distributed.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     torch.distributed.barrier()
     ps.destroy_model_parallel()
