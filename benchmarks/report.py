@@ -1,6 +1,7 @@
-"""Markdown tables from a committed attention result file (what README shows).
+"""Markdown tables from committed result files (what README shows).
 
     python benchmarks/report.py benchmarks/results/attention_h100.json
+    python benchmarks/report.py benchmarks/results/cp_attention_h200.json
 """
 
 import json
@@ -39,5 +40,47 @@ def main(path):
                       + (f"{fla['ms']:.2f}" if fla else "-") + " |")
 
 
+def cp_main(path):
+    """Context-parallel attention: time, bytes and the ratios the targets name."""
+    d = json.load(open(path))
+    rec = d["records"]
+
+    def find(mode, acp, cp, L, skip=None, two_way=True):
+        for r in rec:
+            if (r["mode"], r["acp"], r["cp"], r["L"]) == (mode, acp, cp, L) and (
+                    mode != "ring" or (r.get("skip"), r.get("two_way")) == (skip, two_way)):
+                return r
+        return None
+
+    P = max(r["cp"] for r in rec)
+    print(f"| L | variant (CP = {P}) | ms | KV bytes (GB) | bytes vs dense ring | speed-up vs ring without ACP "
+          f"| strong-scaling efficiency |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for L in sorted({r["L"] for r in rec}):
+        dense = find("ring", False, P, L, "dense")
+        for name, mode, acp, skip in (("ring, no ACP", "ring", False, "dense"),
+                                      ("ring, ACP in the kernel only", "ring", True, "dense"),
+                                      ("ACP ring (skip table)", "ring", True, "acp"),
+                                      ("Ulysses, no ACP", "ulysses", False, None),
+                                      ("Ulysses + ACP", "ulysses", True, None)):
+            r = find(mode, acp, P, L, skip)
+            one = find("single", acp, 1, L)
+            if r is None or r["ms"] is None:
+                continue
+            cells = [f"{r['ms']:.1f}", f"{r['kv_bytes'] / 1e9:.2f}"]
+            cells.append(f"{1 - r['kv_bytes'] / dense['kv_bytes']:.0%} fewer" if mode == "ring" and dense else "-")
+            cells.append(f"{dense['ms'] / r['ms']:.2f}x" if mode == "ring" and dense and acp else "-")
+            cells.append(f"{one['ms'] / (P * r['ms']):.2f}" if one and one["ms"] else "-")
+            print(f"| {L} | {name} | " + " | ".join(cells) + " |")
+        for acp in (False, True):
+            one = find("single", acp, 1, L)
+            if one and one["ms"]:
+                print(f"| {L} | CP = 1{' + ACP' if acp else ''} | {one['ms']:.1f} | - | - | - | - |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/attention_h100.json")
+    path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/attention_h100.json"
+    if json.load(open(path))["records"][0].get("bench") == "cp_attention":
+        cp_main(path)
+    else:
+        main(path)
