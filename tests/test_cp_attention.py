@@ -232,7 +232,7 @@ def test_gpt_model_cp2_matches_cp1(tmp_path):
                     reason="slow (about 90 s): set FOX_CP_TRITON_TEST=1 to run the Triton kernels interpreted")
 def test_cp_through_triton_interpreter(tmp_path):
     """The ring and Ulysses through the Triton chunk kernels (the GPU path),
-    run by Triton's CPU interpreter in fp32."""
+    run by Triton's CPU interpreter in fp32; packed documents included."""
     env_backup = dict(os.environ)
     os.environ.update(TRITON_INTERPRET="1", CP_TEST_BACKEND="triton")
     try:
@@ -242,6 +242,7 @@ def test_cp_through_triton_interpreter(tmp_path):
         os.environ.update(env_backup)
     for name, errs in report["cases"].items():
         assert max(errs.values()) < 1e-4, (name, errs)
+    assert {"ring_packed_acp1", "ring_packed_local_acp", "ring_packed_tight"} <= set(report["cases"])
 
 
 # ------------------------------------------------------------------- GPU
