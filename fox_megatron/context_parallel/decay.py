@@ -110,12 +110,14 @@ def global_cumulative_decay(
     ``sub_blocks`` equal parts (no gradient).
 
     documents: packed documents (``RingDocuments``): c is then taken
-    relative to a per-document base (differences inside a document, all that
-    attention uses, are unchanged; the values stay as small as a document's
-    own decay, as single-device attention's restart keeps them), c_first
-    relative to the base of each chunk's first document, and c_last
-    [B, H, 2P, 2P, sub_blocks] relative to the base of the query chunk's
-    (first index) first document: what an off-diagonal pair compares.
+    relative to a per-document base, the decay just before the sub-block
+    holding the document's start (differences inside a document, all that
+    attention uses, are unchanged; the float32 values stay within one
+    sub-block's decay of single-device attention's restarted ones instead of
+    growing along the row), c_first relative to the base of each chunk's
+    first document, and c_last [B, H, 2P, 2P, sub_blocks] relative to the
+    base of the query chunk's (first index) first document: what an
+    off-diagonal pair compares.
     """
     if log_fgate_bht.dim() != 3 or log_fgate_bht.shape[-1] % 2:
         raise ValueError(

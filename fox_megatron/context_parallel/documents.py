@@ -7,8 +7,9 @@ without communication.
 
 With the global cumulative decay c (decay.py) nothing has to restart at a
 document start: for i, j in one document, c_i - c_j sums only gates of that
-document.  What packing adds is a document mask, and it has a simple shape
-for the ring:
+document.  (decay.py still subtracts a per-document base, known to every
+rank, only to keep the float32 decays small.)  What packing adds is a
+document mask, and it has a simple shape for the ring:
 
 - a key that precedes query chunk q (an off-diagonal pair) can share a
   document with a query of q only if that document runs across q's first
@@ -19,8 +20,8 @@ for the ring:
   and the ACP test of the pair uses d0's threshold;
 - a diagonal pair splits into one causal piece per document in the chunk.
 
-Everything here is host-side and O(documents + chunks), no pass over tokens
-pairs.
+The tables are built on the host in O(documents + chunks) per pair; no
+pass over token pairs anywhere.
 """
 
 from __future__ import annotations
