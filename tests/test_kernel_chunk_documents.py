@@ -119,7 +119,8 @@ def test_chunk_pair_with_documents_matches_oracle(backend, acp, pair):
     thr_doc = None
     if acp:
         # per document and head, tight enough to prune inside both pairs
-        thr_doc = -1.0 - 3.0 * torch.rand(len(CU) - 1, Hq, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        g = torch.Generator().manual_seed(9)
+        thr_doc = -1.0 - 3.0 * torch.rand(len(CU) - 1, Hq, generator=g, dtype=torch.float64)
     # merged output and lse: whole-sequence attention with the same documents
     out_m, lse_m = naive_forgetting_attention(q, k, v, log_f, cu_seqlens=cu, softmax_scale=scale,
                                               acp_threshold=thr_doc, return_lse=True)

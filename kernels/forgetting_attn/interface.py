@@ -207,7 +207,8 @@ def _segment_masks(seg: ChunkSegments, B: int, Tq: int, Tk: int, device):
     """Piece of every query and key ([B, Tq] / [B, Tk], -1 for none) and the
     allowed pairs [B, Tq, Tk] (torch path)."""
     ids = []
-    for start, length, T, longest in ((seg.qstart, seg.qlen, Tq, seg.max_qlen), (seg.kstart, seg.klen, Tk, seg.max_klen)):
+    sides = ((seg.qstart, seg.qlen, Tq, seg.max_qlen), (seg.kstart, seg.klen, Tk, seg.max_klen))
+    for start, length, T, longest in sides:
         out = torch.full((B, T), -1, dtype=torch.long, device=device)
         t = torch.arange(longest, device=device)
         valid = t[None, :] < length.to(device).long()[:, None]  # S x longest
