@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fox_megatron.context_parallel import RingPlan, chunk_need_table, zigzag_slice, zigzag_unslice
+from fox_megatron.context_parallel.documents import RingDocuments
 from fox_megatron.context_parallel.layout import zigzag_chunks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +104,34 @@ def test_plan_dense_is_causal_and_carry_shrinks(P, two_way):
             assert plan.carry[0][1][plan.carry[0][1] >= half].numel() == 0
 
 
+def test_document_mask_drops_key_sub_blocks_of_other_documents():
+    P, nsub, L = 2, 4, 64  # chunks of 16, sub-blocks of 4
+    docs = RingDocuments(torch.tensor([0, 10, 21, 40, L]), 1, L, P, nsub)
+    mask = docs.need_mask()[0]  # [query chunk, key chunk, sub-block]
+    # chunk 1 (16..31) opens inside document [10, 21): chunk 0's keys from 10 on (sub-blocks 8..11, 12..15)
+    assert mask[1, 0].tolist() == [False, False, True, True]
+    # chunk 2 (32..47) opens inside [21, 40): nothing of chunk 0, chunk 1 from sub-block 20..23 on
+    assert not mask[2, 0].any() and mask[2, 1].tolist() == [False, True, True, True]
+    # chunk 3 (48..63) opens inside [40, 64): chunk 2 from 40 on
+    assert not mask[3, :2].any() and mask[3, 2].tolist() == [False, False, True, True]
+    assert all(mask[i, i].all() for i in range(2 * P))
+    c = torch.zeros(1, 1, L)
+    need = chunk_need_table(c[:, :, ::16], c[:, :, 3::4].view(1, 1, 2 * P, nsub), None, mask[None])
+    plan = RingPlan.build(need, 1, 1, documents=docs)
+    # rank 1 (chunks 1, 2) meets rank 0's chunk 0 at step 1: only chunk 1 reads it, from sub-block 2
+    (pw,) = plan.pairs(1)
+    assert (pw.qi, pw.kj, pw.units.tolist()) == (0, 0, [[2, 3]])
+    seg = pw.segments  # queries 16..20 of document [10, 21) against its keys 10..15
+    assert (seg.qstart.tolist(), seg.qlen.tolist(), seg.kstart.tolist(), seg.klen.tolist()) == ([0], [5], [2], [6])
+    assert plan.pairs(1) is plan.pairs(1)  # built once, shared by both passes
+    # the diagonal pairs split into one causal piece per document
+    diag = [p for p in plan.pairs(0) if p.causal and p.qi == 1][0].segments  # chunk 2 (32..47)
+    assert diag.qstart.tolist() == diag.kstart.tolist() == [0, 8] and diag.qlen.tolist() == [8, 8]
+    assert diag.doc.tolist() == [2, 3]
+    # only the two sub-blocks travel: rank 0's chunk-0 units 2 and 3 go to rank 1
+    assert plan.carry[0][1].tolist() == [2, 3]
+
+
 def test_plan_prunes_and_ends_early_with_fast_forgetting():
     P, B, H, T = 4, 1, 2, 64
     c = -torch.arange(T, dtype=torch.float32).expand(B, H, T) * 3.0  # log f = -3 per token
@@ -143,9 +172,14 @@ def attention_reports(tmp_path_factory):
                                   "ring_local_acp", "ring_local_dense", "ring_flat_acp", "ring_flat_dense",
                                   "ring_oneway_acp", "ring_oneway_dense", "ring_local_acp_whole",
                                   "ulysses_packed_acp0", "ulysses_packed_acp1", "ulysses_torch_acp1",
-                                  "ulysses_balanced_ds1", "ulysses_balanced_ds0"])
+                                  "ulysses_balanced_ds1", "ulysses_balanced_ds0",
+                                  "ring_packed_acp0", "ring_packed_acp1", "ring_packed_local_acp",
+                                  "ring_packed_tight", "ring_packed_whole", "ring_packed_oneway",
+                                  "ring_short_acp", "ring_short_dense"])
 def test_cp_matches_single_device(attention_reports, P, name):
-    errs = attention_reports[P]["cases"][name]
+    errs = dict(attention_reports[P]["cases"][name])
+    # ring cases with ACP: its thresholds equal the single-device ones exactly
+    assert errs.pop("threshold_mismatches", 0.0) == 0.0
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}
     assert max(errs.values()) < TOL, errs
 
@@ -175,6 +209,22 @@ def test_acp_ring_sends_fewer_bytes_with_local_gates(attention_reports, P):
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])
+def test_ring_sends_fewer_bytes_with_short_documents(attention_reports, P):
+    """Documents shorter than a chunk: only the tail of the previous chunk
+    is computed and sent, one hop, with or without ACP (which prunes nothing
+    here); compared with the same data unpacked."""
+    b = attention_reports[P]["bytes"]
+    for skip in ("acp", "dense"):
+        short, whole = b[f"short_{skip}"], b[f"flat_{skip}"]
+        assert short["fwd_kv"] < whole["fwd_kv"]
+        assert short["bwd_kv"] < whole["bwd_kv"] and short["bwd_grad"] < whole["bwd_grad"]
+        assert short["pairs_computed"] < whole["pairs_computed"] == whole["pairs_causal"]
+        assert short["kept_keys"] < 0.6
+        assert short["steps"] == 1 <= whole["steps"] == P - 1
+    assert b["short_acp"] == b["short_dense"]
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_acp_ring_sends_dense_volume_when_nothing_prunes(attention_reports, P):
     b = attention_reports[P]["bytes"]
     for key in ("fwd_kv", "bwd_kv", "bwd_grad", "pairs_computed", "steps"):
@@ -184,7 +234,7 @@ def test_acp_ring_sends_dense_volume_when_nothing_prunes(attention_reports, P):
 
 def test_gpt_model_cp2_matches_cp1(tmp_path):
     report = _torchrun("cp_model_worker.py", 2, tmp_path)
-    for name in ("ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1", "ulysses_acp1_packed"):
+    for name in ("ring_acp0", "ring_acp1", "ulysses_acp0", "ulysses_acp1", "ulysses_acp1_packed", "ring_acp1_packed"):
         errs = report["cases"][name]
         assert errs["loss"] < 1e-5 and errs["grad"] < 1e-4, (name, errs)
         assert errs["n_grads"] > 10
@@ -195,7 +245,7 @@ def test_gpt_model_cp2_matches_cp1(tmp_path):
                     reason="slow (about 90 s): set FOX_CP_TRITON_TEST=1 to run the Triton kernels interpreted")
 def test_cp_through_triton_interpreter(tmp_path):
     """The ring and Ulysses through the Triton chunk kernels (the GPU path),
-    run by Triton's CPU interpreter in fp32."""
+    run by Triton's CPU interpreter in fp32; packed documents included."""
     env_backup = dict(os.environ)
     os.environ.update(TRITON_INTERPRET="1", CP_TEST_BACKEND="triton")
     try:
@@ -205,6 +255,7 @@ def test_cp_through_triton_interpreter(tmp_path):
         os.environ.update(env_backup)
     for name, errs in report["cases"].items():
         assert max(errs.values()) < 1e-4, (name, errs)
+    assert {"ring_packed_acp1", "ring_packed_local_acp", "ring_packed_tight"} <= set(report["cases"])
 
 
 # ------------------------------------------------------------------- GPU

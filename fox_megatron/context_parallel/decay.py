@@ -41,7 +41,7 @@ def _gather_chunk_values(x: torch.Tensor, group) -> torch.Tensor:
 
 class _GlobalDecay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_f: torch.Tensor, group, out_dtype: torch.dtype, sub_blocks: int):
+    def forward(ctx, log_f: torch.Tensor, group, out_dtype: torch.dtype, sub_blocks: int, documents=None):
         B, H, T = log_f.shape
         P = dist.get_world_size(group)
         r = dist.get_rank(group)
@@ -61,11 +61,21 @@ class _GlobalDecay(torch.autograd.Function):
         # stacked slices, not a device index tensor (whose host-to-device
         # copy would stall the host)
         mine = torch.stack([prefix[..., lo], prefix[..., hi]], dim=-1)
-        c = (local + mine[..., None]).view(B, H, T).to(out_dtype)
+        c = (local + mine[..., None]).view(B, H, T)
         # the same float64 expressions as c itself, so the table agrees with
         # the decays the kernel sees bit for bit
-        c_first = (prefix + first_gate).to(out_dtype)
-        c_last = (prefix[..., None] + sub_ends).to(out_dtype)
+        c_first = prefix + first_gate
+        c_last = prefix[..., None] + sub_ends
+        if documents is not None:
+            # packed: each document's decays relative to a base before its
+            # start (the same on every rank), in the same float64 expressions
+            base = documents.decay_bases(prefix, c_last)  # S H
+            c = c - base[documents.local_doc_ids(r, log_f.device)].permute(0, 2, 1)
+            # B H 2P: the base of each chunk's first document
+            first = base[documents.first_doc.to(log_f.device)].permute(0, 2, 1)
+            c_last = c_last[..., None, :, :] - first[..., :, None, None]  # B H 2P(query chunk) 2P nsub
+            c_first = c_first - first
+        c, c_first, c_last = c.to(out_dtype), c_first.to(out_dtype), c_last.to(out_dtype)
         ctx.group = group
         ctx.in_dtype = log_f.dtype
         ctx.mark_non_differentiable(c_first, c_last)
@@ -85,11 +95,15 @@ class _GlobalDecay(torch.autograd.Function):
         lo, hi = zigzag_chunks(r, P)
         mine = torch.stack([suffix[..., lo], suffix[..., hi]], dim=-1)
         out = (within + mine[..., None]).view(B, H, T).to(ctx.in_dtype)
-        return out, None, None, None
+        # packed: the document bases get no gradient; theirs is minus the sum
+        # of dL/dc over the document, which is zero (every in-document pair
+        # adds dS_ij to c_i and takes it from c_j)
+        return out, None, None, None, None
 
 
 def global_cumulative_decay(
-    log_fgate_bht: torch.Tensor, group, out_dtype: torch.dtype = torch.float32, sub_blocks: int = 1
+    log_fgate_bht: torch.Tensor, group, out_dtype: torch.dtype = torch.float32, sub_blocks: int = 1,
+    documents=None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global decays of this rank's tokens and every chunk's boundary decays.
 
@@ -99,6 +113,16 @@ def global_cumulative_decay(
     c_last [B, H, 2P, sub_blocks]) where c_first is c at the first token of
     every global chunk and c_last at the last token of each of its
     ``sub_blocks`` equal parts (no gradient).
+
+    documents: packed documents (``RingDocuments``): c is then taken
+    relative to a per-document base, the decay just before the sub-block
+    holding the document's start (differences inside a document, all that
+    attention uses, are unchanged; the float32 values stay within one
+    sub-block's decay of single-device attention's restarted ones instead of
+    growing along the row), c_first relative to the base of each chunk's
+    first document, and c_last [B, H, 2P, 2P, sub_blocks] relative to the
+    base of the query chunk's (first index) first document: what an
+    off-diagonal pair compares.
     """
     if log_fgate_bht.dim() != 3 or log_fgate_bht.shape[-1] % 2:
         raise ValueError(
@@ -107,4 +131,4 @@ def global_cumulative_decay(
         )
     if (log_fgate_bht.shape[-1] // 2) % sub_blocks:
         raise ValueError(f"a chunk of {log_fgate_bht.shape[-1] // 2} tokens does not split into {sub_blocks} sub-blocks")
-    return _GlobalDecay.apply(log_fgate_bht, group, out_dtype, sub_blocks)
+    return _GlobalDecay.apply(log_fgate_bht, group, out_dtype, sub_blocks, documents)

@@ -22,6 +22,12 @@ Communication overlaps compute: the next step's KV is posted (isend/irecv)
 before this step's pairs are computed, so the buffer in flight and the one
 being read are different tensors (double buffering).
 
+Packed documents (``RingPlan.documents``): a pair attends within documents
+only, through the chunk kernels' document pieces (``ChunkSegments``, built
+once per plan); the ACP threshold is per document.  Key sub-blocks that no
+query of a chunk shares a document with are out of the skip table, so they
+are neither computed nor sent (documents.py).
+
 ``skip="dense"`` keeps the causal structure (ranks still only receive the
 chunks they can attend to) but ignores the ACP table: the comparison point
 for what pruning saves.  ``RingStats`` counts the bytes this rank sends.
@@ -131,6 +137,17 @@ def _gather_keys(ring, pos, pw):
     return kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2), ck, bi
 
 
+def _pair_threshold(pw, thr, thr_rows, dev):
+    """(segments, ACP threshold) of a pair for the chunk kernels: per row
+    ([N, 1]) for whole rows, per document piece ([S, 1]) when packed (thr is
+    then [documents, Hq])."""
+    if pw.segments is None:
+        rows = _h2d(pw.rows, dev)
+        return None, (thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None)
+    seg, heads = pw.device_segments(dev)
+    return seg, (thr[seg.doc, heads].unsqueeze(1) if thr is not None else None)
+
+
 def _positions(ids: torch.Tensor, n: int, device) -> torch.Tensor:
     pos = torch.full((n,), -1, dtype=torch.long)
     pos[ids] = torch.arange(ids.numel())
@@ -222,7 +239,7 @@ class _RingAttention(torch.autograd.Function):
         dev = q.device
         q_rows = [_to_rows(q, i, Tc) for i in range(2)]
         c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
-        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None else None
+        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
         acc_o = [q.new_zeros(B * Hq, Tc, D, dtype=torch.float32) for _ in range(2)]
         acc_lse = [torch.full((B * Hq, Tc), float("-inf"), device=dev) for _ in range(2)]
         if stats is not None:
@@ -238,12 +255,12 @@ class _RingAttention(torch.autograd.Function):
             for pw in pairs:
                 rows = _h2d(pw.rows, dev)
                 k_sel, v_sel, ck, _ = _gather_keys(ring, pos, pw)
+                seg, pair_thr = _pair_threshold(pw, thr, thr_rows, dev)
                 out, lse = attention_chunk_forward(
                     q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
                     c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
-                    causal=pw.causal, softmax_scale=scale,
-                    acp_threshold=thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None,
-                    backend=backend,
+                    causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
+                    segments=seg,
                 )
                 o_new, lse_new = merge_partial_attention(
                     acc_o[pw.qi].index_select(0, rows).unsqueeze(2), acc_lse[pw.qi].index_select(0, rows).unsqueeze(1),
@@ -282,7 +299,7 @@ class _RingAttention(torch.autograd.Function):
         o_rows = [_to_rows(out, i, Tc) for i in range(2)]
         lse_rows = [lse[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
         c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
-        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None else None
+        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
         dq_rows = [torch.zeros(B * Hq, Tc, D, device=dev) for _ in range(2)]
         dc_rows = [torch.zeros(B * Hq, Tc, device=dev) for _ in range(2)]
         n_units = plan.num_units
@@ -318,15 +335,15 @@ class _RingAttention(torch.autograd.Function):
             for pw in pairs:
                 rows = _h2d(pw.rows, dev)
                 k_sel, v_sel, ck, bi = _gather_keys(ring, pos, pw)
+                seg, pair_thr = _pair_threshold(pw, thr, thr_rows, dev)
                 dq, dk, dv, dcq, dckk = attention_chunk_backward(
                     do_rows[pw.qi].index_select(0, rows).unsqueeze(2),
                     q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
                     c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
                     o_rows[pw.qi].index_select(0, rows).unsqueeze(2),
                     lse_rows[pw.qi].index_select(0, rows).unsqueeze(1),
-                    causal=pw.causal, softmax_scale=scale,
-                    acp_threshold=thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None,
-                    backend=backend,
+                    causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
+                    segments=seg,
                 )
                 dq_rows[pw.qi].index_add_(0, rows, dq.squeeze(2).float())
                 dc_rows[pw.qi].index_add_(0, rows, dcq.squeeze(1).float())
@@ -376,8 +393,10 @@ def ring_attention(q, k, v, c, threshold, plan: RingPlan, group, softmax_scale: 
     """Ring attention of this rank's zigzag queries against the whole sequence.
 
     q: [B, T_local, Hq, D], k/v: [B, T_local, Hkv, D] (bshd, T_local = two
-    chunks), c: [B, Hq, T_local] global decays (differentiable),
-    threshold: [B, Hq] ACP delta or None, plan: ``RingPlan`` of this rank.
+    chunks), c: [B, Hq, T_local] global decays (differentiable; relative to
+    a per-document base when packed), threshold: [B, Hq] ACP delta, or
+    [documents, Hq] when ``plan.documents`` is set, or None; plan:
+    ``RingPlan`` of this rank.
     Returns (out [B, T_local, Hq, D], lse [B, Hq, T_local]).
     """
     return _RingAttention.apply(q, k, v, c, threshold, plan, group, softmax_scale, backend, stats)

@@ -29,6 +29,12 @@ going round the ring.  At step s rank r holds the first-chunk units of
 origin r - s and the second-chunk units of origin r + s that some rank still
 ahead (in that unit's direction) wants, and forwards only those; both rings
 stop after the last step at which anything is wanted.
+
+Packed documents add a document mask to the table (documents.py): an
+off-diagonal pair only attends within the document of the query chunk's
+first token, so key sub-blocks ending before that document starts are
+dropped like pruned ones, and each pair carries its document pieces for the
+kernels.
 """
 
 from __future__ import annotations
@@ -38,36 +44,53 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fox_megatron.kernels import ChunkSegments
+
+from .documents import RingDocuments
 from .layout import zigzag_chunks
 
 __all__ = ["chunk_need_table", "RingPlan", "PairWork"]
 
 
 def chunk_need_table(
-    c_first: torch.Tensor, c_last: torch.Tensor, threshold: Optional[torch.Tensor]
+    c_first: torch.Tensor,
+    c_last: torch.Tensor,
+    threshold: Optional[torch.Tensor],
+    documents: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """[B, H, 2P(query chunk), 2P(key chunk), nsub] bool: which key sub-blocks
     must the pair attend to?
 
     c_first: [B, H, 2P] decay at each chunk's first token; c_last:
     [B, H, 2P, nsub] (or [B, H, 2P] for nsub = 1) at each sub-block's last
-    token.  Causal pairs only (key chunk <= query chunk).  The diagonal is
-    always kept whole (its largest decay is 0, at i = j).  With
-    ``threshold`` [B, H] (ACP delta) a key sub-block is dropped when
+    token, or [B, H, 2P (query chunk), 2P, nsub] when it depends on the
+    query chunk (packed documents: decays relative to a per-document base).
+    Causal pairs only (key chunk <= query chunk).  The diagonal is always
+    kept whole (its largest decay is 0, at i = j).  With
+    ``threshold`` [B, H] (ACP delta), or [B, H, 2P] (one per query chunk:
+    packed documents), a key sub-block is dropped when
     c[first q] - c[last k of the sub-block] < delta, compared in the dtype of
-    the decays, as the kernel compares them.
+    the decays, as the kernel compares them.  ``documents`` [B, 2P, 2P, nsub]
+    bool (packed documents, ``RingDocuments.need_mask``): sub-blocks whose
+    keys no query of the chunk may see are dropped too.  Both drop a prefix
+    of each key chunk, so the kept sub-blocks stay a suffix.
     """
     if c_last.dim() == 3:
         c_last = c_last[..., None]
-    B, H, C, nsub = c_last.shape
+    if c_last.dim() == 4:
+        c_last = c_last[..., None, :, :]  # the same for every query chunk
+    B, H, _, C, nsub = c_last.shape
     idx = torch.arange(C, device=c_first.device)
     causal = idx[None, :] <= idx[:, None]  # [q, k]
     need = causal[:, :, None].expand(B, H, C, C, nsub).clone()
     if threshold is not None:
-        largest = c_first[..., :, None, None] - c_last[..., None, :, :]  # B H q k s
-        keep = largest >= threshold.to(largest.dtype)[..., None, None, None]
+        largest = c_first[..., :, None, None] - c_last  # B H q k s
+        thr = threshold.to(largest.dtype)
+        thr = thr[..., None, None, None] if thr.dim() == 2 else thr[..., :, None, None]
         diag = (idx[None, :] == idx[:, None])[:, :, None]
-        need &= keep | diag
+        need &= (largest >= thr) | diag
+    if documents is not None:
+        need &= documents.to(need.device)[:, None]
     return need
 
 
@@ -81,6 +104,18 @@ class PairWork:
     rows: torch.Tensor  # int64 [N] query rows b * Hq + h that need this pair
     units: torch.Tensor  # int64 [N, m] unit ids of the key sub-blocks each row reads (a suffix)
     sub: torch.Tensor  # int64 [N] h % group: which decay row of the unit
+    # packed documents: the pair's document pieces (rows index ``rows``) and
+    # the query head of each piece, for its document's ACP threshold
+    segments: Optional[ChunkSegments] = None
+    seg_heads: Optional[torch.Tensor] = None  # int64 [S]
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    def device_segments(self, device):
+        """(segments, heads) on ``device``, copied once per plan."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.segments.to(device), self.seg_heads.to(device, non_blocking=True))
+        return self._on_device[key]
 
 
 @dataclass
@@ -104,6 +139,9 @@ class RingPlan:
     # ring-flash-attn: every step then computes exactly two chunk pairs
     # per rank in the dense case, while two directions move fewer bytes)
     hi_dir: int = -1
+    # packed documents (None: whole rows); the pairs carry document pieces
+    documents: Optional[RingDocuments] = None
+    _pairs: dict = field(default_factory=dict, repr=False)
 
     @property
     def group(self) -> int:
@@ -118,14 +156,15 @@ class RingPlan:
         return 2 * self.sub_blocks * self.batch * self.kv_heads
 
     @staticmethod
-    def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True) -> "RingPlan":
+    def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True,
+              documents: Optional[RingDocuments] = None) -> "RingPlan":
         need = need.detach().to("cpu")
         if need.dim() == 4:
             need = need[..., None]
         B, Hq, C, _, nsub = need.shape
         P = C // 2
         g = Hq // kv_heads
-        plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1)
+        plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1, documents=documents)
         # wanted_mask[o][r]: [2, nsub, B, Hkv] bool
         wanted_mask = []
         for o in range(P):
@@ -181,7 +220,13 @@ class RingPlan:
         return torch.cat([self.chunk_ids(self.carry[self.origin(step, j, rank)][step], j) for j in (0, 1)])
 
     def pairs(self, step: int) -> List[PairWork]:
-        """What this rank computes at ``step`` (with the origin's KV)."""
+        """What this rank computes at ``step`` (with the origin's KV); the
+        forward and backward passes share one list per step."""
+        if step not in self._pairs:
+            self._pairs[step] = self._build_pairs(step)
+        return self._pairs[step]
+
+    def _build_pairs(self, step: int) -> List[PairWork]:
         P, B, Hq, Hkv = self.cp_size, self.batch, self.q_heads, self.kv_heads
         out = []
         for qi, qc in enumerate(zigzag_chunks(self.rank, P)):
@@ -199,7 +244,11 @@ class RingPlan:
                     b, hh = rows // Hq, rows % Hq
                     blocks = torch.arange(ks, nsub)
                     units = (((kj * nsub + blocks[None, :]) * B + b[:, None]) * Hkv + (hh // self.group)[:, None])
-                    out.append(PairWork(qi, kj, kc == qc, rows, units, hh % self.group))
+                    pw = PairWork(qi, kj, kc == qc, rows, units, hh % self.group)
+                    if self.documents is not None:
+                        pw.segments = self.documents.segments(qc, kc, ks, b)
+                        pw.seg_heads = hh[pw.segments.row.long()]
+                    out.append(pw)
         return out
 
     def pair_counts(self) -> Tuple[int, int]:

@@ -24,8 +24,8 @@ checkpoints reshard across TP sizes part by part.
 
 Packed documents: ``packed_seq_params.cu_seqlens_q`` holds document starts
 over the row-major flattening of (batch, sequence) tokens (sbhd layout kept,
-as the kernel defines it).  With context parallelism (cp_mode "ulysses"
-only) they index the global, unsplit rows.  The decay restarts at each document and the
+as the kernel defines it).  With context parallelism (either cp_mode) they
+index the global, unsplit rows.  The decay restarts at each document and the
 token shift does not carry the last token of one document into the next.
 """
 
@@ -291,11 +291,6 @@ class FoxSelfAttention(MegatronModule):
                     f"{packed_seq_params.qkv_format!r} (give cu_seqlens over the flattened batch rows)"
                 )
             cu_seqlens = packed_seq_params.cu_seqlens_q
-            if self.cp_group is not None and self.fox.cp_mode != "ulysses":
-                raise NotImplementedError(
-                    "FoxSelfAttention: packed documents (packed_seq_params) with context_parallel_size > 1 "
-                    "need cp_mode 'ulysses' (the ring mode has no document mask yet)"
-                )
 
         if self.fox.kv_shift and self.cp_group is not None:
             # the token before each local chunk lives on a neighbouring rank

@@ -51,7 +51,8 @@ class FoxConfig:
     collect_acp_stats:     keep the kept-tile fraction of every forward.
     cp_mode:               context parallelism (context_parallel_size > 1):
                            "ring" (pruning-aware ring attention) or
-                           "ulysses" (head all-to-all).
+                           "ulysses" (head all-to-all); both take packed
+                           documents (cu_seqlens over the global rows).
     """
 
     acp: bool = True

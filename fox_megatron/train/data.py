@@ -247,23 +247,24 @@ def to_micro_batch(sample: Dict[str, torch.Tensor], cfg, eod: int, device: torch
 
             mb.attention_mask = document_causal_mask(tokens, eod)
     if cfg.context_parallel_size > 1:
-        mb = _slice_for_context_parallel(mb, getattr(cfg.fox, "cp_mode", "ring"))
+        mb = _slice_for_context_parallel(mb)
     return mb
 
 
-def _slice_for_context_parallel(mb: MicroBatch, cp_mode: str = "ring") -> MicroBatch:
+def _slice_for_context_parallel(mb: MicroBatch) -> MicroBatch:
     """This CP rank's part of the sequence, in Megatron's zigzag layout.
 
-    Packed documents keep their cu_seqlens over the global (unsplit) rows:
-    FoX's Ulysses mode attends over whole sequences after its all-to-all,
-    and its token-shift halo slices the document starts the same way."""
+    Packed documents keep their cu_seqlens over the global (unsplit) rows,
+    in both FoX CP modes: the Ulysses mode attends over whole sequences after
+    its all-to-all, the ring places every chunk in its documents from them,
+    and the token-shift halo slices the document starts the same way."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    if mb.attention_mask is not None or (mb.packed_seq_params is not None and cp_mode != "ulysses"):
+    if mb.attention_mask is not None:
         raise SystemExit(
-            "reset_attention_mask: packed documents with context_parallel_size > 1 need FoX with "
-            "fox.cp_mode ulysses (the ring mode has no document mask yet); use context_parallel_size 1, "
-            "unpacked data, or the Ulysses mode"
+            "reset_attention_mask: packed documents with context_parallel_size > 1 need FoX "
+            "(the baseline transformer's document mask is not split over CP ranks); use "
+            "context_parallel_size 1 or unpacked data for the baseline"
         )
     parts = get_batch_on_this_cp_rank(
         {

@@ -17,6 +17,7 @@ from .acp import (
 )
 from .interface import (
     AcpStats,
+    ChunkSegments,
     SequenceTable,
     attention_chunk_backward,
     attention_chunk_forward,
@@ -28,6 +29,7 @@ from .naive import cumulative_log_decay, naive_attention_chunk, naive_forgetting
 __all__ = [
     "AcpConfig",
     "AcpStats",
+    "ChunkSegments",
     "SequenceTable",
     "acp_threshold",
     "attention_chunk_backward",

@@ -35,6 +35,7 @@ __all__ = [
     "forgetting_attention",
     "AcpStats",
     "SequenceTable",
+    "ChunkSegments",
     "attention_chunk_forward",
     "attention_chunk_backward",
     "merge_partial_attention",
@@ -99,6 +100,126 @@ class SequenceTable:
             max_len=int(lengths.max()) if lengths.numel() else 0,
             cu_seqlens=cu_dev,
         )
+
+
+@dataclass
+class ChunkSegments:
+    """The document-local pieces of one (query chunk, key chunk) pair.
+
+    With packed documents a query sees only keys of its own document, so a
+    chunk pair splits into one piece per (batch row, document) that has
+    queries in the query chunk and keys in the key chunk: queries
+    [qstart, qstart + qlen) against keys [kstart, kstart + klen) of batch row
+    ``row``, positions local to the chunks.  Pieces of different documents
+    cover disjoint queries and disjoint keys.  In a causal (diagonal) pair
+    every piece is aligned (qstart == kstart, qlen == klen) and causal inside;
+    otherwise every key of a piece precedes its queries.  A query in no piece
+    gets out = 0 and lse = -inf, a key in no piece zero gradients.
+
+    ``doc`` is each piece's document (index into cu_seqlens), for
+    per-document ACP thresholds.  Build with ``from_documents``; the int32
+    tables go to the kernels as they are (``to(device)`` once).
+    """
+
+    row: torch.Tensor  # int32 [S]
+    qstart: torch.Tensor  # int32 [S]
+    qlen: torch.Tensor  # int32 [S]
+    kstart: torch.Tensor  # int32 [S]
+    klen: torch.Tensor  # int32 [S]
+    doc: torch.Tensor  # int64 [S]
+    max_qlen: int
+    max_klen: int
+
+    @property
+    def num(self) -> int:
+        return self.row.numel()
+
+    def to(self, device) -> "ChunkSegments":
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return ChunkSegments(mv(self.row), mv(self.qstart), mv(self.qlen), mv(self.kstart), mv(self.klen),
+                             mv(self.doc), self.max_qlen, self.max_klen)
+
+    @staticmethod
+    def from_documents(
+        cu_seqlens: torch.Tensor,
+        seqlen: int,
+        q_start: int,
+        q_len: int,
+        k_start: int,
+        k_len: int,
+        rows: Optional[torch.Tensor] = None,
+    ) -> "ChunkSegments":
+        """Pieces of the pair (queries [q_start, q_start + q_len), keys
+        [k_start, k_start + k_len)) of packed rows of length ``seqlen``.
+
+        cu_seqlens: document starts over the row-major flattening of the
+        [B, seqlen] tokens (as for ``forgetting_attention``).  rows: the batch
+        row of every row of the chunk tensors (default: row b is batch row
+        b); ``row`` of a piece indexes the chunk tensors.  Host-side and
+        O(documents): the result is on the CPU.
+        """
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        B = int(cu[-1]) // seqlen
+        if rows is None:
+            rows = torch.arange(B)
+        rows = rows.to("cpu", torch.int64)
+        base = rows * seqlen
+        doc_at = lambda pos: torch.searchsorted(cu, base + pos, right=True) - 1  # noqa: E731
+        # documents meeting both ranges: from the later first document to the
+        # earlier last one (empty documents in between are dropped below)
+        lo = torch.maximum(doc_at(q_start), doc_at(k_start))
+        hi = torch.minimum(doc_at(q_start + q_len - 1), doc_at(k_start + k_len - 1))
+        count = (hi - lo + 1).clamp_min(0)
+        entry_row = torch.repeat_interleave(torch.arange(rows.numel()), count)
+        first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        doc = lo[entry_row] + torch.arange(entry_row.numel()) - first
+        off = base[entry_row]
+        d0, d1 = cu[doc] - off, cu[doc + 1] - off
+        qs, qe = d0.clamp_min(q_start), d1.clamp_max(q_start + q_len)
+        ks, ke = d0.clamp_min(k_start), d1.clamp_max(k_start + k_len)
+        keep = (qe > qs) & (ke > ks)
+        i32 = lambda t: t[keep].to(torch.int32)  # noqa: E731
+        qlen, klen = i32(qe - qs), i32(ke - ks)
+        return ChunkSegments(
+            row=i32(entry_row), qstart=i32(qs - q_start), qlen=qlen, kstart=i32(ks - k_start), klen=klen,
+            doc=doc[keep], max_qlen=int(qlen.max()) if qlen.numel() else 0,
+            max_klen=int(klen.max()) if klen.numel() else 0,
+        )
+
+
+def _check_segments(seg: ChunkSegments, B: int, Tq: int, Tk: int, Hq: int, causal: bool, thr) -> None:
+    if not isinstance(seg, ChunkSegments):
+        raise TypeError(f"segments must be a ChunkSegments, got {type(seg).__name__}")
+    if thr is not None and tuple(thr.shape) != (seg.num, Hq):
+        raise ValueError(f"with segments the ACP threshold is per piece: [{seg.num}, {Hq}], got {tuple(thr.shape)}")
+    if seg.row.device.type != "cpu" or not seg.num:
+        return  # tables on the GPU are not read back (no sync)
+    qs, ql, ks, kl = (t.long() for t in (seg.qstart, seg.qlen, seg.kstart, seg.klen))
+    ok = (seg.row >= 0) & (seg.row < B) & (ql >= 1) & (kl >= 1) & (qs >= 0) & (ks >= 0)
+    ok &= (qs + ql <= Tq) & (ks + kl <= Tk)
+    if causal:
+        ok &= (qs == ks) & (ql == kl)
+    if not bool(ok.all()):
+        raise ValueError("segments out of the chunks' bounds, empty, or (causal pair) not aligned")
+
+
+def _segment_masks(seg: ChunkSegments, B: int, Tq: int, Tk: int, device):
+    """Piece of every query and key ([B, Tq] / [B, Tk], -1 for none) and the
+    allowed pairs [B, Tq, Tk] (torch path)."""
+    ids = []
+    sides = ((seg.qstart, seg.qlen, Tq, seg.max_qlen), (seg.kstart, seg.klen, Tk, seg.max_klen))
+    for start, length, T, longest in sides:
+        out = torch.full((B, T), -1, dtype=torch.long, device=device)
+        t = torch.arange(longest, device=device)
+        valid = t[None, :] < length.to(device).long()[:, None]  # S x longest
+        row = seg.row.to(device).long()[:, None].expand_as(valid)
+        pos = start.to(device).long()[:, None] + t[None, :]
+        piece = torch.arange(seg.num, device=device)[:, None].expand_as(valid)
+        out[row[valid], pos[valid]] = piece[valid]
+        ids.append(out)
+    qseg, kseg = ids
+    same = (qseg[:, :, None] == kseg[:, None, :]) & (qseg >= 0)[:, :, None]
+    return qseg, same
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -285,6 +406,7 @@ def attention_chunk_forward(
     softmax_scale: float,
     acp_threshold: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    segments: Optional[ChunkSegments] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One query chunk against one key/value chunk (context-parallel block).
 
@@ -293,6 +415,10 @@ def attention_chunk_forward(
     cumulative decays of those tokens.  causal=True for the diagonal chunk
     (same tokens); otherwise every key precedes every query.
     acp_threshold: [B, Hq] or None.
+    segments: packed documents, ``ChunkSegments`` of this pair (on q's
+    device for the Triton backend); then a query attends only to the keys of
+    its piece and ``acp_threshold`` is per piece, [S, Hq].  The decays stay
+    global: c_i - c_j of one document sums that document's gates only.
 
     Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] float32, natural
     log; -inf where every key was pruned).  No autograd: pair it with
@@ -301,16 +427,33 @@ def attention_chunk_forward(
     backend = _resolve_backend(backend, q.device)
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError("a causal (diagonal) chunk needs as many queries as keys")
+    if segments is not None:
+        _check_segments(segments, q.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
     if backend == "torch":
+        same_doc = query_thr = None
+        thr = acp_threshold
+        if segments is not None:
+            qseg, same_doc = _segment_masks(segments, q.shape[0], q.shape[1], k.shape[1], q.device)
+            if thr is not None:
+                query_thr = _query_threshold(thr, qseg)
+                thr = None
         with torch.no_grad():
             out, lse = naive_attention_chunk(
                 q, k, v, c_q.permute(0, 2, 1), c_k.permute(0, 2, 1), causal=causal,
-                softmax_scale=softmax_scale, acp_threshold=acp_threshold,
+                softmax_scale=softmax_scale, acp_threshold=thr, same_doc=same_doc, query_threshold=query_thr,
             )
         return out, lse.float()
     from .triton_ops import chunk_forward
 
-    return chunk_forward(q, k, v, c_q, c_k, causal, softmax_scale, acp_threshold)
+    return chunk_forward(q, k, v, c_q, c_k, causal, softmax_scale, acp_threshold, segments)
+
+
+def _query_threshold(thr: torch.Tensor, qseg: torch.Tensor) -> torch.Tensor:
+    """Per-piece thresholds [S, Hq] -> per query [B, Tq, Hq] (queries in no
+    piece are masked anyway)."""
+    if thr.shape[0] == 0:
+        return thr.new_zeros(*qseg.shape, thr.shape[1])
+    return thr[qseg.clamp_min(0)]
 
 
 def attention_chunk_backward(
@@ -327,23 +470,36 @@ def attention_chunk_backward(
     softmax_scale: float,
     acp_threshold: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    segments: Optional[ChunkSegments] = None,
 ):
     """Gradients of one chunk pair given the *merged* output and lse.
 
     ``out`` and ``lse`` are the final (merged over all key chunks) attention
     output and log-sum-exp of the query chunk, as in FlashAttention's ring
-    backward.  Returns (dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk]) where
-    dc are float32 gradients with respect to the global decays c_q and c_k.
+    backward.  ``segments`` / ``acp_threshold`` as for
+    ``attention_chunk_forward``.  Returns (dq, dk, dv, dc_q [B, Hq, Tq],
+    dc_k [B, Hq, Tk]) where dc are float32 gradients with respect to the
+    global decays c_q and c_k.
     """
     backend = _resolve_backend(backend, q.device)
+    if segments is not None:
+        _check_segments(segments, q.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
     if backend == "torch":
-        return _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, acp_threshold)
+        same_doc = query_thr = None
+        thr = acp_threshold
+        if segments is not None:
+            qseg, same_doc = _segment_masks(segments, q.shape[0], q.shape[1], k.shape[1], q.device)
+            if thr is not None:
+                query_thr = _query_threshold(thr, qseg)
+                thr = None
+        return _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, thr,
+                                     same_doc, query_thr)
     from .triton_ops import chunk_backward
 
-    return chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, acp_threshold)
+    return chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, acp_threshold, segments)
 
 
-def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr):
+def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, same_doc=None, query_thr=None):
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -357,7 +513,11 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr):
     if causal:
         keep = torch.tril(keep)
     keep = keep.expand_as(s)
-    if thr is not None:
+    if same_doc is not None:
+        keep = keep & same_doc[:, None]
+    if query_thr is not None:
+        keep = keep & (decay >= query_thr.to(cd).permute(0, 2, 1)[..., None])
+    elif thr is not None:
         keep = keep & (decay >= thr.to(cd)[:, :, None, None])
     lse_c = lse.to(cd)
     safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))

@@ -584,6 +584,15 @@ class _PairTable:
         zero = torch.zeros(batch, dtype=torch.int32, device=device)
         return _PairTable(row, zero, torch.full_like(zero, tq), zero, torch.full_like(zero, tk), tq, tk)
 
+    @staticmethod
+    def segments(seg, device):
+        """Packed documents: one entry per (row, document) piece of a chunk
+        pair (interface.ChunkSegments); entries cover disjoint queries and
+        disjoint keys, so their stores never overlap."""
+        mv = lambda t: t.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
+        return _PairTable(mv(seg.row), mv(seg.qstart), mv(seg.qlen), mv(seg.kstart), mv(seg.klen),
+                          seg.max_qlen, seg.max_klen)
+
 
 def _precision(dtype):
     # fp32 inputs get three-pass tf32 products (about fp32 accuracy on the
@@ -596,19 +605,27 @@ def _check_unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
-    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo."""
+def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
+    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo.
+    partial: the table may leave queries uncovered (packed chunk pairs):
+    those keep out = 0, lse = -inf."""
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
     BM, BN, warps, stages = kernel_config("fwd", D, q.dtype)
     use_acp = thr is not None
+    if partial:
+        out = torch.zeros_like(q)
+        lse = torch.full((B, Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty_like(q)
+        lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    S = pairs.row.numel()
+    if S == 0:
+        return out, lse, None
     kblo = None
     if use_acp:
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, -1)
@@ -629,8 +646,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal):
     return out, lse, kblo
 
 
-def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None):
-    """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32)."""
+def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False):
+    """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32).
+    partial: queries / keys the table leaves uncovered get zero gradients."""
     do, q, k, v, out = _check_unit_stride(do, q, k, v, out)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -638,12 +656,13 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     use_acp = thr is not None
     dlt = _row_delta(out, do)
     lse = lse.contiguous() if lse.stride(-1) != 1 else lse
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    new = torch.zeros_like if partial else torch.empty_like
+    dq, dk, dv = new(q), new(k), new(v)
     dc_q = torch.zeros(B, Hq, Tq, dtype=torch.float32, device=q.device)
     dc_k = torch.zeros(B, Hq, Tk, dtype=torch.float32, device=q.device)
     S = pairs.row.numel()
+    if S == 0:
+        return dq, dk, dv, dc_q, dc_k
     scale2 = scale * LOG2E
     dummy_f = thr if use_acp else c_q
 
@@ -717,14 +736,23 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dlogf, None, None, None
 
 
-def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr):
-    pairs = _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
+def _chunk_pairs(q, k, segments):
+    if segments is None:
+        return _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
+    return _PairTable.segments(segments, q.device)
+
+
+def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
+    pairs = _chunk_pairs(q, k, segments)
     c_q = c_q.float()
     c_k = c_k.float()
-    out, lse, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal)
+    thr = thr.float().contiguous() if thr is not None else None
+    out, lse, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None)
     return out, lse
 
 
-def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr):
-    pairs = _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
-    return _backward(do, q, k, v, c_q.float(), c_k.float(), out, lse, pairs, scale, thr, causal)
+def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, segments=None):
+    pairs = _chunk_pairs(q, k, segments)
+    thr = thr.float().contiguous() if thr is not None else None
+    return _backward(do, q, k, v, c_q.float(), c_k.float(), out, lse, pairs, scale, thr, causal,
+                     partial=segments is not None)

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from fox_megatron.context_parallel import (
-    RingStats, cp_forgetting_attention, deepspeed_available, shift_tokens_cp, zigzag_slice,
+    RingStats, cp_acp_threshold, cp_forgetting_attention, deepspeed_available, shift_tokens_cp, zigzag_slice,
 )
+from fox_megatron.context_parallel.documents import RingDocuments
 from fox_megatron.kernels import AcpConfig, forgetting_attention
 from fox_megatron.model.attention import document_start_mask, shift_tokens
 
@@ -47,20 +48,28 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None):
+         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None, acp_cfg=None):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
         T, D = T * 32, 64
     q, k, v, logf, do = make(B, T, Hq, Hkv, D, gate_scale, seed)
-    acp_cfg = AcpConfig(log_eps=-8.0) if acp else None
+    if acp_cfg is None:
+        acp_cfg = AcpConfig(log_eps=-8.0) if acp else None
     cu = None
-    if packed:
+    if packed == "short":
+        # documents of 3 to 17 tokens (shorter than a chunk), an empty one
+        lengths = torch.randint(3, 18, (B * T,), generator=torch.Generator().manual_seed(seed))
+        starts = torch.cumsum(lengths, 0) - lengths
+        cu = torch.cat([starts[starts < B * T], torch.arange(0, B * T + 1, T), torch.tensor([11])])
+        cu = torch.sort(torch.unique(cu)).values
+        cu = torch.cat([cu[:3], cu[2:3], cu[3:]]).to(DEVICE).int()  # cu[2] twice: an empty document
+    elif packed:
         # documents over the global rows; some cross chunk and rank borders
         cu = torch.tensor([0, 7, 30, T, T + 50, T + 51, 2 * T if B == 2 else B * T], device=DEVICE)
         cu = torch.unique(torch.cat([cu, torch.arange(0, B * T + 1, T, device=DEVICE)])).int()
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, logf)]
-    o_ref = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND, cu_seqlens=cu)
+    o_ref, ref_stats = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND, cu_seqlens=cu, return_stats=True)
     o_ref.backward(do)
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
@@ -69,9 +78,16 @@ def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=
                               use_deepspeed=use_deepspeed)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
+    names = ["out", "dq", "dk", "dv", "dlogf"]
+    if acp_cfg is not None and mode == "ring":
+        # the ACP thresholds (per row, or per document when packed) are the single-device ones, bit for bit
+        docs = RingDocuments(cu, B, T, P, 1) if cu is not None else None
+        thr = cp_acp_threshold(acp_cfg, sl(q), sl(k), 1.0 / D ** 0.5, group, T, docs)
+        errs.append(float((thr != ref_stats.threshold).sum()))
+        names.append("threshold_mismatches")
     e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
     dist.all_reduce(e, op=dist.ReduceOp.MAX)
-    return dict(zip(["out", "dq", "dk", "dv", "dlogf"], e.tolist()))
+    return dict(zip(names, e.tolist()))
 
 
 def sum_bytes(stats):
@@ -144,6 +160,30 @@ def main():
     for acp in (False, True):
         report["cases"][f"ulysses_packed_acp{int(acp)}"] = case(group, "ulysses", acp, Hq=2 * Hkv_u, Hkv=Hkv_u,
                                                                  gate_scale=0.3, packed=True)
+    # packed documents (ring): documents crossing chunk and rank borders.
+    # Through the interpreted Triton kernels only the cases that reach
+    # different kernel paths (the others differ in the ring's plan only)
+    every = BACKEND != "triton" or DEVICE != "cpu"
+    for acp in (False, True) if every else (True,):
+        report["cases"][f"ring_packed_acp{int(acp)}"] = case(group, "ring", acp, packed=True)
+    # ... with fast forgetting (ACP and the document mask both drop sub-blocks;
+    # short documents: fp32 decays as small as the single-device ones)
+    report["cases"]["ring_packed_local_acp"] = case(group, "ring", True, T=32 * P, gate_scale=8.0, seed=3,
+                                                    packed="short")
+    # a tight threshold (large eps, given logit bound): per-document N decides what is pruned
+    report["cases"]["ring_packed_tight"] = case(group, "ring", True, gate_scale=0.3, packed=True,
+                                                acp_cfg=AcpConfig(log_eps=-2.0, logit_bound=1.0))
+    if every:
+        # whole chunks as units, the one-way ring
+        report["cases"]["ring_packed_whole"] = case(group, "ring", True, packed=True, sub_blocks=1)
+        report["cases"]["ring_packed_oneway"] = case(group, "ring", True, packed=True, two_way=False)
+        # short documents, slow gates (ACP prunes nothing): only the documents
+        # spare work and bytes; compare with the same data unpacked (flat_*)
+        for skip in ("acp", "dense"):
+            st = RingStats()
+            report["cases"][f"ring_short_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=1e-4,
+                                                         skip=skip, stats=st, seed=3, packed="short")
+            report["bytes"][f"short_{skip}"] = sum_bytes(st)
     # Ulysses through the local all-to-all (the path without DeepSpeed)
     report["cases"]["ulysses_torch_acp1"] = case(group, "ulysses", True, Hq=2 * Hkv_u, Hkv=Hkv_u, use_deepspeed=False)
     # more KV heads than ranks: ACP deals the heads to balance the work (a permutation)
