@@ -52,6 +52,9 @@ def steps(nproc: int, mlm: str) -> dict:
         "cp_bench": (f"{tr} {nproc} benchmarks/cp_attention.py --out {{out_dir}}/cp_attention.json && "
                      f"{py} benchmarks/cp_attention.py --out {{out_dir}}/cp_attention.json"),
         "model_tests": f"{py} -m pytest -q -rf tests/test_model_gpu.py tests/test_train_gpu.py",
+        "model_ckpt": (f"{py} -m pytest -q -rf tests/test_model_gpu.py tests/test_train_gpu.py "
+                       "-k 'dist_checkpointing or distributed_optimizer_checkpoint'"),
+        "chunk_docs": f"{py} -m pytest -q -rf tests/test_kernel_chunk_documents.py",
         "kernel_fp32": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py -k fp32",
         "kernel_tests": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py",
         "dropin_tp2": dropin.format(n=2, extra="--tensor-model-parallel-size 2"),
