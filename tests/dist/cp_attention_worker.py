@@ -83,7 +83,13 @@ def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=
         # the ACP thresholds (per row, or per document when packed) are the single-device ones, bit for bit
         docs = RingDocuments(cu, B, T, P, 1) if cu is not None else None
         thr = cp_acp_threshold(acp_cfg, sl(q), sl(k), 1.0 / D ** 0.5, group, T, docs)
-        errs.append(float((thr != ref_stats.threshold).sum()))
+        if DEVICE == "cpu":
+            errs.append(float((thr != ref_stats.threshold).sum()))
+        else:
+            # GPU reductions of the norms may round in another order than the
+            # whole-sequence ones: equal to float32 rounding, not bit for bit
+            ref = ref_stats.threshold
+            errs.append(float(((thr - ref).abs() > 1e-5 * ref.abs().clamp_min(1.0)).sum()))
         names.append("threshold_mismatches")
     e = torch.tensor(errs, dtype=torch.float64, device=DEVICE)
     dist.all_reduce(e, op=dist.ReduceOp.MAX)
