@@ -101,3 +101,23 @@ def test_rng_roundtrip(tmp_path):
     torch.manual_seed(99)
     assert ckpt.restore_rng_state(final)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_adam_steps_unshared_after_a_load_that_shares_them():
+    # megatron-core's distributed optimizer (without Apex/TE) loads one step
+    # tensor into every parameter's state; the trainer gives each its own again
+    from fox_megatron.train.engine_gpu import unshare_adam_steps
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    shared = torch.tensor(6.0)
+    for s in sd["state"].values():
+        s["step"] = shared
+    opt.load_state_dict(sd)
+    unshare_adam_steps(opt)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [7.0] * 4

@@ -153,20 +153,10 @@ class MegatronEngine:
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _unshare_adam_steps(self) -> None:
-        """One step counter per parameter again after a load.
-
-        Without Apex / Transformer Engine, megatron-core's distributed
-        optimizer restores Adam's step as *one* tensor put into every
-        parameter's state, and torch's Adam keeps it uncopied; its foreach
-        update then adds 1 once per parameter, so the counter races ahead
-        and the bias correction of the resumed run is wrong."""
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = getattr(opt, "optimizer", None)
-            if not isinstance(inner, torch.optim.Optimizer):
-                continue
-            for state in inner.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
+            if isinstance(inner, torch.optim.Optimizer):
+                unshare_adam_steps(inner)
 
     def write_checkpoint(self, tmp_dir: str) -> None:
         from megatron.core import dist_checkpointing
@@ -188,3 +178,16 @@ class MegatronEngine:
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._unshare_adam_steps()
+
+
+def unshare_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """One step counter per parameter again after a load.
+
+    Without Apex / Transformer Engine, megatron-core's distributed optimizer
+    restores Adam's step as *one* tensor put into every parameter's state,
+    and torch's Optimizer.load_state_dict keeps ``step`` uncopied; the
+    foreach Adam update then adds 1 once per parameter, so the counter races
+    ahead and the bias correction of the resumed run is wrong."""
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
