@@ -430,13 +430,7 @@ def attention_chunk_forward(
     if segments is not None:
         _check_segments(segments, q.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
     if backend == "torch":
-        same_doc = query_thr = None
-        thr = acp_threshold
-        if segments is not None:
-            qseg, same_doc = _segment_masks(segments, q.shape[0], q.shape[1], k.shape[1], q.device)
-            if thr is not None:
-                query_thr = _query_threshold(thr, qseg)
-                thr = None
+        thr, same_doc, query_thr = _torch_chunk_masks(segments, acp_threshold, q, k)
         with torch.no_grad():
             out, lse = naive_attention_chunk(
                 q, k, v, c_q.permute(0, 2, 1), c_k.permute(0, 2, 1), causal=causal,
@@ -446,6 +440,17 @@ def attention_chunk_forward(
     from .triton_ops import chunk_forward
 
     return chunk_forward(q, k, v, c_q, c_k, causal, softmax_scale, acp_threshold, segments)
+
+
+def _torch_chunk_masks(segments, acp_threshold, q, k):
+    """(row threshold, document mask, per-query threshold) for the torch path:
+    with document pieces the mask comes from them and the threshold becomes
+    per query (its piece's); without, the row threshold passes through."""
+    if segments is None:
+        return acp_threshold, None, None
+    qseg, same_doc = _segment_masks(segments, q.shape[0], q.shape[1], k.shape[1], q.device)
+    query_thr = _query_threshold(acp_threshold, qseg) if acp_threshold is not None else None
+    return None, same_doc, query_thr
 
 
 def _query_threshold(thr: torch.Tensor, qseg: torch.Tensor) -> torch.Tensor:
@@ -485,13 +490,7 @@ def attention_chunk_backward(
     if segments is not None:
         _check_segments(segments, q.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
     if backend == "torch":
-        same_doc = query_thr = None
-        thr = acp_threshold
-        if segments is not None:
-            qseg, same_doc = _segment_masks(segments, q.shape[0], q.shape[1], k.shape[1], q.device)
-            if thr is not None:
-                query_thr = _query_threshold(thr, qseg)
-                thr = None
+        thr, same_doc, query_thr = _torch_chunk_masks(segments, acp_threshold, q, k)
         return _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, thr,
                                      same_doc, query_thr)
     from .triton_ops import chunk_backward
