@@ -67,6 +67,18 @@ def test_gpu_dp2_matches_dp1(tmp_path):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_gpu_dp2_distributed_optimizer_matches_dp1(tmp_path):
+    # fp32: the distributed optimizer (sharded Adam state, reduce-scatter /
+    # all-gather) follows the plain DP = 1 run
+    _, one = _train(1, tmp_path / "dp1", "bf16=false", "save=null", "save_interval=null", "load=null")
+    _, two = _train(2, tmp_path / "dp2", "bf16=false", "use_distributed_optimizer=true", "save=null",
+                    "save_interval=null", "load=null")
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_gpu_distributed_optimizer_checkpoint(tmp_path):
     run1 = tmp_path / "a"
     _, rec = _train(2, run1, "bf16=true", "use_distributed_optimizer=true", "save_interval=6")
