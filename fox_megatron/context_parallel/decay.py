@@ -72,7 +72,7 @@ class _GlobalDecay(torch.autograd.Function):
             base = documents.decay_bases(prefix, c_last)  # S H
             c = c - base[documents.local_doc_ids(r, log_f.device)].permute(0, 2, 1)
             # B H 2P: the base of each chunk's first document
-            first = base[documents.first_doc.to(log_f.device)].permute(0, 2, 1)
+            first = base[documents.on_device("first_doc", log_f.device)].permute(0, 2, 1)
             c_last = c_last[..., None, :, :] - first[..., :, None, None]  # B H 2P(query chunk) 2P nsub
             c_first = c_first - first
         c, c_first, c_last = c.to(out_dtype), c_first.to(out_dtype), c_last.to(out_dtype)

@@ -81,7 +81,7 @@ class RingDocuments:
         """Per-document thresholds [S, H] -> [B, H, 2P]: the one of each
         query chunk's first document, the only document an off-diagonal pair
         of that chunk attends within."""
-        return threshold[self.first_doc.to(threshold.device)].permute(0, 2, 1)
+        return threshold[self.on_device("first_doc", threshold.device)].permute(0, 2, 1)
 
     def local_doc_ids(self, rank: int, device) -> torch.Tensor:
         """[B, T_local] document of each of ``rank``'s zigzag-local tokens."""
@@ -93,7 +93,8 @@ class RingDocuments:
             self._cache[key] = torch.searchsorted(self.cu_device.to(device), flat, right=True) - 1
         return self._cache[key]
 
-    def _on(self, name: str, device) -> torch.Tensor:
+    def on_device(self, name: str, device) -> torch.Tensor:
+        """Attribute ``name`` on ``device``, copied once."""
         key = (name, str(device))
         if key not in self._cache:
             self._cache[key] = getattr(self, name).to(device)
@@ -112,9 +113,9 @@ class RingDocuments:
         """
         dev = prefix.device
         before = torch.cat([prefix[..., None], c_last[..., :-1]], dim=-1)  # B H C nsub: decay before each sub-block
-        start = self._on("doc_start", dev).clamp(max=self.seqlen - 1)
+        start = self.on_device("doc_start", dev).clamp(max=self.seqlen - 1)
         ch, s = start // self.chunk, (start % self.chunk) // self.sub
-        return before[self._on("doc_row", dev), :, ch, s]  # S H
+        return before[self.on_device("doc_row", dev), :, ch, s]  # S H
 
     def segments(self, qc: int, kc: int, ks: int, batch_rows: torch.Tensor) -> ChunkSegments:
         """Pieces of query chunk ``qc`` against key chunk ``kc`` from its

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["zigzag_chunks", "zigzag_slice", "zigzag_unslice", "p2p", "wait_all"]
+__all__ = ["zigzag_chunks", "zigzag_slice", "zigzag_unslice", "p2p", "wait_all", "h2d"]
 
 
 def zigzag_chunks(rank: int, cp_size: int) -> Tuple[int, int]:
@@ -65,3 +65,17 @@ def p2p(ops: List[Tuple[str, torch.Tensor, int, int]], group) -> list:
 def wait_all(reqs) -> None:
     for r in reqs:
         r.wait()
+
+
+def h2d(t: torch.Tensor, device) -> torch.Tensor:
+    """A host index tensor on ``device`` without stalling the host.
+
+    A plain ``.to(cuda)`` of pageable memory synchronises the stream, so the
+    host would wait for every kernel already queued before it can launch the
+    next pair: the GPU then idles while Python plans the next step, and the
+    ring's communication no longer hides behind compute.  Pinned memory
+    copies asynchronously (PyTorch's pinned allocator keeps the buffer alive
+    until the copy has run)."""
+    if torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

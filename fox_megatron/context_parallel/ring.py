@@ -42,7 +42,7 @@ import torch
 
 from fox_megatron.kernels import attention_chunk_backward, attention_chunk_forward, merge_partial_attention
 
-from .layout import p2p, wait_all
+from .layout import h2d, p2p, wait_all
 from .skip_table import RingPlan
 
 __all__ = ["RingStats", "ring_attention"]
@@ -127,22 +127,21 @@ def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, nsub: int):
 def _gather_keys(ring, pos, pw):
     """k, v [N, m*Ts, 1, D] and c_k [N, 1, m*Ts] of a pair's key suffix,
     plus the buffer positions [N, m] they came from."""
-    bi = pos[_h2d(pw.units, pos.device)]  # N m
+    _, units, sub = pw.on_device(pos.device)
+    bi = pos[units]  # N m
     N, m = bi.shape
     kv = ring.kv.index_select(0, bi.reshape(-1))  # N*m 2 Ts D
     Ts, D = kv.shape[2], kv.shape[3]
     kv = kv.view(N, m, 2, Ts, D).transpose(1, 2).reshape(N, 2, m * Ts, D)
-    sub = _h2d(pw.sub, pos.device)
     ck = ring.c[bi, sub[:, None]].reshape(N, 1, m * Ts)
     return kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2), ck, bi
 
 
-def _pair_threshold(pw, thr, thr_rows, dev):
+def _pair_threshold(pw, rows, thr, thr_rows, dev):
     """(segments, ACP threshold) of a pair for the chunk kernels: per row
-    ([N, 1]) for whole rows, per document piece ([S, 1]) when packed (thr is
-    then [documents, Hq])."""
+    ([N, 1], ``rows`` on the device) for whole rows, per document piece
+    ([S, 1]) when packed (thr is then [documents, Hq])."""
     if pw.segments is None:
-        rows = _h2d(pw.rows, dev)
         return None, (thr_rows.index_select(0, rows).unsqueeze(1) if thr_rows is not None else None)
     seg, heads = pw.device_segments(dev)
     return seg, (thr[seg.doc, heads].unsqueeze(1) if thr is not None else None)
@@ -151,21 +150,7 @@ def _pair_threshold(pw, thr, thr_rows, dev):
 def _positions(ids: torch.Tensor, n: int, device) -> torch.Tensor:
     pos = torch.full((n,), -1, dtype=torch.long)
     pos[ids] = torch.arange(ids.numel())
-    return _h2d(pos, device)
-
-
-def _h2d(t: torch.Tensor, device) -> torch.Tensor:
-    """A host index tensor on ``device`` without stalling the host.
-
-    A plain ``.to(cuda)`` of pageable memory synchronises the stream, so the
-    host would wait for every kernel already queued before it can launch the
-    next pair: the GPU then idles while Python plans the next step, and the
-    ring's communication no longer hides behind compute.  Pinned memory
-    copies asynchronously (PyTorch's pinned allocator keeps the buffer alive
-    until the copy has run)."""
-    if torch.device(device).type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return h2d(pos, device)
 
 
 def _nbytes(*ts) -> int:
@@ -201,7 +186,7 @@ class _Ring:
             peer = (r + plan.direction(j)) % P
             send_ids = plan.chunk_ids(plan.carry[plan.origin(step, j)][nxt], j)
             if send_ids.numel():
-                bi = pos[_h2d(send_ids, pos.device)]
+                bi = pos[h2d(send_ids, pos.device)]
                 kv_msg, c_msg = self.kv.index_select(0, bi), self.c.index_select(0, bi)
                 ops += [("send", kv_msg, peer, _TAG_KV + 10 * j), ("send", c_msg, peer, _TAG_C + 10 * j)]
                 if self.stats is not None:
@@ -253,9 +238,9 @@ class _RingAttention(torch.autograd.Function):
             if pairs:
                 pos = ring.positions()
             for pw in pairs:
-                rows = _h2d(pw.rows, dev)
+                rows = pw.on_device(dev)[0]
                 k_sel, v_sel, ck, _ = _gather_keys(ring, pos, pw)
-                seg, pair_thr = _pair_threshold(pw, thr, thr_rows, dev)
+                seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
                 out, lse = attention_chunk_forward(
                     q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
                     c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
@@ -317,7 +302,7 @@ class _RingAttention(torch.autograd.Function):
             for reqs, recvs, _ in items:
                 wait_all(reqs)
                 for ids, buf in recvs:
-                    ids = _h2d(ids, dev)
+                    ids = h2d(ids, dev)
                     n = ids.numel()
                     dkv_local.index_add_(0, ids, buf[: n * 2 * Ts * D].view(n, 2, Ts, D))
                     dck_local.index_add_(0, ids, buf[n * 2 * Ts * D:].view(n, g, Ts))
@@ -333,9 +318,9 @@ class _RingAttention(torch.autograd.Function):
             if pairs:
                 pos = ring.positions()
             for pw in pairs:
-                rows = _h2d(pw.rows, dev)
+                rows, _, sub = pw.on_device(dev)
                 k_sel, v_sel, ck, bi = _gather_keys(ring, pos, pw)
-                seg, pair_thr = _pair_threshold(pw, thr, thr_rows, dev)
+                seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
                 dq, dk, dv, dcq, dckk = attention_chunk_backward(
                     do_rows[pw.qi].index_select(0, rows).unsqueeze(2),
                     q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
@@ -351,7 +336,6 @@ class _RingAttention(torch.autograd.Function):
                 dkv_rows = torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float()  # N 2 m*Ts D
                 dkv_rows = dkv_rows.view(N, 2, m, Ts, D).transpose(1, 2).reshape(N * m, 2, Ts, D)
                 dkv.index_add_(0, bi.reshape(-1), dkv_rows)
-                sub = _h2d(pw.sub, dev)
                 dck.view(-1, Ts).index_add_(0, (bi * g + sub[:, None]).reshape(-1), dckk.float().reshape(N * m, Ts))
             land(pending)
             pending = []
@@ -365,7 +349,7 @@ class _RingAttention(torch.autograd.Function):
                     o = plan.origin(step, j)
                     send_ids = plan.chunk_ids(plan.wanted[o][r], j)
                     if send_ids.numel():
-                        bi = pos[_h2d(send_ids, dev)]
+                        bi = pos[h2d(send_ids, dev)]
                         msg = torch.cat([dkv.index_select(0, bi).flatten(), dck.index_select(0, bi).flatten()])
                         ops.append(("send", msg, o, _TAG_GRAD + 10 * j))
                         if stats is not None:

@@ -47,7 +47,7 @@ import torch
 from fox_megatron.kernels import ChunkSegments
 
 from .documents import RingDocuments
-from .layout import zigzag_chunks
+from .layout import h2d, zigzag_chunks
 
 __all__ = ["chunk_need_table", "RingPlan", "PairWork"]
 
@@ -110,11 +110,19 @@ class PairWork:
     seg_heads: Optional[torch.Tensor] = None  # int64 [S]
     _on_device: dict = field(default_factory=dict, repr=False)
 
+    def on_device(self, device):
+        """(rows, units, sub) on ``device``, copied once per plan (the
+        forward and backward passes share the plan's pairs)."""
+        key = ("rows", str(device))
+        if key not in self._on_device:
+            self._on_device[key] = (h2d(self.rows, device), h2d(self.units, device), h2d(self.sub, device))
+        return self._on_device[key]
+
     def device_segments(self, device):
         """(segments, heads) on ``device``, copied once per plan."""
-        key = str(device)
+        key = ("segments", str(device))
         if key not in self._on_device:
-            self._on_device[key] = (self.segments.to(device), self.seg_heads.to(device, non_blocking=True))
+            self._on_device[key] = (self.segments.to(device), h2d(self.seg_heads, device))
         return self._on_device[key]
 
 

@@ -140,10 +140,7 @@ class MegatronEngine:
         step count from that state when neither Apex nor Transformer Engine
         provides the Adam (megatron-core asserts one step value).  The load
         then overwrites these tensors."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(opt, "optimizer", None)
-            if not isinstance(inner, torch.optim.Optimizer):
-                continue
+        for inner in self._torch_optimizers():
             for group in inner.param_groups:
                 for p in group["params"]:
                     state = inner.state[p]
@@ -152,11 +149,12 @@ class MegatronEngine:
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _unshare_adam_steps(self) -> None:
+    def _torch_optimizers(self):
+        """The torch optimizers inside megatron-core's (chained) optimizer."""
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = getattr(opt, "optimizer", None)
             if isinstance(inner, torch.optim.Optimizer):
-                unshare_adam_steps(inner)
+                yield inner
 
     def write_checkpoint(self, tmp_dir: str) -> None:
         from megatron.core import dist_checkpointing
@@ -177,7 +175,8 @@ class MegatronEngine:
         state = dist_checkpointing.load(self._sharded_state(is_loading=True), source)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._unshare_adam_steps()
+        for inner in self._torch_optimizers():
+            unshare_adam_steps(inner)
 
 
 def unshare_adam_steps(optimizer: torch.optim.Optimizer) -> None:
