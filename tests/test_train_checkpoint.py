@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from fox_megatron.train import checkpoint as ckpt
@@ -103,10 +104,11 @@ def test_rng_roundtrip(tmp_path):
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_adam_steps_unshared_after_a_load_that_shares_them():
+def test_adam_steps_restored_after_a_load_that_shares_and_resets_them():
     # megatron-core's distributed optimizer (without Apex/TE) loads one step
-    # tensor into every parameter's state; the trainer gives each its own again
-    from fox_megatron.train.engine_gpu import unshare_adam_steps
+    # tensor into every parameter's state and then overwrites its value with
+    # the pre-load count; the trainer restores the saved count per parameter
+    from fox_megatron.train.engine_gpu import restore_adam_steps, saved_adam_step
 
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -114,10 +116,18 @@ def test_adam_steps_unshared_after_a_load_that_shares_them():
         p.grad = torch.ones(3)
     opt.step()
     sd = opt.state_dict()
-    shared = torch.tensor(6.0)
+    shared = torch.tensor(0.0)
     for s in sd["state"].values():
         s["step"] = shared
     opt.load_state_dict(sd)
-    unshare_adam_steps(opt)
+    # the distributed optimizer's saved state: nested, the count in param groups
+    saved = {0: {"optimizer": {"param_groups": [{"lr": 1.0, "step": 6}, {"lr": 1.0, "step": 6}]}},
+             1: {"optimizer": {"param_groups": [{"step": 6}]}, "param_state": [{"step": None}]}}
+    step = saved_adam_step(saved)
+    assert step == 6.0
+    restore_adam_steps(opt, step)
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params] == [7.0] * 4
+    assert saved_adam_step({"optimizer": {"param_groups": [{"lr": 1.0}]}}) is None
+    with pytest.raises(RuntimeError, match="different Adam step"):
+        saved_adam_step([{"param_groups": [{"step": 6}]}, {"param_groups": [{"step": 5}]}])

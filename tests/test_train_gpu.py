@@ -79,15 +79,21 @@ def test_gpu_dp2_distributed_optimizer_matches_dp1(tmp_path):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
-def test_gpu_distributed_optimizer_checkpoint(tmp_path):
+@pytest.mark.parametrize("bf16", ["true", "false"])
+def test_gpu_distributed_optimizer_checkpoint(tmp_path, bf16):
+    # Resuming restores the model, the sharded main weights and Adam's
+    # moments and step count: the resumed curve is the uninterrupted one
+    # (deterministic kernels and reductions, so equal up to rounding noise).
+    # In fp32 the main weights are views of the model's parameters.
     run1 = tmp_path / "a"
-    _, rec = _train(2, run1, "bf16=true", "use_distributed_optimizer=true", "save_interval=6")
+    _, rec = _train(2, run1, f"bf16={bf16}", "use_distributed_optimizer=true", "save_interval=6")
     run2 = tmp_path / "b"
-    out, rec2 = _train(2, run2, "bf16=true", "use_distributed_optimizer=true",
+    out, rec2 = _train(2, run2, f"bf16={bf16}", "use_distributed_optimizer=true",
                        f"load={run1 / 'checkpoints' / 'iter_0000006'}", f"save={run2 / 'ckpt'}")
     assert "at iteration 6" in out
-    resumed = [(r["iteration"], r["loss"]) for r in rec2]
-    straight = [(r["iteration"], r["loss"]) for r in rec[6:]]
+    resumed = [(r["iteration"], r["loss"], r["grad_norm"]) for r in rec2]
+    straight = [(r["iteration"], r["loss"], r["grad_norm"]) for r in rec[6:]]
     # the whole curves in the message: where the drift starts tells what was not restored
-    assert [i for i, _ in resumed] == [i for i, _ in straight], (resumed, straight)
-    assert all(math.isclose(a, b, rel_tol=2e-3) for (_, a), (_, b) in zip(resumed, straight)), (resumed, straight)
+    assert [i for i, *_ in resumed] == [i for i, *_ in straight], (resumed, straight)
+    for (_, a, ga), (_, b, gb) in zip(resumed, straight):
+        assert math.isclose(a, b, rel_tol=1e-5) and math.isclose(ga, gb, rel_tol=1e-4), (resumed, straight)

@@ -174,19 +174,54 @@ class MegatronEngine:
         self._create_optimizer_state()
         state = dist_checkpointing.load(self._sharded_state(is_loading=True), source)
         self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for inner in self._torch_optimizers():
-            unshare_adam_steps(inner)
+        # no_grad: in fp32 the distributed optimizer's main parameters are
+        # views of the model's (leaf) parameters, and its load copies into them.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state["optimizer"])
+        step = saved_adam_step(state["optimizer"])
+        if step is not None:
+            for inner in self._torch_optimizers():
+                restore_adam_steps(inner, step)
 
 
-def unshare_adam_steps(optimizer: torch.optim.Optimizer) -> None:
-    """One step counter per parameter again after a load.
+def saved_adam_step(optimizer_state):
+    """Adam's step count as megatron-core's distributed optimizer saves it.
 
-    Without Apex / Transformer Engine, megatron-core's distributed optimizer
-    restores Adam's step as *one* tensor put into every parameter's state,
-    and torch's Optimizer.load_state_dict keeps ``step`` uncopied; the
-    foreach Adam update then adds 1 once per parameter, so the counter races
-    ahead and the bias correction of the resumed run is wrong."""
+    Without Apex / Transformer Engine the distributed optimizer keeps torch
+    Adam's per-parameter ``step`` out of its sharded buckets and writes one
+    value into every param group instead.  Returns that value (None when the
+    checkpoint holds none, e.g. the plain optimizer, which keeps ``step`` in
+    the per-parameter state it saves whole)."""
+    steps = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list):
+                steps.update(g["step"] for g in groups if isinstance(g, dict) and "step" in g)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(optimizer_state)
+    if len(steps) > 1:
+        raise RuntimeError(f"checkpoint holds different Adam step counts {sorted(steps)}")
+    return float(steps.pop()) if steps else None
+
+
+def restore_adam_steps(optimizer: torch.optim.Optimizer, step: float) -> None:
+    """Give every parameter its own step tensor holding the saved count.
+
+    Needed after megatron-core's distributed-optimizer load without Apex /
+    Transformer Engine (megatron-core 0.16): its load puts *one* step tensor
+    into every parameter's state (torch's foreach Adam then adds 1 to it once
+    per parameter, so the count races ahead), and the bucket load that
+    follows copies into it the step of the optimizer state that existed
+    before the load (0 on a fresh process), so the resumed run's bias
+    correction restarts and its first update is several times too large."""
     for state in optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
+        old = state.get("step")
+        if isinstance(old, torch.Tensor):
+            state["step"] = torch.full_like(old, step)
