@@ -67,6 +67,19 @@ def test_gpu_dp2_matches_dp1(tmp_path):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_gpu_pp2_matches_pp1(tmp_path):
+    # fp32: two pipeline stages through megatron-core's 1F1B schedule (4
+    # micro-batches) follow the single-stage run
+    _, one = _train(1, tmp_path / "pp1", "bf16=false", "save=null", "save_interval=null", "load=null")
+    _, two = _train(2, tmp_path / "pp2", "bf16=false", "pipeline_model_parallel_size=2", "save=null",
+                    "save_interval=null", "load=null")
+    assert len(one) == len(two) == 12
+    for a, b in zip(one, two):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a["grad_norm"], b["grad_norm"])
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_gpu_dp2_distributed_optimizer_matches_dp1(tmp_path):
     # fp32: the distributed optimizer (sharded Adam state, reduce-scatter /
     # all-gather) follows the plain DP = 1 run

@@ -1,10 +1,13 @@
 """torchrun worker for the GPU-only FoX model tests (NCCL, 2 GPUs).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/fox_gpu_worker.py \
-        --mode dcp|sp --out result.pt --ckpt-dir DIR
+        --mode dcp|dcp_pp|sp --out result.pt --ckpt-dir DIR
 
   dcp  Megatron's dist_checkpointing (torch_dist): save at TP=2, load at
        TP=1 (the two ranks then data-parallel), same loss.
+  dcp_pp  dist_checkpointing across pipeline layouts: save at PP=1, load
+       at PP=2 (each stage takes its layers), save that, load it at PP=1:
+       the same weights and the same loss.
   sp   TP=2 with sequence parallelism against TP=1: same loss and gradients
        (the sequence-parallel norm gradients all-reduced the way Megatron's
        finalize_model_grads does it).
@@ -24,16 +27,18 @@ from fox_dist_common import batch, full_tensors, init_parallel, load_full_tensor
 VOCAB, SEQ, MBS = 128, 128, 2
 
 
-def _model(sequence_parallel=False):
+def _model(sequence_parallel=False, tied=True):
     from megatron.core import parallel_state as ps
     from fox_megatron.model import FoxConfig, FoxTransformerConfig, build_fox_gpt_model
 
     tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
     cfg = small_config(
         FoxTransformerConfig, fox=FoxConfig(forget_gate_bias_init=-1.0), num_layers=2, num_query_groups=2,
         use_cpu_initialization=False, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
     )
-    return build_fox_gpt_model(cfg, VOCAB, SEQ, share_embeddings_and_output_weights=True)
+    return build_fox_gpt_model(cfg, VOCAB, SEQ, share_embeddings_and_output_weights=tied)
 
 
 def _loss(model, backward=False):
@@ -70,6 +75,55 @@ def run_dcp(out, ckpt_dir):
         torch.save(dict(loss_tp2=loss_tp2, loss_tp1=loss_tp1), out)
 
 
+def _save(model, ckpt_dir):
+    from megatron.core import dist_checkpointing
+
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    torch.distributed.barrier()
+
+
+def _load(model, ckpt_dir):
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    model.load_state_dict(state, strict=False)
+
+
+def run_dcp_pp(out, ckpt_dir):
+    from megatron.core import parallel_state as ps
+
+    init_parallel(1, 1, backend="nccl")
+    torch.manual_seed(1)
+    ref = _model(tied=False)
+    ref_weights = full_tensors(ref, group=ps.get_pipeline_model_parallel_group())  # one rank's copy
+    with torch.no_grad():
+        ref_loss = float(_loss(ref))
+    _save(ref, os.path.join(ckpt_dir, "pp1"))
+    ps.destroy_model_parallel()
+
+    init_parallel(1, 2, backend="nccl")
+    torch.manual_seed(2)
+    staged = _model(tied=False)
+    stage_keys = sorted(t for t in staged.state_dict() if "decoder.layers" in t)
+    _load(staged, os.path.join(ckpt_dir, "pp1"))
+    pp_weights = full_tensors(staged)  # both stages' pieces
+    _save(staged, os.path.join(ckpt_dir, "pp2"))
+    ps.destroy_model_parallel()
+
+    init_parallel(1, 1, backend="nccl")
+    torch.manual_seed(3)
+    back = _model(tied=False)
+    _load(back, os.path.join(ckpt_dir, "pp2"))
+    with torch.no_grad():
+        back_loss = float(_loss(back))
+    if torch.distributed.get_rank() == 0:
+        torch.save(dict(ref_loss=ref_loss, back_loss=back_loss, ref_weights=ref_weights,
+                        pp_weights=pp_weights, stage_keys=stage_keys), out)
+
+
 def run_sp(out):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
@@ -96,12 +150,14 @@ def run_sp(out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["dcp", "sp"], required=True)
+    ap.add_argument("--mode", choices=["dcp", "dcp_pp", "sp"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt-dir", default=None)
     a = ap.parse_args()
     if a.mode == "dcp":
         run_dcp(a.out, a.ckpt_dir)
+    elif a.mode == "dcp_pp":
+        run_dcp_pp(a.out, a.ckpt_dir)
     else:
         run_sp(a.out)
     torch.distributed.barrier()
