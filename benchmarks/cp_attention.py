@@ -144,7 +144,7 @@ def main():
             variants = [("single", False, None), ("single", True, None)]
         else:
             variants = [("ring", False, "dense"), ("ring", True, "dense"), ("ring", True, "acp"),
-                        ("ring_oneway", True, "acp"), ("ulysses", False, None), ("ulysses", True, None)]
+                        ("ring", True, "acp_split"), ("ring_oneway", True, "acp"), ("ulysses", False, None), ("ulysses", True, None)]
         if args.variants:
             want = {tuple(v.split(":")) for v in args.variants.split(",")}
             variants = [x for x in variants if (x[0], str(int(x[1])), x[2] or "-") in want]
@@ -156,8 +156,8 @@ def main():
             else:
                 fn = lambda: cp_forgetting_attention(  # noqa: E731
                     q, k, v, log_f, group=group, mode="ulysses" if mode == "ulysses" else "ring",
-                    acp=acp_arg, skip=skip or "acp", stats=stats, two_way=mode != "ring_oneway",
-                    sub_blocks=args.sub_blocks)
+                    acp=acp_arg, skip="dense" if skip == "dense" else "acp", stats=stats,
+                    two_way=mode != "ring_oneway", sub_blocks=args.sub_blocks, merge_pairs=skip != "acp_split")
             try:
                 ms = timed(fn, inputs, args.steps, args.warmup, group)
             except torch.OutOfMemoryError:

@@ -61,6 +61,7 @@ def cp_main(path):
         for name, mode, acp, skip in (("ring, no ACP", "ring", False, "dense"),
                                       ("ring, ACP in the kernel only", "ring", True, "dense"),
                                       ("ACP ring (skip table)", "ring", True, "acp"),
+                                      ("ACP ring, a kernel call per kept suffix", "ring", True, "acp_split"),
                                       ("Ulysses, no ACP", "ulysses", False, None),
                                       ("Ulysses + ACP", "ulysses", True, None)):
             r = find(mode, acp, P, L, skip)

@@ -76,6 +76,30 @@ def test_sub_block_table_keeps_a_suffix_of_each_key_chunk():
     assert pw.units.tolist() == [[3]]
 
 
+def test_merged_pair_reads_the_longest_suffix_and_hides_the_rest():
+    # two heads of one KV head: head 0 keeps the last sub-block of the
+    # previous chunk, head 1 the last three; one merged call reads three
+    P, B, Hq, nsub = 1, 1, 2, 4
+    need = torch.zeros(B, Hq, 2, 2, nsub, dtype=torch.bool)
+    need[:, :, 0, 0] = need[:, :, 1, 1] = True
+    need[0, 0, 1, 0, 3:] = True
+    need[0, 1, 1, 0, 1:] = True
+    merged = [p for p in RingPlan.build(need, 0, 1).pairs(0) if not p.causal]
+    split = [p for p in RingPlan.build(need, 0, 1, merge_pairs=False).pairs(0) if not p.causal]
+    assert len(merged) == 1 and len(split) == 2
+    (pw,) = merged
+    assert pw.rows.tolist() == [0, 1] and pw.lead.tolist() == [2, 0]
+    # row 0 repeats its own first unit where it holds nothing
+    assert pw.units.tolist() == [[3, 3, 3], [1, 2, 3]]
+    hidden = pw.hidden_keys("cpu", 2)
+    assert hidden.tolist() == [[True] * 4 + [False] * 2, [False] * 6]
+    assert sorted(p.units.tolist() for p in split) == [[[1, 2, 3]], [[3]]]
+    # equal suffixes: nothing hidden
+    need[0, 0, 1, 0, 1:] = True
+    (pw,) = [p for p in RingPlan.build(need, 0, 1).pairs(0) if not p.causal]
+    assert pw.lead is None and pw.hidden_keys("cpu", 2) is None
+
+
 @pytest.mark.parametrize("two_way", [True, False])
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_plan_dense_is_causal_and_carry_shrinks(P, two_way):
@@ -175,13 +199,24 @@ def attention_reports(tmp_path_factory):
                                   "ulysses_balanced_ds1", "ulysses_balanced_ds0",
                                   "ring_packed_acp0", "ring_packed_acp1", "ring_packed_local_acp",
                                   "ring_packed_tight", "ring_packed_whole", "ring_packed_oneway",
-                                  "ring_short_acp", "ring_short_dense"])
+                                  "ring_short_acp", "ring_short_dense", "ring_mixed_acp", "ring_mixed_acp_split"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = dict(attention_reports[P]["cases"][name])
     # ring cases with ACP: its thresholds equal the single-device ones exactly
     assert errs.pop("threshold_mismatches", 0.0) == 0.0
     assert set(errs) == {"out", "dq", "dk", "dv", "dlogf"}
     assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_merged_pairs_hide_keys_and_move_the_same_bytes(attention_reports, P):
+    # the mixed-rate case really merged rows of different suffixes; merging
+    # changes the kernel calls, not what travels
+    b = attention_reports[P]["bytes"]
+    merged, split = b["mixed_acp"], b["mixed_acp_split"]
+    assert split["hidden_sub_blocks"] == 0 < merged["hidden_sub_blocks"]
+    for key in ("fwd_kv", "bwd_kv", "bwd_grad", "pairs_computed", "kept_keys"):
+        assert merged[key] == split[key], key
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])

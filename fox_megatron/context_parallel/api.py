@@ -86,6 +86,7 @@ def cp_forgetting_attention(
     two_way: bool = True,
     sub_blocks: Optional[int] = None,
     use_deepspeed: Optional[bool] = None,
+    merge_pairs: bool = True,
 ) -> torch.Tensor:
     """``forgetting_attention`` for a sequence split over a context-parallel group.
 
@@ -102,7 +103,9 @@ def cp_forgetting_attention(
     backward (fewer bytes) or, False, forward with the first chunks (equal
     work at every step).  ``sub_blocks``: parts of a chunk that are sent and
     pruned separately (default: 4 when the chunk divides by 4, else 1; 1 =
-    whole chunks).  ``use_deepspeed`` (Ulysses): DeepSpeed's
+    whole chunks).  ``merge_pairs`` (ring): one kernel call per chunk pair for
+    all rows, whatever sub-blocks each keeps (default), or one per kept-suffix
+    length.  ``use_deepspeed`` (Ulysses): DeepSpeed's
     DistributedAttention (default when importable) or the local all-to-all.
     Gradients reach q, k, v and log_fgate.
     """
@@ -138,6 +141,7 @@ def cp_forgetting_attention(
     if docs is not None and need_thr is not None:
         need_thr = docs.chunk_thresholds(need_thr)  # the first document's, per query chunk
     need = chunk_need_table(c_first, c_last, need_thr, docs.need_mask() if docs is not None else None)
-    plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2], two_way=two_way, documents=docs)
+    plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2], two_way=two_way, documents=docs,
+                          merge_pairs=merge_pairs)
     out, _ = ring_attention(qb, kb, vb, c, thr, plan, group, scale, backend, stats)
     return to_b(out)

@@ -50,6 +50,9 @@ __all__ = ["RingStats", "ring_attention"]
 # gloo matches messages between two ranks by tag: ring tags (+10 for second
 # chunks) stay clear of the halo's (halo.py)
 _TAG_KV, _TAG_C, _TAG_GRAD = 31, 32, 33
+# c_k of keys hidden from a merged pair: c_q - c_k is then about -1e30, below
+# every ACP threshold, and finite (no inf - inf in the kernels)
+_HIDDEN_KEY_DECAY = 1e30
 
 
 @dataclass
@@ -74,6 +77,7 @@ class RingStats:
     pairs_causal: int = 0
     kept_keys: float = 1.0
     steps: int = 0
+    hidden_sub_blocks: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -134,6 +138,12 @@ def _gather_keys(ring, pos, pw):
     Ts, D = kv.shape[2], kv.shape[3]
     kv = kv.view(N, m, 2, Ts, D).transpose(1, 2).reshape(N, 2, m * Ts, D)
     ck = ring.c[bi, sub[:, None]].reshape(N, 1, m * Ts)
+    hidden = pw.hidden_keys(pos.device, Ts)
+    if hidden is not None:
+        # keys a row does not hold (merged pair): a decay below any ACP
+        # threshold, so the kernels prune them (their tiles are skipped,
+        # their gradients are zero)
+        ck = ck.masked_fill(hidden[:, None, :], _HIDDEN_KEY_DECAY)
     return kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2), ck, bi
 
 
@@ -266,6 +276,7 @@ class _RingAttention(torch.autograd.Function):
             stats.pairs_computed, stats.pairs_causal = plan.pair_counts()
             stats.kept_keys = plan.kept_key_fraction()
             stats.full_ring_kv_bytes = (plan.cp_size - 1) * _nbytes(k, v, c)
+            stats.hidden_sub_blocks = plan.hidden_sub_blocks()
         return out, lse
 
     @staticmethod

@@ -108,6 +108,10 @@ class PairWork:
     # the query head of each piece, for its document's ACP threshold
     segments: Optional[ChunkSegments] = None
     seg_heads: Optional[torch.Tensor] = None  # int64 [S]
+    # merged pairs (rows whose kept suffixes differ, one kernel call):
+    # leading sub-blocks of ``units`` a row does not hold (they repeat its
+    # first kept unit, and the ring hides their keys behind the decay)
+    lead: Optional[torch.Tensor] = None  # int64 [N]
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def on_device(self, device):
@@ -116,6 +120,19 @@ class PairWork:
         key = ("rows", str(device))
         if key not in self._on_device:
             self._on_device[key] = (h2d(self.rows, device), h2d(self.units, device), h2d(self.sub, device))
+        return self._on_device[key]
+
+    def hidden_keys(self, device, Ts: int) -> Optional[torch.Tensor]:
+        """bool [N, m * Ts]: the gathered keys a row does not hold (the
+        leading ``lead`` sub-blocks), on ``device``; None when every row
+        holds its whole suffix."""
+        if self.lead is None:
+            return None
+        key = ("hidden", str(device), Ts)
+        if key not in self._on_device:
+            m = self.units.shape[1]
+            hidden = torch.arange(m * Ts)[None, :] < (self.lead * Ts)[:, None]
+            self._on_device[key] = h2d(hidden, device)
         return self._on_device[key]
 
     def device_segments(self, device):
@@ -149,6 +166,9 @@ class RingPlan:
     hi_dir: int = -1
     # packed documents (None: whole rows); the pairs carry document pieces
     documents: Optional[RingDocuments] = None
+    # one kernel call per (query chunk, key chunk) for all rows, whatever
+    # their kept suffixes (True), or one call per suffix length (False)
+    merge_pairs: bool = True
     _pairs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -165,14 +185,15 @@ class RingPlan:
 
     @staticmethod
     def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True,
-              documents: Optional[RingDocuments] = None) -> "RingPlan":
+              documents: Optional[RingDocuments] = None, merge_pairs: bool = True) -> "RingPlan":
         need = need.detach().to("cpu")
         if need.dim() == 4:
             need = need[..., None]
         B, Hq, C, _, nsub = need.shape
         P = C // 2
         g = Hq // kv_heads
-        plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1, documents=documents)
+        plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1, documents=documents,
+                        merge_pairs=merge_pairs)
         # wanted_mask[o][r]: [2, nsub, B, Hkv] bool
         wanted_mask = []
         for o in range(P):
@@ -245,13 +266,18 @@ class RingPlan:
                 nsub = self.sub_blocks
                 # leading sub-blocks pruned for each (b, h); nsub = whole pair skipped
                 start = nsub - self.need[:, :, qc, kc].sum(-1)  # B Hq
+                if self.merge_pairs and self.documents is None:
+                    pw = self._merged_pair(qi, kj, kc == qc, start.reshape(-1))
+                    if pw is not None:
+                        out.append(pw)
+                    continue
                 for ks in torch.unique(start).tolist():
                     if ks >= nsub:
                         continue
                     rows = torch.nonzero((start == ks).reshape(-1)).flatten()
                     b, hh = rows // Hq, rows % Hq
                     blocks = torch.arange(ks, nsub)
-                    units = (((kj * nsub + blocks[None, :]) * B + b[:, None]) * Hkv + (hh // self.group)[:, None])
+                    units = self._unit_ids(kj, blocks[None, :], b[:, None], hh[:, None])
                     pw = PairWork(qi, kj, kc == qc, rows, units, hh % self.group)
                     if self.documents is not None:
                         pw.segments = self.documents.segments(qc, kc, ks, b)
@@ -259,11 +285,39 @@ class RingPlan:
                     out.append(pw)
         return out
 
+    def _unit_ids(self, kj, blocks, b, hh):
+        return ((kj * self.sub_blocks + blocks) * self.batch + b) * self.kv_heads + hh // self.group
+
+    def _merged_pair(self, qi: int, kj: int, causal: bool, start: torch.Tensor) -> Optional[PairWork]:
+        """All rows of a chunk pair in one call (whole rows, no documents).
+
+        Every row reads the longest kept suffix; a row that keeps less holds
+        only its own suffix (its earlier sub-blocks never travel), so its
+        leading entries point at its first kept unit and the ring gives those
+        keys a decay that the ACP threshold drops.  The kernel then skips
+        them as pruned tiles: the result equals per-suffix calls."""
+        nsub = self.sub_blocks
+        rows = torch.nonzero(start < nsub).flatten()
+        if rows.numel() == 0:
+            return None
+        start = start[rows]
+        ks = int(start.min())
+        b, hh = rows // self.q_heads, rows % self.q_heads
+        blocks = torch.maximum(torch.arange(ks, nsub)[None, :], start[:, None])  # N m
+        units = self._unit_ids(kj, blocks, b[:, None], hh[:, None])
+        lead = start - ks
+        return PairWork(qi, kj, causal, rows, units, hh % self.group, lead=lead if bool((lead > 0).any()) else None)
+
     def pair_counts(self) -> Tuple[int, int]:
         """(computed, causal) chunk-pair x (batch, head) counts over all ranks."""
         C = 2 * self.cp_size
         causal = C * (C + 1) // 2 * self.batch * self.q_heads
         return int(self.need.any(-1).sum()), causal
+
+    def hidden_sub_blocks(self) -> int:
+        """Key sub-blocks x rows that merged calls of this rank gather but hide."""
+        return sum(int(pw.lead.sum()) for step in range(self.last_step + 1) for pw in self.pairs(step)
+                   if pw.lead is not None)
 
     def kept_key_fraction(self) -> float:
         """Key sub-blocks attended over causal ones (all pairs, rows, heads)."""

@@ -48,7 +48,7 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None, acp_cfg=None):
+         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None, acp_cfg=None, merge_pairs=True):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
@@ -75,7 +75,7 @@ def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
     o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
                               two_way=two_way, sub_blocks=sub_blocks, cu_seqlens=cu,
-                              use_deepspeed=use_deepspeed)
+                              use_deepspeed=use_deepspeed, merge_pairs=merge_pairs)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
     names = ["out", "dq", "dk", "dv", "dlogf"]
@@ -101,7 +101,7 @@ def sum_bytes(stats):
                      dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
     return {"fwd_kv": int(t[0]), "bwd_kv": int(t[1]), "bwd_grad": int(t[2]), "full_ring_kv": int(t[3]),
-            "steps": stats.steps, "kept_keys": stats.kept_keys, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
+            "steps": stats.steps, "kept_keys": stats.kept_keys, "hidden_sub_blocks": stats.hidden_sub_blocks, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
 
 
 def shift_case(group, packed=False):
@@ -151,6 +151,13 @@ def main():
             errs = case(group, "ring", True, T=32 * P, gate_scale=gate_scale, skip=skip, stats=st, seed=3)
             report["cases"][f"ring_{name}_{skip}"] = errs
             report["bytes"][f"{name}_{skip}"] = sum_bytes(st)
+    # heads that forget at different rates: rows of one chunk pair keep
+    # different key suffixes (one merged kernel call, or one per suffix)
+    for name, merge in (("mixed_acp", True), ("mixed_acp_split", False)):
+        st = RingStats()
+        report["cases"][f"ring_{name}"] = case(group, "ring", True, T=32 * P, stats=st, seed=3, merge_pairs=merge,
+                                               gate_scale=torch.tensor([0.25, 2.0, 8.0, 32.0]))
+        report["bytes"][name] = sum_bytes(st)
     # whole chunks as units (no sub-blocks)
     st = RingStats()
     report["cases"]["ring_local_acp_whole"] = case(group, "ring", True, T=32 * P, gate_scale=8.0, stats=st, seed=3,
