@@ -55,6 +55,8 @@ def steps(nproc: int, mlm: str) -> dict:
         "model_ckpt": (f"{py} -m pytest -q -rf tests/test_model_gpu.py tests/test_train_gpu.py "
                        "-k 'dist_checkpointing or distributed_optimizer_checkpoint'"),
         "train_tests": f"{py} -m pytest -q -rf tests/test_train_gpu.py",
+        "pp_tests": (f"{py} -m pytest -q -rf tests/test_train_gpu.py tests/test_model_gpu.py "
+                     "-k 'pp2 or pipeline_layouts'"),
         "chunk_docs": f"{py} -m pytest -q -rf tests/test_kernel_chunk_documents.py",
         "kernel_fp32": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py -k fp32",
         "kernel_tests": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py",
