@@ -81,6 +81,18 @@ def test_dist_checkpointing_save_tp2_load_tp1(tmp_path):
 
 
 @two_gpus
+def test_pp2_schedule_matches_pp1(tmp_path):
+    # megatron-core's 1F1B schedule over two stages, from the PP=1 weights
+    r = _gpu_worker("pp", tmp_path)
+    assert r["stage_layers"] == 1
+    assert abs(r["pp_loss"] - r["ref_loss"]) < 1e-5 * abs(r["ref_loss"])
+    assert sorted(r["pp_grads"]) == sorted(r["ref_grads"])
+    for key, ref in r["ref_grads"].items():
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(r["pp_grads"][key], ref, rtol=1e-3, atol=1e-4 * max(scale, 1e-3), msg=key)
+
+
+@two_gpus
 def test_dist_checkpointing_across_pipeline_layouts(tmp_path):
     # PP=1 -> PP=2 -> PP=1 through dist_checkpointing (untied embeddings)
     r = _gpu_worker("dcp_pp", tmp_path)

@@ -67,16 +67,19 @@ def test_gpu_dp2_matches_dp1(tmp_path):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
-def test_gpu_pp2_matches_pp1(tmp_path):
-    # fp32: two pipeline stages through megatron-core's 1F1B schedule (4
-    # micro-batches) follow the single-stage run
+def test_gpu_pp2_trains_like_pp1(tmp_path):
+    # fp32, the trainer through megatron-core's 1F1B schedule (4 micro-
+    # batches).  As in Megatron-LM each pipeline stage seeds its own
+    # initialisation, so the two runs start from different (equally
+    # distributed) weights of the second half: the curves agree closely, not
+    # exactly (tests/test_model_gpu.py compares PP = 2 from equal weights).
     _, one = _train(1, tmp_path / "pp1", "bf16=false", "save=null", "save_interval=null", "load=null")
     _, two = _train(2, tmp_path / "pp2", "bf16=false", "pipeline_model_parallel_size=2", "save=null",
                     "save_interval=null", "load=null")
     assert len(one) == len(two) == 12
+    assert two[-1]["loss"] < two[0]["loss"] - 1.0
     for a, b in zip(one, two):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a["grad_norm"], b["grad_norm"])
+        assert math.isclose(a["loss"], b["loss"], rel_tol=2e-3), (a["loss"], b["loss"])
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")

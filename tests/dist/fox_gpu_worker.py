@@ -1,13 +1,16 @@
 """torchrun worker for the GPU-only FoX model tests (NCCL, 2 GPUs).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/fox_gpu_worker.py \
-        --mode dcp|dcp_pp|sp --out result.pt --ckpt-dir DIR
+        --mode dcp|dcp_pp|pp|sp --out result.pt --ckpt-dir DIR
 
   dcp  Megatron's dist_checkpointing (torch_dist): save at TP=2, load at
        TP=1 (the two ranks then data-parallel), same loss.
   dcp_pp  dist_checkpointing across pipeline layouts: save at PP=1, load
        at PP=2 (each stage takes its layers), save that, load it at PP=1:
        the same weights and the same loss.
+  pp   PP=2 through megatron-core's pipeline schedule (1F1B, 4 micro-
+       batches) against the same schedule at PP=1, from the same weights:
+       same loss and gradients.
   sp   TP=2 with sequence parallelism against TP=1: same loss and gradients
        (the sequence-parallel norm gradients all-reduced the way Megatron's
        finalize_model_grads does it).
@@ -124,6 +127,58 @@ def run_dcp_pp(out, ckpt_dir):
                         pp_weights=pp_weights, stage_keys=stage_keys), out)
 
 
+def _schedule_loss(model, n_micro=4):
+    """Mean loss of ``n_micro`` micro-batches through get_forward_backward_func
+    (gradients accumulate in .grad); every pipeline rank returns it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro = [batch(VOCAB, SEQ, MBS, seed=10 + i) for i in range(n_micro)]
+
+    def forward_step(data_iterator, m):
+        tokens, labels, pos = (t.cuda() for t in next(data_iterator))
+        out = m(tokens, pos, None, labels=labels)
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[model], num_microbatches=n_micro,
+        seq_length=SEQ, micro_batch_size=MBS, forward_only=False,
+    )
+    loss = torch.zeros((), device="cuda")
+    if reports:  # last stage only
+        loss = torch.stack([r["loss"] for r in reports]).mean()
+    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    return float(loss)
+
+
+def run_pp(out):
+    from megatron.core import parallel_state as ps
+
+    init_parallel(1, 1, backend="nccl")
+    torch.manual_seed(1)
+    ref = _model(tied=False)
+    group = ps.get_pipeline_model_parallel_group()  # this rank alone: a whole model
+    weights = full_tensors(ref, group=group)
+    ref_loss = _schedule_loss(ref)
+    ref_grads = full_tensors(ref, grads=True, group=group)
+    ps.destroy_model_parallel()
+    init_parallel(1, 2, backend="nccl")
+    torch.manual_seed(2)
+    staged = _model(tied=False)
+    layers = len(staged.decoder.layers)
+    load_full_tensors(staged, weights)
+    pp_loss = _schedule_loss(staged)
+    pp_grads = full_tensors(staged, grads=True)
+    if torch.distributed.get_rank() == 0:
+        torch.save(dict(ref_loss=ref_loss, pp_loss=pp_loss, ref_grads=ref_grads, pp_grads=pp_grads,
+                        stage_layers=layers), out)
+
+
 def run_sp(out):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
@@ -150,7 +205,7 @@ def run_sp(out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["dcp", "dcp_pp", "sp"], required=True)
+    ap.add_argument("--mode", choices=["dcp", "dcp_pp", "pp", "sp"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt-dir", default=None)
     a = ap.parse_args()
@@ -158,6 +213,8 @@ def main():
         run_dcp(a.out, a.ckpt_dir)
     elif a.mode == "dcp_pp":
         run_dcp_pp(a.out, a.ckpt_dir)
+    elif a.mode == "pp":
+        run_pp(a.out)
     else:
         run_sp(a.out)
     torch.distributed.barrier()
