@@ -12,6 +12,10 @@ and adds Adaptive Computation Pruning at the granularity of chunk sub-blocks:
   anywhere;
 - two directions: first chunks travel r -> r+1, second chunks r -> r-1,
   the directions in which causal attention needs them (skip_table.py);
+- one kernel call per chunk pair: rows (batch row, head) that keep
+  different key suffixes read the longest one, and the keys a row does not
+  hold are hidden behind a decay below the threshold, so the kernels skip
+  them as pruned tiles (``RingPlan.merge_pairs``);
 - the same plan drives the backward ring.  dK/dV (and the gradient of the
   keys' decays) do not travel around the ring: rank r meets each origin's
   first chunks exactly once (at step r - o) and its second chunks exactly
