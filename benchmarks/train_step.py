@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_variant(config, label, overrides, iters, warmup, gpus, workdir):
     run_dir = Path(workdir) / label
     sets = [
-        f"train_iters={iters}", "log_interval=1", "eval_interval=null", "save=null", "load=null", "save_interval=null",
+        # a short run: the recipe's warm-up would outlast it (the rate does not change the step time)
+        f"train_iters={iters}", f"lr_warmup_iters={max(1, iters // 4)}",
+        "log_interval=1", "eval_interval=null", "save=null", "load=null", "save_interval=null",
         f"launch.nproc_per_node={gpus}", "launch.nnodes=1", f"launch.run_dir={run_dir}",
         *overrides,
     ]
