@@ -187,3 +187,39 @@ def test_acp_uses_qk_norm_bound_and_changes_little():
     b, _ = off(x, None)
     assert on.acp_kept_fraction is not None and float(on.acp_kept_fraction) < 1.0
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_fused_elementwise_functions_compile_to_the_eager_math():
+    # What the GPU path compiles (torch.compile, fullgraph) computes the eager
+    # functions' values and gradients; Inductor's CPU backend stands in for
+    # the GPU one here.
+    from fox_megatron.model import fused
+
+    g = torch.Generator().manual_seed(0)
+    T, B, H, D = 9, 2, 3, 8
+    starts = torch.zeros(T, B, dtype=torch.bool)
+    starts[0] = True
+    starts[4, 1] = True
+    cases = [
+        (fused.kv_shift, lambda: (torch.randn(T, B, H, D, generator=g), torch.randn(T, B, H, D, generator=g),
+                                  torch.randn(T, B, H, generator=g), torch.randn(T, B, H, generator=g)), (starts,)),
+        (fused.head_rms_norm, lambda: (torch.randn(T, B, H, D, generator=g), torch.rand(H, D, generator=g) + 0.5),
+         (1e-6,)),
+        (fused.log_forget_gate, lambda: (torch.randn(T, B, H, generator=g), torch.randn(H, generator=g)), ()),
+        (fused.gate_output, lambda: (torch.randn(T, B, H * D, generator=g), torch.randn(T, B, H * D, generator=g)),
+         ()),
+    ]
+    for fn, make, extra in cases:
+        inputs = make()
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=True, dynamic=False)):
+            xs = [t.clone().requires_grad_() for t in inputs]
+            out = f(*xs, *extra)
+            outs = out if isinstance(out, tuple) else (out,)
+            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+            results.append([o.detach() for o in outs] + [x.grad for x in xs])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=fn.__name__)
+    # the layer calls the compiled functions only for CUDA tensors below fp64
+    x = torch.randn(2, 2)
+    assert fused.maybe_compiled(fused.gate_output, x, True) is fused.gate_output

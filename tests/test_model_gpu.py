@@ -45,13 +45,13 @@ def test_125m_bf16_triton_matches_reference():
 
     init_parallel(1, 1)
 
-    def build(backend):
+    def build(backend, fuse=True):
         cfg = FoxTransformerConfig(
             num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2688,
             normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
             hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
             params_dtype=torch.bfloat16, bf16=True, init_method_std=0.02,
-            fox=FoxConfig(attention_backend=backend),
+            fox=FoxConfig(attention_backend=backend, fuse_elementwise=fuse),
         )
         return build_fox_gpt_model(cfg, 32000, 2048)
 
@@ -72,6 +72,21 @@ def test_125m_bf16_triton_matches_reference():
         assert cos > 0.98, (name, cos)
     kept = collect_acp_kept_fraction(fast)
     assert kept is not None and 0.0 < float(kept) <= 1.0
+
+    # the elementwise work compiled (default) and eager: the same model
+    eager = build("triton", fuse=False)
+    eager.load_state_dict(fast.state_dict())
+    fast.zero_grad(set_to_none=True)
+    got = []
+    for model in (fast, eager):
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        got.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (l_c, g_c), (l_e, g_e) = got
+    assert abs(l_c - l_e) < 2e-3 * abs(l_e)
+    for name in g_e:
+        cos = F.cosine_similarity(g_c[name].flatten(), g_e[name].flatten(), dim=0).item()
+        assert cos > 0.995, (name, cos)
 
 
 @two_gpus

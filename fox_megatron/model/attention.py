@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 from typing import Any, List, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -58,6 +57,7 @@ from megatron.core.transformer.utils import (
 from fox_megatron.kernels import AcpConfig, forgetting_attention, logit_bound_from_qk_norm
 
 from .config import FoxConfig, resolve_fox_config
+from .fused import at_least_fp32, gate_output, head_rms_norm, kv_shift, log_forget_gate, maybe_compiled, shift_tokens
 from .norm import HeadRMSNorm, param_device
 
 __all__ = ["FoxSelfAttention", "FoxSelfAttentionSubmodules", "shift_tokens", "document_start_mask"]
@@ -83,24 +83,6 @@ def document_start_mask(cu_seqlens: Optional[torch.Tensor], seqlen: int, batch: 
     starts = starts[:-1].view(batch, seqlen).t().contiguous()
     starts[0] = True
     return starts
-
-
-def shift_tokens(x: torch.Tensor, gate: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """x'_t = a_t x_{t-1} + (1 - a_t) x_t along dim 0 of an sbhd tensor.
-
-    x: [T, B, H, D]; gate a: [T, B, H] in (0, 1); starts: [T, B] bool.  The
-    token before a sequence start counts as zero, as before the first token
-    of a row, so no document sees its predecessor.
-    """
-    prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
-    prev = prev.masked_fill(starts[:, :, None, None], 0.0)
-    a = gate.to(x.dtype).unsqueeze(-1)
-    return x + a * (prev - x)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    # gates are computed in fp32 (fp64 inputs, used by tests, stay fp64)
-    return t if t.dtype == torch.float64 else t.float()
 
 
 class FoxSelfAttention(MegatronModule):
@@ -302,15 +284,15 @@ class FoxSelfAttention(MegatronModule):
                 P = self.cp_group.size()
                 starts = zigzag_slice(document_start_mask(cu_seqlens, T * P, B, mixed.device), 0,
                                       self.cp_group.rank(), P)
-            k = shift_tokens_cp(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), self.cp_group, starts)
-            v = shift_tokens_cp(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), self.cp_group, starts)
+            k = shift_tokens_cp(k, torch.sigmoid(at_least_fp32(pieces["key_shift"])), self.cp_group, starts)
+            v = shift_tokens_cp(v, torch.sigmoid(at_least_fp32(pieces["value_shift"])), self.cp_group, starts)
         elif self.fox.kv_shift:
             starts = document_start_mask(cu_seqlens, T, B, mixed.device)
-            k = shift_tokens(k, torch.sigmoid(_at_least_fp32(pieces["key_shift"])), starts)
-            v = shift_tokens(v, torch.sigmoid(_at_least_fp32(pieces["value_shift"])), starts)
+            k, v = self._fused(kv_shift, mixed)(k, v, pieces["key_shift"], pieces["value_shift"], starts)
         if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
+            norm = self._fused(head_rms_norm, mixed)
+            q = norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = norm(k, self.k_norm.weight, self.k_norm.eps)
         if rotary_pos_emb is not None:
             if self.fox.use_rope:
                 q, k = self._apply_rope(q, k, rotary_pos_emb, packed_seq_params)
@@ -326,7 +308,7 @@ class FoxSelfAttention(MegatronModule):
             raise ValueError("FoX option use_rope is on but the model passed no rotary embedding "
                              "(build the GPTModel with position_embedding_type='rope')")
 
-        log_fgate = F.logsigmoid(_at_least_fp32(pieces["forget_gate"]) + _at_least_fp32(self.forget_gate_bias))
+        log_fgate = self._fused(log_forget_gate, mixed)(pieces["forget_gate"], self.forget_gate_bias)
 
         acp = self._acp_config()
         want_stats = acp is not None and self.fox.collect_acp_stats
@@ -350,11 +332,14 @@ class FoxSelfAttention(MegatronModule):
                 self.acp_kept_fraction = None
 
         if self.out_norm is not None:
-            o = self.out_norm(o)
+            o = self._fused(head_rms_norm, mixed)(o, self.out_norm.weight, self.out_norm.eps)
         o = o.reshape(T, B, Hq * D)
         if self.fox.output_gate:
-            o = o * torch.sigmoid(_at_least_fp32(pieces["output_gate"])).to(o.dtype)
+            o = self._fused(gate_output, mixed)(o, pieces["output_gate"])
         return self.linear_proj(o)
+
+    def _fused(self, fn, like):
+        return maybe_compiled(fn, like, self.fox.fuse_elementwise)
 
     def _cp_attention(self, q, k, v, log_fgate, acp, want_stats, cu_seqlens):
         from fox_megatron.context_parallel import RingStats, cp_forgetting_attention

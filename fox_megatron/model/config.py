@@ -49,6 +49,9 @@ class FoxConfig:
     attention_backend:     "auto" (Triton on CUDA, torch on CPU), "triton",
                            "torch".
     collect_acp_stats:     keep the kept-tile fraction of every forward.
+    fuse_elementwise:      on the GPU, torch.compile the layer's elementwise
+                           work around the kernel (gates, token shift,
+                           per-head norms) into fused kernels (fused.py).
     cp_mode:               context parallelism (context_parallel_size > 1):
                            "ring" (pruning-aware ring attention) or
                            "ulysses" (head all-to-all); both take packed
@@ -65,6 +68,7 @@ class FoxConfig:
     use_rope: bool = False
     attention_backend: str = "auto"
     collect_acp_stats: bool = True
+    fuse_elementwise: bool = True
     cp_mode: str = "ring"
 
     def __post_init__(self):

@@ -91,10 +91,9 @@ class HeadRMSNorm(torch.nn.Module):
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(cd)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(cd)).to(x.dtype)
+        from .fused import head_rms_norm
+
+        return head_rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
