@@ -200,26 +200,32 @@ def test_fused_elementwise_functions_compile_to_the_eager_math():
     starts = torch.zeros(T, B, dtype=torch.bool)
     starts[0] = True
     starts[4, 1] = True
+    w = lambda *shape: torch.rand(*shape, generator=g) + 0.5  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     cases = [
-        (fused.kv_shift, lambda: (torch.randn(T, B, H, D, generator=g), torch.randn(T, B, H, D, generator=g),
-                                  torch.randn(T, B, H, generator=g), torch.randn(T, B, H, generator=g)), (starts,)),
-        (fused.head_rms_norm, lambda: (torch.randn(T, B, H, D, generator=g), torch.rand(H, D, generator=g) + 0.5),
-         (1e-6,)),
-        (fused.log_forget_gate, lambda: (torch.randn(T, B, H, generator=g), torch.randn(H, generator=g)), ()),
-        (fused.gate_output, lambda: (torch.randn(T, B, H * D, generator=g), torch.randn(T, B, H * D, generator=g)),
-         ()),
+        # q, k, v, shift logits k / v, (starts), q / k norm weights, (eps), forget logits, forget bias
+        (fused.before_attention,
+         lambda: (r(T, B, H, D), r(T, B, 1, D), r(T, B, 1, D), r(T, B, 1), r(T, B, 1), w(H, D), w(1, D), r(T, B, H), r(H)),
+         lambda xs: (*xs[:5], starts, xs[5], xs[6], 1e-6, xs[7], xs[8])),
+        # o, out norm weight, (eps), gate logits
+        (fused.after_attention, lambda: (r(T, B, H, D), w(H, D), r(T, B, H * D)),
+         lambda xs: (xs[0], xs[1], 1e-6, xs[2])),
     ]
-    for fn, make, extra in cases:
+    for fn, make, arrange in cases:
         inputs = make()
         results = []
         for f in (fn, torch.compile(fn, fullgraph=True, dynamic=False)):
             xs = [t.clone().requires_grad_() for t in inputs]
-            out = f(*xs, *extra)
+            out = f(*arrange(xs))
             outs = out if isinstance(out, tuple) else (out,)
             sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
             results.append([o.detach() for o in outs] + [x.grad for x in xs])
         for a, b in zip(*results):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=fn.__name__)
+    # without shift logits and norm weights only the forget gate is computed
+    q = torch.randn(T, B, H, D)
+    out = fused.before_attention(q, q, q, None, None, None, None, None, 0.0, torch.zeros(T, B, H), torch.zeros(H))
+    assert out[0] is q and torch.allclose(out[3], torch.full((T, B, H), -math.log(2.0)))
     # the layer calls the compiled functions only for CUDA tensors below fp64
     x = torch.randn(2, 2)
     assert fused.maybe_compiled(fused.gate_output, x, True) is fused.gate_output

@@ -57,7 +57,13 @@ from megatron.core.transformer.utils import (
 from fox_megatron.kernels import AcpConfig, forgetting_attention, logit_bound_from_qk_norm
 
 from .config import FoxConfig, resolve_fox_config
-from .fused import at_least_fp32, gate_output, head_rms_norm, kv_shift, log_forget_gate, maybe_compiled, shift_tokens
+from .fused import (
+    after_attention,
+    at_least_fp32,
+    before_attention,
+    maybe_compiled,
+    shift_tokens,
+)
 from .norm import HeadRMSNorm, param_device
 
 __all__ = ["FoxSelfAttention", "FoxSelfAttentionSubmodules", "shift_tokens", "document_start_mask"]
@@ -274,6 +280,7 @@ class FoxSelfAttention(MegatronModule):
                 )
             cu_seqlens = packed_seq_params.cu_seqlens_q
 
+        k_shift = v_shift = starts = None
         if self.fox.kv_shift and self.cp_group is not None:
             # the token before each local chunk lives on a neighbouring rank
             from fox_megatron.context_parallel import shift_tokens_cp, zigzag_slice
@@ -288,11 +295,14 @@ class FoxSelfAttention(MegatronModule):
             v = shift_tokens_cp(v, torch.sigmoid(at_least_fp32(pieces["value_shift"])), self.cp_group, starts)
         elif self.fox.kv_shift:
             starts = document_start_mask(cu_seqlens, T, B, mixed.device)
-            k, v = self._fused(kv_shift, mixed)(k, v, pieces["key_shift"], pieces["value_shift"], starts)
-        if self.q_norm is not None:
-            norm = self._fused(head_rms_norm, mixed)
-            q = norm(q, self.q_norm.weight, self.q_norm.eps)
-            k = norm(k, self.k_norm.weight, self.k_norm.eps)
+            k_shift, v_shift = pieces["key_shift"], pieces["value_shift"]
+        # shift, q/k norms and the log forget gate: one fused region (RoPE, if
+        # any, rotates the normalised q and k after it)
+        qn = self.q_norm.weight if self.q_norm is not None else None
+        kn = self.k_norm.weight if self.k_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q, k, v, log_fgate = self._fused(before_attention, mixed)(
+            q, k, v, k_shift, v_shift, starts, qn, kn, eps, pieces["forget_gate"], self.forget_gate_bias)
         if rotary_pos_emb is not None:
             if self.fox.use_rope:
                 q, k = self._apply_rope(q, k, rotary_pos_emb, packed_seq_params)
@@ -307,8 +317,6 @@ class FoxSelfAttention(MegatronModule):
         elif self.fox.use_rope:
             raise ValueError("FoX option use_rope is on but the model passed no rotary embedding "
                              "(build the GPTModel with position_embedding_type='rope')")
-
-        log_fgate = self._fused(log_forget_gate, mixed)(pieces["forget_gate"], self.forget_gate_bias)
 
         acp = self._acp_config()
         want_stats = acp is not None and self.fox.collect_acp_stats
@@ -331,11 +339,11 @@ class FoxSelfAttention(MegatronModule):
                 o = result
                 self.acp_kept_fraction = None
 
-        if self.out_norm is not None:
-            o = self._fused(head_rms_norm, mixed)(o, self.out_norm.weight, self.out_norm.eps)
-        o = o.reshape(T, B, Hq * D)
-        if self.fox.output_gate:
-            o = self._fused(gate_output, mixed)(o, pieces["output_gate"])
+        o = self._fused(after_attention, mixed)(
+            o, self.out_norm.weight if self.out_norm is not None else None,
+            self.out_norm.eps if self.out_norm is not None else 0.0,
+            pieces["output_gate"] if self.fox.output_gate else None,
+        )
         return self.linear_proj(o)
 
     def _fused(self, fn, like):

@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["at_least_fp32", "shift_tokens", "kv_shift", "head_rms_norm", "log_forget_gate", "gate_output", "maybe_compiled"]
+__all__ = ["at_least_fp32", "shift_tokens", "kv_shift", "head_rms_norm", "log_forget_gate", "gate_output",
+           "before_attention", "after_attention", "maybe_compiled"]
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,35 @@ def gate_output(o: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return o * torch.sigmoid(at_least_fp32(logits)).to(o.dtype)
 
 
+def before_attention(q, k, v, k_shift_logits, v_shift_logits, starts, q_norm_weight, k_norm_weight, eps: float,
+                     forget_logits, forget_bias):
+    """Everything between the fused projection and the kernel, one region:
+    token shift of k and v (when shift logits are given), per-head RMSNorm
+    of q and k (when norm weights are given), the log forget gate.
+    Returns (q, k, v, log_fgate)."""
+    if k_shift_logits is not None:
+        k, v = kv_shift(k, v, k_shift_logits, v_shift_logits, starts)
+    if q_norm_weight is not None:
+        q = head_rms_norm(q, q_norm_weight, eps)
+        k = head_rms_norm(k, k_norm_weight, eps)
+    return q, k, v, log_forget_gate(forget_logits, forget_bias)
+
+
+def after_attention(o, out_norm_weight, eps: float, gate_logits):
+    """Per-head output RMSNorm (when a weight is given), heads merged into
+    the hidden dim, the output gate (when logits are given): o [T, B, H, D]
+    -> [T, B, H * D]."""
+    if out_norm_weight is not None:
+        o = head_rms_norm(o, out_norm_weight, eps)
+    o = o.reshape(o.shape[0], o.shape[1], -1)
+    if gate_logits is not None:
+        o = gate_output(o, gate_logits)
+    return o
+
+
+# Why two regions and not one per step: each call of a compiled function
+# costs the host 0.1-0.2 ms (guards, autograd wrappers), as much as several
+# eager kernel launches.
 _COMPILED: Dict[Callable, Callable] = {}
 
 
