@@ -144,7 +144,8 @@ def main():
             variants = [("single", False, None), ("single", True, None)]
         else:
             variants = [("ring", False, "dense"), ("ring", True, "dense"), ("ring", True, "acp"),
-                        ("ring", True, "acp_split"), ("ring_oneway", True, "acp"), ("ulysses", False, None), ("ulysses", True, None)]
+                        ("ring", True, "acp_split"), ("ring_oneway", True, "acp"),
+                        ("ulysses", False, None), ("ulysses", True, None)]
         if args.variants:
             want = {tuple(v.split(":")) for v in args.variants.split(",")}
             variants = [x for x in variants if (x[0], str(int(x[1])), x[2] or "-") in want]
