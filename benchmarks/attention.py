@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 
 TOKENS = 32768
+VARIANTS = ("full", "acp", "docs", "docs_acp", "separate", "separate_acp")
 
 
 def paper_like_inputs(B, L, H, D, seed, device="cuda"):
@@ -123,12 +124,13 @@ def summarize(records):
         same = [p for p in records if (p["H"], p["D"], p["L"], p["docs"]) == (r["H"], r["D"], r["L"], r["docs"])]
         row = dict(H=r["H"], D=r["D"], L=r["L"], docs=r["docs"], acp=r["acp"], ms=r["ms"])
         for p in same:
-            if p["impl"] != "fox":
+            # packed vs the same documents unpacked: like for like (ACP or not)
+            if p["impl"] != "fox" and (p["impl"] != "fox_separate" or p["acp"] == r["acp"]):
                 row[f"speedup_vs_{p['impl']}"] = round(p["ms"] / r["ms"], 3)
+        full = next((p for p in same if p["impl"] == "fox" and not p["acp"]), None)
         if r["acp"]:
-            full = next(p for p in same if p["impl"] == "fox" and not p["acp"])
-            kept = r["kept_tiles"]
-            row["kept_tiles"] = kept
+            kept = row["kept_tiles"] = r["kept_tiles"]
+        if r["acp"] and full is not None:
             row["acp_efficiency"] = round((1 - r["ms"] / full["ms"]) / max(1 - kept, 1e-9), 3)
         summary.append(row)
     return summary
@@ -137,12 +139,13 @@ def summarize(records):
 def print_summary(summary):
     nan = float("nan")
     print(f"{'H':>3} {'D':>4} {'L':>6} {'docs':>4} {'acp':>5} {'ms':>8} {'kept':>6} {'E':>6} "
-          f"{'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6}")
+          f"{'xflash':>7} {'xcudnn':>7} {'xfla':>6} {'xflex':>6} {'xsep':>6}")
     for s in summary:
         print(f"{s['H']:>3} {s['D']:>4} {s['L']:>6} {s['docs']:>4} {str(s['acp']):>5} {s['ms']:>8.2f} "
               f"{s.get('kept_tiles', 1.0):>6.3f} {s.get('acp_efficiency', nan):>6.2f} "
               f"{s.get('speedup_vs_sdpa_flash', nan):>7.2f} {s.get('speedup_vs_sdpa_cudnn', nan):>7.2f} "
-              f"{s.get('speedup_vs_fla_fox', nan):>6.2f} {s.get('speedup_vs_flex_plain', nan):>6.2f}")
+              f"{s.get('speedup_vs_fla_fox', nan):>6.2f} {s.get('speedup_vs_flex_plain', nan):>6.2f} "
+              f"{s.get('speedup_vs_fox_separate', nan):>6.2f}")
 
 
 def main():
@@ -150,6 +153,9 @@ def main():
     ap.add_argument("--lengths", default="4096,8192,16384,32768")
     ap.add_argument("--shapes", default="24x64,16x128")
     ap.add_argument("--docs", type=int, default=8, help="documents per row for the packed variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="FoX variants: one document per row (full, acp), packed (docs, docs_acp), the packed "
+                         "documents as separate rows (separate, separate_acp)")
     ap.add_argument("--peers", default="sdpa_flash,sdpa_cudnn,fla_fox,flex_plain")
     ap.add_argument("--warmup-ms", type=float, default=200)
     ap.add_argument("--rep-ms", type=float, default=1000)
@@ -174,6 +180,10 @@ def main():
                 json.dump({**header, "records": records, **(extra or {})}, f, indent=1)
 
     peers = [p for p in args.peers.split(",") if p]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown --variants {sorted(unknown)} (choose from {','.join(VARIANTS)})")
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
         for L in (int(x) for x in args.lengths.split(",")):
@@ -190,17 +200,28 @@ def main():
                 print(json.dumps(r), flush=True)
                 return r
 
-            # FoX without and with ACP, one document per row and packed
-            variants = [(False, 1), (True, 1), (False, args.docs), (True, args.docs)]
-            for use_acp, docs in variants:
-                cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 else None
-                fn = lambda: forgetting_attention(q, k, v, log_f, cu_seqlens=cu, acp=acp if use_acp else None)
+            # FoX without and with ACP: one document per row, packed
+            # documents, and the same documents as separate batch rows (the
+            # work of the packed call without packing)
+            for variant in variants:
+                use_acp = variant.endswith("acp")
+                docs = 1 if variant in ("full", "acp") else args.docs
+                separate = variant.startswith("separate")
+                cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 and not separate else None
+                # packed documents come as a trainer gives them (Megatron's
+                # PackedSeqParams): cu_seqlens on the GPU and max_seqlen
+                mx = L // docs if cu is not None else None
+                ins = (q, k, v, log_f)
+                if separate:
+                    ins = tuple(t.view(B * docs, L // docs, *t.shape[2:]) for t in ins)
+                fn = lambda: forgetting_attention(*ins, cu_seqlens=cu, max_seqlen=mx,  # noqa: E731
+                                                  acp=acp if use_acp else None)
                 ms = time_step(fn, (q, k, v, log_f), args.warmup_ms, args.rep_ms)
                 extra = dict(acp=use_acp, docs=docs)
                 if use_acp:
-                    _, st = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, acp=acp, return_stats=True)
+                    _, st = forgetting_attention(*ins, cu_seqlens=cu, acp=acp, return_stats=True)
                     extra["kept_tiles"] = round(st.kept_fraction, 4)
-                rec("fox", ms, **extra)
+                rec("fox_separate" if separate else "fox", ms, **extra)
             for peer in peers:
                 try:
                     if peer.startswith("sdpa_"):

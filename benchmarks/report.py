@@ -1,6 +1,6 @@
 """Markdown tables from committed result files (what README shows).
 
-    python benchmarks/report.py benchmarks/results/attention_h100.json
+    python benchmarks/report.py benchmarks/results/attention_h200.json benchmarks/results/attention_packed_h200.json
     python benchmarks/report.py benchmarks/results/cp_attention_h200.json
 """
 
@@ -8,16 +8,22 @@ import json
 import sys
 
 
-def main(path):
-    d = json.load(open(path))
-    rec = d["records"]
-
+def _finder(rec):
     def ms(impl, H, D, L, docs=1, acp=False):
         for r in rec:
-            if (r["impl"], r["H"], r["D"], r["L"], r["docs"]) == (impl, H, D, L, docs) and (impl != "fox" or r["acp"] == acp):
+            if (r["impl"], r["H"], r["D"], r["L"], r["docs"]) == (impl, H, D, L, docs) and (
+                    not impl.startswith("fox") or r["acp"] == acp):
                 return r
         return None
+    return ms
 
+
+def main(path, packed_path=None):
+    """One table per file: the single-document run, and the packed-document
+    run (``packed_path``, the same file when not given); every ratio in a
+    table compares numbers of one run."""
+    rec = json.load(open(path))["records"]
+    ms = _finder(rec)
     shapes = sorted({(r["H"], r["D"]) for r in rec}, key=lambda x: x[1])
     lengths = sorted({r["L"] for r in rec})
     print("| H x D | L | FoX | FoX + ACP (kept tiles) | SDPA flash | SDPA cuDNN | FLA FoX | Flex causal |")
@@ -25,19 +31,26 @@ def main(path):
     for H, D in shapes:
         for L in lengths:
             full, acp = ms("fox", H, D, L), ms("fox", H, D, L, acp=True)
+            if not (full and acp):
+                continue
             peers = [ms(p, H, D, L) for p in ("sdpa_flash", "sdpa_cudnn", "fla_fox", "flex_plain")]
             cells = [f"{full['ms']:.2f}", f"{acp['ms']:.2f} ({acp['kept_tiles']:.2f})"]
             cells += [f"{p['ms']:.2f}" if p else "-" for p in peers]
             print(f"| {H} x {D} | {L} | " + " | ".join(cells) + " |")
     print()
-    print("| H x D | L | FoX, 8 docs/row | FoX + ACP, 8 docs/row (kept tiles) | FLA FoX, 8 docs/row |")
-    print("|---|---:|---:|---:|---:|")
+    rec = json.load(open(packed_path or path))["records"]
+    ms = _finder(rec)
+    print("| H x D | L | FoX, 8 docs/row | same documents as rows | FoX + ACP, 8 docs/row (kept tiles) "
+          "| same documents as rows, ACP | FLA FoX, 8 docs/row |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    dash = lambda r, f="{:.2f}": f.format(r["ms"]) if r else "-"  # noqa: E731
     for H, D in shapes:
         for L in lengths:
             full, acp, fla = ms("fox", H, D, L, 8), ms("fox", H, D, L, 8, True), ms("fla_fox", H, D, L, 8)
+            sep, sep_acp = ms("fox_separate", H, D, L, 8), ms("fox_separate", H, D, L, 8, True)
             if full and acp:
-                print(f"| {H} x {D} | {L} | {full['ms']:.2f} | {acp['ms']:.2f} ({acp['kept_tiles']:.2f}) | "
-                      + (f"{fla['ms']:.2f}" if fla else "-") + " |")
+                print(f"| {H} x {D} | {L} | {full['ms']:.2f} | {dash(sep)} | {acp['ms']:.2f} ({acp['kept_tiles']:.2f}) | "
+                      f"{dash(sep_acp)} | {dash(fla)} |")
 
 
 def cp_main(path):
@@ -84,4 +97,4 @@ if __name__ == "__main__":
     if json.load(open(path))["records"][0].get("bench") == "cp_attention":
         cp_main(path)
     else:
-        main(path)
+        main(path, sys.argv[2] if len(sys.argv) > 2 else None)

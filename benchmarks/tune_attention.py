@@ -53,26 +53,36 @@ def bench_parts(q, k, v, log_f, acp, cu=None, rep=300):
 
 
 def profile(q, k, v, log_f, acp, cu, label):
+    """GPU time per kernel of one fwd + bwd step, next to the step's wall
+    time: a wall time above the kernels' sum is the GPU waiting for the host."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu)
+    max_len = q.shape[1] // 8 if cu is not None else None
+    out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu, max_seqlen=max_len)
     do = torch.randn_like(out)
-    out.backward(do)
+
+    def step():
+        for t in (q, k, v, log_f):
+            t.grad = None
+        forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu, max_seqlen=max_len).backward(do)
+
+    wall = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(3):
-            out = forgetting_attention(q, k, v, log_f, acp=acp, cu_seqlens=cu)
-            out.backward(do)
+            step()
         torch.cuda.synchronize()
-    print(f"--- profile {label} (3 steps)")
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.device_type.name == "CUDA":
             rows.append((t / 3e3, e.count // 3, e.key[:70]))
+    gpu = sum(r[0] for r in rows)
+    print(f"--- profile {label}: wall {wall:.3f} ms per step, GPU kernels {gpu:.3f} ms")
     for t, n, key in sorted(rows, reverse=True)[:12]:
         print(f"{t:9.3f} ms  x{n:<3} {key}")
-    return [dict(ms=t, count=n, kernel=key) for t, n, key in sorted(rows, reverse=True)[:12]]
+    return dict(wall_ms=round(wall, 4), gpu_ms=round(gpu, 4),
+                kernels=[dict(ms=round(t, 4), count=n, kernel=key) for t, n, key in sorted(rows, reverse=True)[:12]])
 
 
 def main():
@@ -81,6 +91,7 @@ def main():
     ap.add_argument("--shapes", default="24x64,16x128")
     ap.add_argument("--kinds", default="fwd,dkdv,dq")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile-only", action="store_true", help="profile the chosen shapes, no sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -95,9 +106,10 @@ def main():
         key = 64 if D <= 64 else 128
         if not args.no_profile:
             cu = doc_cu_seqlens(B, L, 8, q.device)
-            for label, a, c in (("dense", None, None), ("acp", acp, None), ("docs8", None, cu)):
+            for label, a, c in (("dense", None, None), ("acp", acp, None), ("docs8", None, cu),
+                                ("docs8_acp", acp, cu)):
                 results["profiles"][f"{H}x{D}_{label}"] = profile(q, k, v, log_f, a, c, f"H={H} D={D} {label}")
-        for kind in args.kinds.split(","):
+        for kind in ([] if args.profile_only else args.kinds.split(",")):
             default = triton_ops.CONFIGS[kind][key]
             best = None
             for cfg in CANDIDATES[kind]:

@@ -153,6 +153,30 @@ def test_triton_packed_documents(acp):
     check(q, k, v, log_f, TOL[torch.float32], cu_seqlens=cu, acp=AcpConfig(log_eps=-4.0) if acp else None)
 
 
+def test_cu_seqlens_device_check_catches_what_the_host_check_does():
+    """The no-sync check (a CUDA cu_seqlens with max_seqlen) asserts on the
+    device; on a CPU tensor the same assertion raises at once."""
+    from fox_megatron.kernels.forgetting_attn.interface import _check_cu_seqlens_on_device
+
+    good = torch.tensor([0, 5, 16, 20, 32])
+    assert torch.equal(_check_cu_seqlens_on_device(good, 2, 16, 12), good)
+    for bad, max_len in [([0, 5, 30], 30), ([0, 9, 5, 32], 32), ([0, 10, 20, 32], 16), ([1, 16, 32], 16),
+                         ([0, 16, 32], 15)]:
+        with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+            _check_cu_seqlens_on_device(torch.tensor(bad), 2, 16, max_len)
+
+
+def test_max_seqlen_gives_the_same_result():
+    B, T = 2, 48
+    q, k, v, log_f = make_inputs(B, T, 2, 2, 32, torch.float32, seed=17)
+    cu = torch.tensor([0, 7, 30, 48, 60, 96], dtype=torch.int32, device=DEVICE)
+    for backend in ("torch", "triton"):
+        a = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, backend=backend, acp=AcpConfig(log_eps=-3.0))
+        b = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, max_seqlen=40, backend=backend,
+                                 acp=AcpConfig(log_eps=-3.0))
+        torch.testing.assert_close(a, b)
+
+
 def test_triton_large_decay_prunes_and_matches():
     # fast forgetting everywhere: most tiles are skipped
     q, k, v, log_f = make_inputs(1, 700, 2, 2, 32, torch.float32, decay_scale=100.0, seed=8)
@@ -229,6 +253,30 @@ def test_triton_boundaries_match_reference_and_mirror():
                     while lo + run_len < M and kept[s, h, lo + run_len, n]:
                         run_len += 1
                     assert hi[s, h].item() == lo + run_len
+
+
+def test_triton_boundaries_of_an_earlier_key_chunk():
+    """Non-causal pair (a key chunk wholly before the query chunk, as in the
+    ring): every row counts its pruned key blocks, every column its kept
+    query blocks, thresholds from prune-nothing to prune-everything."""
+    from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries
+
+    torch.manual_seed(12)
+    S, H, Tq, Tk = 2, 4, 200, 131
+    log_f = -torch.rand(S, H, Tk + Tq) * torch.logspace(-2, 0, H)[None, :, None]
+    c = torch.cumsum(log_f, -1)
+    c_k, c_q = c[..., :Tk].contiguous().to(DEVICE), c[..., Tk:].contiguous().to(DEVICE)
+    thr = torch.tensor([[-1e9, -5.0, -1.0, 1e9]]).expand(S, H).contiguous().to(DEVICE)
+    pairs = _PairTable.chunks(S, Tq, Tk, DEVICE)
+    for bm, bn in [(64, 32), (32, 64)]:
+        kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, bm, bn, False, want_kblo=True, want_qbhi=True)
+        M, N = -(-Tq // bm), -(-Tk // bn)
+        qf = c_q[:, :, torch.arange(M) * bm].cpu()
+        kl = c_k[:, :, torch.clamp((torch.arange(N) + 1) * bn, max=Tk) - 1].cpu()
+        pruned = (qf[..., :, None] - kl[..., None, :]) < thr.cpu()[..., None, None]  # S H M N
+        torch.testing.assert_close(kblo.cpu(), pruned.sum(-1).to(torch.int32))
+        torch.testing.assert_close(qbhi.cpu(), (~pruned).sum(-2).to(torch.int32))
+        assert kblo[:, 0].eq(0).all() and kblo[:, 3].eq(N).all()  # nothing / everything pruned
 
 
 # ------------------------------------------------- context-parallel entry
@@ -322,6 +370,10 @@ def test_bad_inputs_raise_clear_errors():
     q2, k2, v2, f2 = (torch.cat([t, t]) for t in (q, k, v, log_f))
     with pytest.raises(ValueError, match="row boundary"):
         forgetting_attention(q2, k2, v2, f2, cu_seqlens=torch.tensor([0, 10, 20, 32], device=q.device))
+    with pytest.raises(ValueError, match="longer than max_seqlen"):
+        forgetting_attention(q2, k2, v2, f2, cu_seqlens=torch.tensor([0, 16, 32], device=q.device), max_seqlen=15)
+    with pytest.raises(ValueError, match="max_seqlen must be >= 1"):
+        forgetting_attention(q2, k2, v2, f2, cu_seqlens=torch.tensor([0, 16, 32], device=q.device), max_seqlen=0)
     with pytest.raises(ValueError, match="log_eps must be negative"):
         AcpConfig(log_eps=1.0)
     with pytest.raises(ValueError, match="logit_bound must be a scalar"):
@@ -343,3 +395,26 @@ def test_gpu_bf16_matches_reference(D, acp, docs):
         bounds = sorted({0, T, 137, 500, 777})
         cu = torch.tensor([b + r * T for r in range(B) for b in bounds[:-1]] + [B * T], dtype=torch.int32, device="cuda")
     check(q, k, v, log_f, TOL[torch.bfloat16], layout="sbhd", cu_seqlens=cu, acp=AcpConfig() if acp else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_step_never_waits_for_the_device(packed):
+    """A training step's attention call (ACP with a known logit bound; packed
+    documents given as Megatron gives them, cu_seqlens on the GPU with
+    max_seqlen) queues its kernels without one host-device synchronisation:
+    a short call that waits for the GPU is host-bound."""
+    B, T, D = 2, 512, 64
+    q, k, v, log_f = make_inputs(B, T, 4, 2, D, torch.bfloat16, device="cuda", seed=31)
+    cu = torch.tensor([0, 100, 512, 700, 1024], dtype=torch.int32, device="cuda") if packed else None
+    kw = dict(cu_seqlens=cu, max_seqlen=412 if packed else None, acp=AcpConfig(logit_bound=float(D)))
+    do = torch.randn_like(q)
+    forgetting_attention(q, k, v, log_f, **kw).backward(do)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forgetting_attention(q, k, v, log_f, **kw).backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(log_f.grad).all()

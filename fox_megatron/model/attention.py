@@ -271,7 +271,7 @@ class FoxSelfAttention(MegatronModule):
         k = pieces["key"].reshape(T, B, Hk, D)
         v = pieces["value"].reshape(T, B, Hk, D)
 
-        cu_seqlens = None
+        cu_seqlens = max_seqlen = None
         if packed_seq_params is not None:
             if getattr(packed_seq_params, "qkv_format", None) not in (None, "sbhd"):
                 raise NotImplementedError(
@@ -279,6 +279,7 @@ class FoxSelfAttention(MegatronModule):
                     f"{packed_seq_params.qkv_format!r} (give cu_seqlens over the flattened batch rows)"
                 )
             cu_seqlens = packed_seq_params.cu_seqlens_q
+            max_seqlen = getattr(packed_seq_params, "max_seqlen_q", None)
 
         k_shift = v_shift = starts = None
         if self.fox.kv_shift and self.cp_group is not None:
@@ -327,6 +328,8 @@ class FoxSelfAttention(MegatronModule):
                 q, k, v, log_fgate,
                 layout="sbhd",
                 cu_seqlens=cu_seqlens,
+                # known on the host: the kernel then never waits for the GPU
+                max_seqlen=max_seqlen if isinstance(max_seqlen, int) else None,
                 softmax_scale=self.softmax_scale,
                 acp=acp,
                 backend=self.fox.attention_backend,

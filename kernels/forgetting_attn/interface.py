@@ -81,7 +81,12 @@ class SequenceTable:
         return self.row.numel()
 
     @staticmethod
-    def build(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], device) -> "SequenceTable":
+    def build(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], device,
+              max_seqlen: Optional[int] = None) -> "SequenceTable":
+        """``max_seqlen``: the longest document, when the caller knows it
+        (Megatron's ``PackedSeqParams.max_seqlen_q``).  With it, a
+        ``cu_seqlens`` on the GPU is checked on the GPU and the host never
+        waits for the device; without it the offsets are read back once."""
         if cu_seqlens is None:
             return SequenceTable(
                 row=torch.arange(batch, dtype=torch.int32, device=device),
@@ -90,14 +95,30 @@ class SequenceTable:
                 max_len=seqlen,
                 cu_seqlens=None,
             )
-        cu = _check_cu_seqlens(cu_seqlens, batch, seqlen)
-        cu_dev = cu.to(device=device, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
+        device = torch.device(device)
+        if max_seqlen is not None:
+            max_seqlen = int(max_seqlen)
+            if max_seqlen < 1:
+                raise ValueError(f"max_seqlen must be >= 1, got {max_seqlen}")
+        if max_seqlen is not None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu":
+            cu_dev = _check_cu_seqlens_on_device(cu_seqlens, batch, seqlen, max_seqlen).to(device)
+            max_len = max_seqlen
+        else:
+            cu = _check_cu_seqlens(cu_seqlens, batch, seqlen)
+            lengths = cu[1:] - cu[:-1]
+            max_len = int(lengths.max()) if lengths.numel() else 0
+            if max_seqlen is not None and max_len > max_seqlen:
+                raise ValueError(f"cu_seqlens holds a document of {max_len} tokens, longer than max_seqlen={max_seqlen}")
+            if device.type == "cuda":
+                # a pinned source lets the copy run behind the host
+                cu_dev = cu.pin_memory().to(device, non_blocking=True)
+            else:
+                cu_dev = cu.to(device)
         return SequenceTable(
             row=(cu_dev[:-1] // seqlen).to(torch.int32),
             start=(cu_dev[:-1] % seqlen).to(torch.int32),
             length=(cu_dev[1:] - cu_dev[:-1]).to(torch.int32),
-            max_len=int(lengths.max()) if lengths.numel() else 0,
+            max_len=max_len,
             cu_seqlens=cu_dev,
         )
 
@@ -242,6 +263,32 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torc
     return cu
 
 
+def _check_cu_seqlens_on_device(cu_seqlens: torch.Tensor, batch: int, seqlen: int, max_seqlen: int) -> torch.Tensor:
+    """The checks of ``_check_cu_seqlens`` (and that no document is longer
+    than ``max_seqlen``, which sizes the launch grid) as one asynchronous
+    assertion on the tensor's device: the host does not wait for it, and a
+    bad ``cu_seqlens`` fails at the next synchronisation with this message."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of document starts plus the total")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least the start 0 and the total batch * seqlen")
+    cu = cu_seqlens.detach().to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    row_ends = torch.arange(1, batch, dtype=torch.int64, device=cu.device) * seqlen
+    ok = (cu[0] == 0) & (cu[-1] == batch * seqlen) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
+    if row_ends.numel():
+        # cu is sorted (if it is not, ok is already false): a binary search
+        # finds the row ends without torch.isin, whose unique() would sync
+        at = torch.searchsorted(cu, row_ends).clamp_max(cu.numel() - 1)
+        ok = ok & (cu[at] == row_ends).all()
+    torch._assert_async(ok, f"cu_seqlens must start at 0, end at batch * seqlen = {batch * seqlen}, be "
+                            f"non-decreasing, contain every row boundary and hold no document longer than "
+                            f"max_seqlen = {max_seqlen}")
+    return cu
+
+
 def _as_bshd(x: torch.Tensor, layout: str) -> torch.Tensor:
     # sbhd -> bshd is a transpose view: no copy, the kernels take strides.
     return x if layout == "bshd" else x.transpose(0, 1)
@@ -304,6 +351,10 @@ def _threshold(acp: Optional[AcpConfig], qb, kb, seqs: SequenceTable, scale: flo
         if seqs.cu_seqlens is not None:
             seq_index = token_document_ids(seqs.cu_seqlens, qb.shape[0], qb.shape[1])
         U = logit_bound_from_tensors(qb, kb, scale, seq_index, S)
+    elif isinstance(acp.logit_bound, (int, float)):
+        # filled on the device: a host scalar copied over would make the
+        # host wait for the GPU on every call
+        U = torch.full((S, Hq), float(acp.logit_bound), dtype=torch.float32, device=qb.device)
     else:
         U = torch.as_tensor(acp.logit_bound, dtype=torch.float32, device=qb.device)
         if U.dim() > 2 or (U.dim() >= 1 and U.shape[-1] not in (1, Hq)) or (U.dim() == 2 and U.shape[0] not in (1, S)):
@@ -332,6 +383,7 @@ def forgetting_attention(
     *,
     layout: str = "bshd",
     cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
     softmax_scale: Optional[float] = None,
     acp: Optional[AcpConfig] = None,
     backend: str = "auto",
@@ -353,6 +405,10 @@ def forgetting_attention(
             row-major flattening of (batch, seq) tokens, ending at B * T and
             containing every row boundary.  Decay and attention restart at
             each document.
+        max_seqlen: optional length of the longest document (as in
+            flash-attn's varlen functions).  Given together with a CUDA
+            ``cu_seqlens``, the offsets are checked on the GPU and the call
+            never waits for the device; without it they are read back once.
         softmax_scale: default 1 / sqrt(D).
         acp: ``AcpConfig`` to prune with Adaptive Computation Pruning, or None.
         backend: "auto" (Triton on CUDA, torch reference on CPU), "triton",
@@ -367,7 +423,7 @@ def forgetting_attention(
     qb, kb, vb, gb = _check_inputs(q, k, v, log_fgate, layout, backend)
     B, T, Hq, D = qb.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    seqs = SequenceTable.build(B, T, cu_seqlens, q.device)
+    seqs = SequenceTable.build(B, T, cu_seqlens, q.device, max_seqlen)
     thr = _threshold(acp, qb, kb, seqs, scale)
 
     if backend == "torch":

@@ -83,9 +83,15 @@ def _acp_boundary_kernel(
     THR, stride_thr_s,
     KBLO, stride_kb_s, stride_kb_h,
     QBHI, stride_qb_s, stride_qb_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_STEPS_N, SEARCH_STEPS_M,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr,
     CAUSAL: tl.constexpr, DO_KBLO: tl.constexpr, DO_QBHI: tl.constexpr,
 ):
+    # Both answers are counts of a monotone predicate (pruned key blocks are
+    # a prefix of every query block's row, kept query blocks a prefix of
+    # every key block's column), so each lane bisects its own row or column:
+    # LANES boundaries at once in log2 dependent steps, where a serial
+    # two-pointer walk takes M + N dependent loads.
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(ROW + s).to(tl.int64)
@@ -96,34 +102,49 @@ def _acp_boundary_kernel(
     thr = tl.load(THR + s * stride_thr_s + h)
     num_m = tl.cdiv(qlen, BLOCK_M)
     num_n = tl.cdiv(klen, BLOCK_N)
+    lanes = tl.arange(0, LANES)
     if DO_KBLO:
-        # first kept key block of every query block; pruned blocks are a
-        # prefix and the prefix only grows with m (c[first q] falls).
-        n = tl.full([], 0, tl.int32)
-        for m in range(0, num_m):
-            c_first_q = tl.load(cq_ptr + m * BLOCK_M)
+        # first kept key block of every query block: the number of key
+        # blocks whose largest decay (first query, last key) is below thr,
+        # capped at the diagonal
+        for m0 in range(0, num_m, LANES):
+            m = m0 + lanes
+            live = m < num_m
+            c_first_q = tl.load(cq_ptr + tl.minimum(m, num_m - 1) * BLOCK_M)
+            lo = tl.zeros([LANES], dtype=tl.int32)
+            hi = tl.zeros([LANES], dtype=tl.int32) + num_n
+            for _ in range(SEARCH_STEPS_N):
+                mid = (lo + hi) // 2
+                c_last_k = tl.load(ck_ptr + tl.minimum((mid + 1) * BLOCK_N, klen) - 1)
+                pruned = (mid < hi) & (c_first_q - c_last_k < thr)
+                lo = tl.where(pruned, mid + 1, lo)
+                hi = tl.where(pruned | (mid >= hi), hi, mid)
             if CAUSAL:
                 n_end = (tl.minimum((m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
-            else:
-                n_end = num_n
-            c_last_k = tl.load(ck_ptr + tl.minimum((n + 1) * BLOCK_N, klen) - 1)
-            while (n < n_end) & (c_first_q - c_last_k < thr):
-                n += 1
-                c_last_k = tl.load(ck_ptr + tl.minimum((n + 1) * BLOCK_N, klen) - 1)
-            tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + m, n)
+                lo = tl.minimum(lo, n_end)
+            tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + m, lo, mask=live)
     if DO_QBHI:
-        # end (exclusive) of the kept query blocks of every key block; kept
-        # query blocks are a prefix of [diagonal, M) that only grows with n.
-        p = tl.full([], 0, tl.int32)
-        for n2 in range(0, num_n):
-            c_last_k2 = tl.load(ck_ptr + tl.minimum((n2 + 1) * BLOCK_N, klen) - 1)
+        # end (exclusive) of the kept query blocks of every key block: the
+        # number of query blocks whose largest decay against it is at or
+        # above thr, at least the diagonal block
+        for n0 in range(0, num_n, LANES):
+            n = n0 + lanes
+            live = n < num_n
+            c_last_k2 = tl.load(ck_ptr + tl.minimum((tl.minimum(n, num_n - 1) + 1) * BLOCK_N, klen) - 1)
+            lo2 = tl.zeros([LANES], dtype=tl.int32)
+            hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
+            for _ in range(SEARCH_STEPS_M):
+                mid2 = (lo2 + hi2) // 2
+                c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * BLOCK_M, qlen - 1))
+                kept = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
+                lo2 = tl.where(kept, mid2 + 1, lo2)
+                hi2 = tl.where(kept | (mid2 >= hi2), hi2, mid2)
             if CAUSAL:
-                p = tl.maximum(p, (n2 * BLOCK_N) // BLOCK_M)
-            c_first_q2 = tl.load(cq_ptr + tl.minimum(p * BLOCK_M, qlen - 1))
-            while (p < num_m) & (c_first_q2 - c_last_k2 >= thr):
-                p += 1
-                c_first_q2 = tl.load(cq_ptr + tl.minimum(p * BLOCK_M, qlen - 1))
-            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n2, p)
+                lo2 = tl.maximum(lo2, (n * BLOCK_N) // BLOCK_M)
+            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live)
+
+
+_BOUNDARY_LANES = 128
 
 
 def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False):
@@ -143,7 +164,9 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
         thr, thr.stride(0),
         kb, kb.stride(0), kb.stride(1),
         qb, qb.stride(0), qb.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        # bisection over [0, N] takes bit_length(N) halvings
+        int(N).bit_length(), int(M).bit_length(),
+        BLOCK_M=block_m, BLOCK_N=block_n, LANES=_BOUNDARY_LANES, CAUSAL=causal,
         DO_KBLO=want_kblo, DO_QBHI=want_qbhi,
     )
     return kblo, qbhi
