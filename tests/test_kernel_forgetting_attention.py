@@ -225,6 +225,30 @@ def test_acp_pruned_mass_is_at_most_eps(log_eps):
     assert (o_acp - o_full).abs().max().item() <= 2 * math.exp(log_eps) * v.abs().max().item()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_decay_scan_and_its_gradient(packed):
+    """The segmented scans (c per document, and the suffix sums that are its
+    gradient) against float64 torch, across the scan's 1024-token blocks,
+    on a transposed (sbhd) gate tensor."""
+    from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
+    from fox_megatron.kernels.forgetting_attn.naive import cumulative_log_decay_bht, reverse_cumulative_sum_bht
+    from fox_megatron.kernels.forgetting_attn.triton_ops import cumulative_decay, cumulative_decay_grad
+
+    torch.manual_seed(13)
+    B, T, H = 2, 2600, 3
+    log_f = (-torch.rand(T, B, H) * 0.5).to(DEVICE).transpose(0, 1)  # [B, T, H] view of sbhd
+    cu = torch.tensor([0, 1, 1030, 2047, 2600, 2601, 5200]) if packed else None
+    seqs = SequenceTable.build(B, T, cu, DEVICE)
+    c = cumulative_decay(log_f, seqs)
+    c_ref = cumulative_log_decay_bht(log_f.permute(0, 2, 1).double(), cu, torch.float64)
+    assert (c.double() - c_ref).abs().max().item() < 1e-5 * c_ref.abs().max().item() + 1e-6
+    dc_q, dc_k = torch.randn(B, H, T).to(DEVICE), torch.randn(B, H, T).to(DEVICE)
+    g = cumulative_decay_grad(dc_q, dc_k, seqs)
+    g_ref = reverse_cumulative_sum_bht((dc_q + dc_k).double(), cu, torch.float64).permute(0, 2, 1)
+    assert g.shape == (B, T, H)
+    assert (g.double() - g_ref).abs().max().item() < 1e-5 * g_ref.abs().max().item()
+
+
 def test_triton_boundaries_match_reference_and_mirror():
     from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
     from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries

@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import cumulative_log_decay_bht, reverse_cumulative_sum_bht
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -170,6 +169,93 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
         DO_KBLO=want_kblo, DO_QBHI=want_qbhi,
     )
     return kblo, qbhi
+
+
+# --------------------------------------------------------------------------
+# cumulative decay and its gradient: one segmented scan per (sequence, head)
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _decay_scan_kernel(
+    LOGF, C, ROW, START, LEN,
+    stride_fb, stride_ft, stride_fh, stride_cb, stride_ch,
+    BLOCK_T: tl.constexpr,
+):
+    # c_t = sum of log f over the sequence up to t; a sequence (document)
+    # starts from zero, so nothing is subtracted and fp32 loses nothing to
+    # cancellation
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(ROW + s).to(tl.int64)
+    start = tl.load(START + s).to(tl.int64)
+    length = tl.load(LEN + s)
+    f_base = LOGF + row * stride_fb + h * stride_fh + start * stride_ft
+    c_base = C + row * stride_cb + h * stride_ch + start
+    carry = tl.zeros([], dtype=tl.float32)
+    for t0 in range(0, length, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        mask = offs < length
+        x = tl.load(f_base + offs * stride_ft, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_base + offs, tl.cumsum(x, 0) + carry, mask=mask)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
+def _decay_grad_kernel(
+    DCQ, DCK, G, ROW, START, LEN,
+    stride_db, stride_dh, stride_gb, stride_gh,
+    BLOCK_T: tl.constexpr,
+):
+    # g_t = sum over the sequence from t on of (dc_q + dc_k): the reverse scan
+    # of the forward's, blocks taken from the end
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(ROW + s).to(tl.int64)
+    start = tl.load(START + s).to(tl.int64)
+    length = tl.load(LEN + s)
+    d_off = row * stride_db + h * stride_dh + start
+    g_base = G + row * stride_gb + h * stride_gh + start
+    carry = tl.zeros([], dtype=tl.float32)
+    num_blocks = tl.cdiv(length, BLOCK_T)
+    for i in range(0, num_blocks):
+        offs = (num_blocks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = offs < length
+        x = tl.load(DCQ + d_off + offs, mask=mask, other=0.0) + tl.load(DCK + d_off + offs, mask=mask, other=0.0)
+        tl.store(g_base + offs, tl.cumsum(x, 0, reverse=True) + carry, mask=mask)
+        carry += tl.sum(x, 0)
+
+
+_SCAN_BLOCK = 1024
+
+
+def cumulative_decay(log_fgate, seqs):
+    """c [B, H, T] fp32 (time innermost, where the attention kernels read it)
+    from log forget gates [B, T, H] (any strides), restarting at every
+    sequence of ``seqs`` (an ``interface.SequenceTable``)."""
+    B, T, H = log_fgate.shape
+    c = torch.empty(B, H, T, dtype=torch.float32, device=log_fgate.device)
+    if seqs.num:
+        _decay_scan_kernel[(seqs.num, H)](
+            log_fgate, c, seqs.row, seqs.start, seqs.length,
+            log_fgate.stride(0), log_fgate.stride(1), log_fgate.stride(2), c.stride(0), c.stride(1),
+            BLOCK_T=_SCAN_BLOCK,
+        )
+    return c
+
+
+def cumulative_decay_grad(dc_q, dc_k, seqs):
+    """Gradient of ``cumulative_decay`` for dL/dc = dc_q + dc_k ([B, H, T]
+    fp32): the suffix sums within every sequence, as [B, T, H] (a view)."""
+    B, H, T = dc_q.shape
+    g = torch.empty(B, H, T, dtype=torch.float32, device=dc_q.device)
+    if seqs.num:
+        _decay_grad_kernel[(seqs.num, H)](
+            dc_q, dc_k, g, seqs.row, seqs.start, seqs.length,
+            dc_q.stride(0), dc_q.stride(1), g.stride(0), g.stride(1),
+            BLOCK_T=_SCAN_BLOCK,
+        )
+    return g.permute(0, 2, 1)
 
 
 # --------------------------------------------------------------------------
@@ -741,7 +827,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_fgate, seqs, scale, thr):
         # [B, H, T] fp32, time innermost: the kernels read c along time
-        c = cumulative_log_decay_bht(log_fgate.detach().permute(0, 2, 1), seqs.cu_seqlens).contiguous()
+        c = cumulative_decay(log_fgate.detach(), seqs)
         pairs = _PairTable.self_attention(seqs)
         out, lse, kblo = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
@@ -755,7 +841,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
         dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo)
-        dlogf = reverse_cumulative_sum_bht(dc_q + dc_k, seqs.cu_seqlens).permute(0, 2, 1)  # [B, T, H]
+        dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
         return dq, dk, dv, dlogf, None, None, None
 
 
