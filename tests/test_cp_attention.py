@@ -311,3 +311,23 @@ def test_cp_bf16_triton_matches_cp1_on_gpus(tmp_path):
     b = report["bytes"]
     assert b["local_acp"]["fwd_kv"] < b["local_dense"]["fwd_kv"]
     assert b["flat_acp"]["fwd_kv"] == b["flat_dense"]["fwd_kv"]
+
+
+def test_documents_are_derived_once_per_cu_seqlens_tensor():
+    """Every layer of a micro-batch passes the same cu_seqlens: the ring's
+    document tables and Ulysses' longest document are built once for it, and
+    again for another tensor or after an in-place change."""
+    from fox_megatron.context_parallel.documents import longest_document, ring_documents
+
+    cu = torch.tensor([0, 100, 300, 512, 1024])
+    docs = ring_documents(cu, 2, 512, 2, 1)
+    assert ring_documents(cu, 2, 512, 2, 1) is docs
+    assert ring_documents(cu, 2, 512, 2, 2) is not docs  # other parameters
+    assert longest_document(cu) == 512
+    same_values = cu.clone()
+    assert ring_documents(same_values, 2, 512, 2, 1) is not docs
+    cu[4] = 1024  # an in-place write: the tensor's version moves on
+    docs2 = ring_documents(cu, 2, 512, 2, 1)
+    assert docs2 is not docs and ring_documents(cu, 2, 512, 2, 1) is docs2
+    cu[1] = 10
+    assert longest_document(cu) == 512 and ring_documents(cu, 2, 512, 2, 1).lengths[0].item() == 10

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from fox_megatron.kernels import AcpConfig, acp_threshold
 
 from .decay import global_cumulative_decay
-from .documents import RingDocuments
+from .documents import RingDocuments, ring_documents
 from .ring import RingStats, ring_attention
 from .skip_table import RingPlan, chunk_need_table
 from .ulysses import ulysses_attention
@@ -134,7 +134,7 @@ def cp_forgetting_attention(
     Tc = T // 2
     if sub_blocks is None:
         sub_blocks = 4 if Tc % 4 == 0 else 1
-    docs = RingDocuments(cu_seqlens, qb.shape[0], P * T, P, sub_blocks) if cu_seqlens is not None else None
+    docs = ring_documents(cu_seqlens, qb.shape[0], P * T, P, sub_blocks) if cu_seqlens is not None else None
     c, c_first, c_last = global_cumulative_decay(gb.permute(0, 2, 1), group, c_dtype, sub_blocks, docs)
     thr = cp_acp_threshold(acp, qb, kb, scale, group, P * T, docs) if acp is not None else None
     need_thr = thr if skip == "acp" else None

@@ -26,6 +26,8 @@ pass over token pairs anywhere.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fox_megatron.kernels import ChunkSegments, SequenceTable
@@ -124,4 +126,43 @@ class RingDocuments:
         return ChunkSegments.from_documents(
             self.cu, self.seqlen, qc * self.chunk, self.chunk, k0, (kc + 1) * self.chunk - k0, rows=batch_rows
         )
+
+
+class _SameTensorCache:
+    """One entry, valid while it is asked about the very same tensor (the
+    same object, not modified in place since).  Every layer of a micro-batch
+    passes Megatron's one ``PackedSeqParams``, so what is derived from its
+    ``cu_seqlens`` on the host (a read-back that waits for the GPU) is
+    derived once per micro-batch instead of once per layer."""
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+        self._value = None
+
+    def get(self, tensor: torch.Tensor, key: tuple, build):
+        key = (tensor._version,) + tuple(key)
+        if self._ref is not None and self._ref() is tensor and self._key == key:
+            return self._value
+        value = build()
+        self._ref, self._key, self._value = weakref.ref(tensor), key, value
+        return value
+
+
+_RING_DOCUMENTS = _SameTensorCache()
+_LONGEST_DOCUMENT = _SameTensorCache()
+
+
+def ring_documents(cu_seqlens: torch.Tensor, batch: int, seqlen: int, cp_size: int, sub_blocks: int) -> RingDocuments:
+    """``RingDocuments`` of ``cu_seqlens``, built once for all the layers
+    that pass the same tensor."""
+    return _RING_DOCUMENTS.get(cu_seqlens, (batch, seqlen, cp_size, sub_blocks),
+                               lambda: RingDocuments(cu_seqlens, batch, seqlen, cp_size, sub_blocks))
+
+
+def longest_document(cu_seqlens: torch.Tensor) -> int:
+    """The longest document of ``cu_seqlens`` (read back once per tensor):
+    the ``max_seqlen`` that lets the kernel check the offsets on the GPU."""
+    return _LONGEST_DOCUMENT.get(
+        cu_seqlens, (), lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 1)
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from fox_megatron.kernels import AcpConfig, forgetting_attention
 
+from .documents import longest_document
 from .layout import zigzag_chunks
 
 __all__ = ["ulysses_attention", "deepspeed_available"]
@@ -183,11 +184,15 @@ def _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspe
     inverse[order] = torch.arange(order.numel(), device=q.device)
     local_acp = _local_heads_acp(acp, r, P, Hq)
     gate = _SeqToHeads.apply(log_fgate, group).index_select(0, order)
+    # known on the host, the longest document lets the kernel check
+    # cu_seqlens on the GPU instead of reading it back in every layer
+    max_seqlen = longest_document(cu_seqlens) if cu_seqlens is not None else None
 
     def local_attention(qh, kh, vh, *args, **kwargs):
         o = forgetting_attention(
             qh.index_select(0, order), kh.index_select(0, order), vh.index_select(0, order), gate,
             layout="sbhd", softmax_scale=softmax_scale, acp=local_acp, backend=backend, cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
         )
         return o.index_select(0, inverse)
 
