@@ -185,10 +185,14 @@ def test_triton_large_decay_prunes_and_matches():
     check(q, k, v, log_f, TOL[torch.float32], acp=AcpConfig())
 
 
-def test_stats_agree_between_backends():
+@pytest.mark.parametrize("packed", [False, True])
+def test_stats_agree_between_backends(packed):
+    # the Triton path counts tiles in the boundary kernel, the torch path
+    # from the reference boundaries
     q, k, v, log_f = make_inputs(2, 257, 4, 4, 32, torch.float32, decay_scale=3.0, seed=9)
-    _, st_t = forgetting_attention(q, k, v, log_f, backend="triton", acp=AcpConfig(), return_stats=True)
-    _, st_r = forgetting_attention(q, k, v, log_f, backend="torch", acp=AcpConfig(), return_stats=True)
+    cu = torch.tensor([0, 1, 100, 257, 400, 514], device=DEVICE) if packed else None
+    _, st_t = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, backend="triton", acp=AcpConfig(), return_stats=True)
+    _, st_r = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, backend="torch", acp=AcpConfig(), return_stats=True)
     torch.testing.assert_close(st_t.kept_tiles.cpu(), st_r.kept_tiles.cpu())
     assert (st_t.kept_tiles <= 1).all() and st_t.kept_tiles.min() < 1
 
@@ -437,8 +441,11 @@ def test_gpu_step_never_waits_for_the_device(packed):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        forgetting_attention(q, k, v, log_f, **kw).backward(do)
+        o, stats = forgetting_attention(q, k, v, log_f, return_stats=True, **kw)
+        o.backward(do)
+        kept = stats.kept_tiles.mean()  # what the model logs, still on the device
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(q.grad.float()).all() and torch.isfinite(log_f.grad).all()
+    assert 0.0 < kept.item() <= 1.0

@@ -442,10 +442,12 @@ def forgetting_attention(
     else:
         from .triton_ops import ForgettingAttentionFunction
 
-        out, kstart, blocks = ForgettingAttentionFunction.apply(qb, kb, vb, gb, seqs, scale, thr)
+        out, tiles = ForgettingAttentionFunction.apply(qb, kb, vb, gb, seqs, scale, thr)
         stats = None
         if return_stats and thr is not None:
-            stats = AcpStats(kept_tile_fraction(kstart, seqs.length, *blocks), thr)
+            # counted by the boundary kernel: kept and causal tiles per (sequence, head)
+            per_head = tiles.sum(0, dtype=torch.int64)
+            stats = AcpStats(per_head[:, 0].float() / per_head[:, 1].clamp_min(1).float(), thr)
 
     out = out if layout == "bshd" else out.transpose(0, 1)
     return (out, stats) if return_stats else out

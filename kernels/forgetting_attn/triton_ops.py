@@ -85,9 +85,10 @@ def _acp_boundary_kernel(
     THR, stride_thr_s,
     KBLO, stride_kb_s, stride_kb_h,
     QBHI, stride_qb_s, stride_qb_h,
+    TILES, stride_tl_s, stride_tl_h,
     SEARCH_STEPS_N, SEARCH_STEPS_M,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr,
-    CAUSAL: tl.constexpr, DO_KBLO: tl.constexpr, DO_QBHI: tl.constexpr,
+    CAUSAL: tl.constexpr, DO_KBLO: tl.constexpr, DO_QBHI: tl.constexpr, DO_COUNT: tl.constexpr,
 ):
     # Both answers are counts of a monotone predicate (pruned key blocks are
     # a prefix of every query block's row, kept query blocks a prefix of
@@ -108,7 +109,9 @@ def _acp_boundary_kernel(
     if DO_KBLO:
         # first kept key block of every query block: the number of key
         # blocks whose largest decay (first query, last key) is below thr,
-        # capped at the diagonal
+        # capped at the diagonal; and (DO_COUNT) the kept and the causal tiles
+        kept = tl.zeros([], dtype=tl.int32)
+        total = tl.zeros([], dtype=tl.int32)
         for m0 in range(0, num_m, LANES):
             m = m0 + lanes
             live = m < num_m
@@ -123,8 +126,16 @@ def _acp_boundary_kernel(
                 hi = tl.where(pruned | (mid >= hi), hi, mid)
             if CAUSAL:
                 n_end = (tl.minimum((m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
-                lo = tl.minimum(lo, n_end)
+            else:
+                n_end = tl.zeros([LANES], dtype=tl.int32) + num_n
+            lo = tl.minimum(lo, n_end)
             tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + m, lo, mask=live)
+            if DO_COUNT:
+                kept += tl.sum(tl.where(live, n_end - lo, 0), 0)
+                total += tl.sum(tl.where(live, n_end, 0), 0)
+        if DO_COUNT:
+            tl.store(TILES + s * stride_tl_s + h * stride_tl_h, kept)
+            tl.store(TILES + s * stride_tl_s + h * stride_tl_h + 1, total)
     if DO_QBHI:
         # end (exclusive) of the kept query blocks of every key block: the
         # number of query blocks whose largest decay against it is at or
@@ -149,9 +160,12 @@ def _acp_boundary_kernel(
 _BOUNDARY_LANES = 128
 
 
-def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False):
+def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32.  Returns
-    (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None)."""
+    (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None).
+    ``tiles``: optional int32 [S, H, 2] (with want_kblo) that receives the
+    kept and the total (causal) tiles of every (sequence, head): ACP's
+    statistics without a pass over the boundaries on the host side."""
     S, H = thr.shape
     M = max(triton.cdiv(seq.max_qlen, block_m), 1)
     N = max(triton.cdiv(seq.max_klen, block_n), 1)
@@ -160,16 +174,19 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     qbhi = torch.zeros(S, H, N, dtype=torch.int32, device=dev) if want_qbhi else None
     dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
+    count = tiles is not None and want_kblo
+    tl_ = tiles if count else dummy
     _acp_boundary_kernel[(S, H)](
         c_q, c_k, c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         seq.row, seq.qstart, seq.qlen, seq.kstart, seq.klen,
         thr, thr.stride(0),
         kb, kb.stride(0), kb.stride(1),
         qb, qb.stride(0), qb.stride(1),
+        tl_, tl_.stride(0), tl_.stride(1),
         # bisection over [0, N] takes bit_length(N) halvings
         int(N).bit_length(), int(M).bit_length(),
         BLOCK_M=block_m, BLOCK_N=block_n, LANES=_BOUNDARY_LANES, CAUSAL=causal,
-        DO_KBLO=want_kblo, DO_QBHI=want_qbhi,
+        DO_KBLO=want_kblo, DO_QBHI=want_qbhi, DO_COUNT=count,
     )
     return kblo, qbhi
 
@@ -718,7 +735,9 @@ def _check_unit_stride(*ts):
 
 
 def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
-    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo.
+    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo,
+    tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
+    without ACP).
     partial: the table may leave queries uncovered (packed chunk pairs):
     those keep out = 0, lse = -inf."""
     q, k, v = _check_unit_stride(q, k, v)
@@ -734,10 +753,11 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
         lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     S = pairs.row.numel()
     if S == 0:
-        return out, lse, None
-    kblo = None
+        return out, lse, None, None
+    kblo = tiles = None
     if use_acp:
-        kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True)
+        tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device)
+        kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles)
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, -1)
@@ -755,7 +775,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=warps, num_stages=stages,
     )
-    return out, lse, kblo
+    return out, lse, kblo, tiles
 
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False):
@@ -832,14 +852,14 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         # [B, H, T] fp32, time innermost: the kernels read c along time
         c = cumulative_decay(log_fgate.detach(), seqs)
         pairs = _PairTable.self_attention(seqs)
-        out, lse, kblo = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
+        out, lse, kblo, tiles = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
         ctx.seqs, ctx.scale = seqs, scale
-        ctx.mark_non_differentiable(kblo) if kblo is not None else None
-        return out, kblo, fwd_blocks(q.shape[-1], q.dtype)
+        ctx.mark_non_differentiable(tiles) if tiles is not None else None
+        return out, tiles
 
     @staticmethod
-    def backward(ctx, do, _dkblo=None, _dblocks=None):
+    def backward(ctx, do, _dtiles=None):
         q, k, v, out, lse, c, thr, kblo = ctx.saved_tensors
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
@@ -859,7 +879,7 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     c_q = c_q.float()
     c_k = c_k.float()
     thr = thr.float().contiguous() if thr is not None else None
-    out, lse, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None)
+    out, lse, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None)
     return out, lse
 
 
