@@ -60,6 +60,13 @@ def steps(nproc: int, mlm: str) -> dict:
         "chunk_docs": f"{py} -m pytest -q -rf tests/test_kernel_chunk_documents.py",
         "kernel_fp32": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py -k fp32",
         "kernel_tests": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py",
+        "kernel_gpu_tests": f"{py} -m pytest -q -rf -m gpu tests/test_kernel_forgetting_attention.py",
+        # BENCH.md's kernel protocol in two calls that fit a device call's limit
+        "attention_bench": (f"{py} benchmarks/attention.py --variants full,acp "
+                            f"--out {{out_dir}}/attention.json"),
+        "attention_packed": (f"{py} benchmarks/attention.py --variants docs,docs_acp,separate,separate_acp "
+                             f"--peers fla_fox --out {{out_dir}}/attention_packed.json"),
+        "model_125m": f"{py} -m pytest -q -rf tests/test_model_gpu.py -k 125m",
         "dropin_tp2": dropin.format(n=2, extra="--tensor-model-parallel-size 2"),
         # needs a norm with sequence-parallel support for the final norm (Transformer Engine or Apex)
         "dropin_tp2_sp": dropin.format(n=2, extra="--tensor-model-parallel-size 2 --sequence-parallel"),
