@@ -110,8 +110,10 @@ def _acp_boundary_kernel(
         # first kept key block of every query block: the number of key
         # blocks whose largest decay (first query, last key) is below thr,
         # capped at the diagonal; and (DO_COUNT) the kept and the causal tiles
-        kept = tl.zeros([], dtype=tl.int32)
-        total = tl.zeros([], dtype=tl.int32)
+        # (names differ from the second search's: a name reused with another
+        # type would be a loop-carried variable to the Triton compiler)
+        kept_tiles = tl.zeros([], dtype=tl.int32)
+        all_tiles = tl.zeros([], dtype=tl.int32)
         for m0 in range(0, num_m, LANES):
             m = m0 + lanes
             live = m < num_m
@@ -131,30 +133,30 @@ def _acp_boundary_kernel(
             lo = tl.minimum(lo, n_end)
             tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + m, lo, mask=live)
             if DO_COUNT:
-                kept += tl.sum(tl.where(live, n_end - lo, 0), 0)
-                total += tl.sum(tl.where(live, n_end, 0), 0)
+                kept_tiles += tl.sum(tl.where(live, n_end - lo, 0), 0)
+                all_tiles += tl.sum(tl.where(live, n_end, 0), 0)
         if DO_COUNT:
-            tl.store(TILES + s * stride_tl_s + h * stride_tl_h, kept)
-            tl.store(TILES + s * stride_tl_s + h * stride_tl_h + 1, total)
+            tl.store(TILES + s * stride_tl_s + h * stride_tl_h, kept_tiles)
+            tl.store(TILES + s * stride_tl_s + h * stride_tl_h + 1, all_tiles)
     if DO_QBHI:
         # end (exclusive) of the kept query blocks of every key block: the
         # number of query blocks whose largest decay against it is at or
         # above thr, at least the diagonal block
         for n0 in range(0, num_n, LANES):
             n = n0 + lanes
-            live = n < num_n
+            live_n = n < num_n
             c_last_k2 = tl.load(ck_ptr + tl.minimum((tl.minimum(n, num_n - 1) + 1) * BLOCK_N, klen) - 1)
             lo2 = tl.zeros([LANES], dtype=tl.int32)
             hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
             for _ in range(SEARCH_STEPS_M):
                 mid2 = (lo2 + hi2) // 2
                 c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * BLOCK_M, qlen - 1))
-                kept = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
-                lo2 = tl.where(kept, mid2 + 1, lo2)
-                hi2 = tl.where(kept | (mid2 >= hi2), hi2, mid2)
+                kept_q = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
+                lo2 = tl.where(kept_q, mid2 + 1, lo2)
+                hi2 = tl.where(kept_q | (mid2 >= hi2), hi2, mid2)
             if CAUSAL:
                 lo2 = tl.maximum(lo2, (n * BLOCK_N) // BLOCK_M)
-            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live)
+            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live_n)
 
 
 _BOUNDARY_LANES = 128
