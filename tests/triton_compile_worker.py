@@ -25,7 +25,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 # pointer element types by argument name; other upper-case names are int32
 # tables, lower-case ones int32 scalars except the softmax scales
-FP32_POINTERS = {"CQ", "CK", "LSE", "DLT", "THR", "DCQ", "DCK", "C", "LOGF", "G"}
+FP32_POINTERS = {"CQ", "CK", "LSE", "DLT", "THR", "DCQ", "DCK", "X", "Y", "OUT"}
 ACTIVATIONS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 INT_SCALARS_UPPER = {"T", "H", "SEARCH_STEPS_N", "SEARCH_STEPS_M"}
 FLOAT_SCALARS = {"scale", "scale2"}
@@ -65,8 +65,8 @@ def cases():
         yield (f"boundary_causal={causal}", t._acp_boundary_kernel,
                dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=causal,
                     DO_KBLO=True, DO_QBHI=True, DO_COUNT=True), {})
-    yield "decay_scan", t._decay_scan_kernel, dict(BLOCK_T=t._SCAN_BLOCK), {}
-    yield "decay_grad", t._decay_grad_kernel, dict(BLOCK_T=t._SCAN_BLOCK), {}
+    yield "decay_scan", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK), {}
+    yield "decay_grad", t._segmented_scan_kernel, dict(HAS_Y=True, REVERSE=True, BLOCK_T=t._SCAN_BLOCK), {}
     yield "row_delta", t._bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_T=64), {}
     kernels = {"fwd": t._fwd_kernel, "dkdv": t._dkdv_kernel, "dq": t._dq_kernel}
     for kind, kernel in kernels.items():

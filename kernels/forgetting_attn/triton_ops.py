@@ -199,85 +199,67 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
 
 
 @triton.jit
-def _decay_scan_kernel(
-    LOGF, C, ROW, START, LEN,
-    stride_fb, stride_ft, stride_fh, stride_cb, stride_ch,
-    BLOCK_T: tl.constexpr,
+def _segmented_scan_kernel(
+    X, Y, OUT, ROW, START, LEN,
+    stride_xb, stride_xt, stride_xh, stride_ob, stride_oh,
+    HAS_Y: tl.constexpr, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # c_t = sum of log f over the sequence up to t; a sequence (document)
-    # starts from zero, so nothing is subtracted and fp32 loses nothing to
-    # cancellation
+    # Prefix sums (REVERSE: suffix sums) of x (+ y, same strides) along time
+    # within one sequence: blocks in scan order, a running carry between
+    # them.  Forward, c from log f: every sequence (document) starts from
+    # zero, so nothing is subtracted and fp32 loses nothing to cancellation.
+    # Backward, the gradient of c from dc_q + dc_k: the same scan reversed.
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(ROW + s).to(tl.int64)
     start = tl.load(START + s).to(tl.int64)
     length = tl.load(LEN + s)
-    f_base = LOGF + row * stride_fb + h * stride_fh + start * stride_ft
-    c_base = C + row * stride_cb + h * stride_ch + start
-    carry = tl.zeros([], dtype=tl.float32)
-    for t0 in range(0, length, BLOCK_T):
-        offs = t0 + tl.arange(0, BLOCK_T)
-        mask = offs < length
-        x = tl.load(f_base + offs * stride_ft, mask=mask, other=0.0).to(tl.float32)
-        tl.store(c_base + offs, tl.cumsum(x, 0) + carry, mask=mask)
-        carry += tl.sum(x, 0)
-
-
-@triton.jit
-def _decay_grad_kernel(
-    DCQ, DCK, G, ROW, START, LEN,
-    stride_db, stride_dh, stride_gb, stride_gh,
-    BLOCK_T: tl.constexpr,
-):
-    # g_t = sum over the sequence from t on of (dc_q + dc_k): the reverse scan
-    # of the forward's, blocks taken from the end
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    row = tl.load(ROW + s).to(tl.int64)
-    start = tl.load(START + s).to(tl.int64)
-    length = tl.load(LEN + s)
-    d_off = row * stride_db + h * stride_dh + start
-    g_base = G + row * stride_gb + h * stride_gh + start
+    x_off = row * stride_xb + h * stride_xh + start * stride_xt
+    o_base = OUT + row * stride_ob + h * stride_oh + start
     carry = tl.zeros([], dtype=tl.float32)
     num_blocks = tl.cdiv(length, BLOCK_T)
     for i in range(0, num_blocks):
-        offs = (num_blocks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        blk = num_blocks - 1 - i if REVERSE else i
+        offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
         mask = offs < length
-        x = tl.load(DCQ + d_off + offs, mask=mask, other=0.0) + tl.load(DCK + d_off + offs, mask=mask, other=0.0)
-        tl.store(g_base + offs, tl.cumsum(x, 0, reverse=True) + carry, mask=mask)
+        x = tl.load(X + x_off + offs * stride_xt, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y:
+            x += tl.load(Y + x_off + offs * stride_xt, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_base + offs, tl.cumsum(x, 0, reverse=REVERSE) + carry, mask=mask)
         carry += tl.sum(x, 0)
 
 
 _SCAN_BLOCK = 1024
 
 
+def _segmented_scan(x, y, seqs, reverse):
+    """[B, H, T] fp32 scans of x ([B, T, H] view, any strides) plus y (same
+    strides, or None) within every sequence of ``seqs``."""
+    B, T, H = x.shape
+    out = torch.empty(B, H, T, dtype=torch.float32, device=x.device)
+    if y is not None and y.stride() != x.stride():
+        raise ValueError("the two scanned tensors must share their strides")
+    if seqs.num:
+        _segmented_scan_kernel[(seqs.num, H)](
+            x, y if y is not None else x, out, seqs.row, seqs.start, seqs.length,
+            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+            HAS_Y=y is not None, REVERSE=reverse, BLOCK_T=_SCAN_BLOCK,
+        )
+    return out
+
+
 def cumulative_decay(log_fgate, seqs):
     """c [B, H, T] fp32 (time innermost, where the attention kernels read it)
     from log forget gates [B, T, H] (any strides), restarting at every
     sequence of ``seqs`` (an ``interface.SequenceTable``)."""
-    B, T, H = log_fgate.shape
-    c = torch.empty(B, H, T, dtype=torch.float32, device=log_fgate.device)
-    if seqs.num:
-        _decay_scan_kernel[(seqs.num, H)](
-            log_fgate, c, seqs.row, seqs.start, seqs.length,
-            log_fgate.stride(0), log_fgate.stride(1), log_fgate.stride(2), c.stride(0), c.stride(1),
-            BLOCK_T=_SCAN_BLOCK,
-        )
-    return c
+    return _segmented_scan(log_fgate, None, seqs, reverse=False)
 
 
 def cumulative_decay_grad(dc_q, dc_k, seqs):
     """Gradient of ``cumulative_decay`` for dL/dc = dc_q + dc_k ([B, H, T]
     fp32): the suffix sums within every sequence, as [B, T, H] (a view)."""
-    B, H, T = dc_q.shape
-    g = torch.empty(B, H, T, dtype=torch.float32, device=dc_q.device)
-    if seqs.num:
-        _decay_grad_kernel[(seqs.num, H)](
-            dc_q, dc_k, g, seqs.row, seqs.start, seqs.length,
-            dc_q.stride(0), dc_q.stride(1), g.stride(0), g.stride(1),
-            BLOCK_T=_SCAN_BLOCK,
-        )
-    return g.permute(0, 2, 1)
+    t = lambda x: x.permute(0, 2, 1)  # noqa: E731  [B, T, H] views
+    return _segmented_scan(t(dc_q), t(dc_k), seqs, reverse=True).permute(0, 2, 1)
 
 
 # --------------------------------------------------------------------------
