@@ -243,11 +243,16 @@ def _segment_masks(seg: ChunkSegments, B: int, Tq: int, Tk: int, device):
     return qseg, same
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+def _check_cu_seqlens_type(cu_seqlens) -> None:
+    """What both checks of cu_seqlens see without reading its values."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D integer tensor of document starts plus the total")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    _check_cu_seqlens_type(cu_seqlens)
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     total = batch * seqlen
     if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
@@ -268,10 +273,7 @@ def _check_cu_seqlens_on_device(cu_seqlens: torch.Tensor, batch: int, seqlen: in
     than ``max_seqlen``, which sizes the launch grid) as one asynchronous
     assertion on the tensor's device: the host does not wait for it, and a
     bad ``cu_seqlens`` fails at the next synchronisation with this message."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor of document starts plus the total")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    _check_cu_seqlens_type(cu_seqlens)
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must hold at least the start 0 and the total batch * seqlen")
     cu = cu_seqlens.detach().to(torch.int64)
