@@ -31,7 +31,7 @@ INT_SCALARS_UPPER = {"T", "H", "SEARCH_STEPS_N", "SEARCH_STEPS_M"}
 FLOAT_SCALARS = {"scale", "scale2"}
 
 
-def signature(kernel, act):
+def signature(kernel, act, fp32_outputs=()):
     sig = {}
     for p in kernel.params:
         if p.is_constexpr:
@@ -41,7 +41,7 @@ def signature(kernel, act):
             sig[name] = "fp32"
         elif name in INT_SCALARS_UPPER or not name.isupper():
             sig[name] = "i32"
-        elif name in FP32_POINTERS:
+        elif name in FP32_POINTERS or name in fp32_outputs:
             sig[name] = "*fp32"
         elif name in ACTIVATIONS:
             sig[name] = act
@@ -50,8 +50,8 @@ def signature(kernel, act):
     return sig
 
 
-def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16"):
-    sig = {**signature(kernel, act), **{name: "constexpr" for name in constexprs}}
+def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", fp32_outputs=()):
+    sig = {**signature(kernel, act, fp32_outputs), **{name: "constexpr" for name in constexprs}}
     src = ASTSource(fn=kernel, signature=sig,
                     constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
     out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -69,12 +69,20 @@ def cases():
     yield "decay_grad", t._segmented_scan_kernel, dict(HAS_Y=True, REVERSE=True, BLOCK_T=t._SCAN_BLOCK), {}
     yield "row_delta", t._bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_T=64), {}
     kernels = {"fwd": t._fwd_kernel, "dkdv": t._dkdv_kernel, "dq": t._dq_kernel}
+    # the context-parallel ring's variant: fp32 running output / dq, merged
+    # or added to in the epilogue
+    accumulates = {"fwd": "O", "dq": "DQ"}
     for kind, kernel in kernels.items():
         for head_dim in (64, 128):
             bm, bn, warps, stages = t.kernel_config(kind, head_dim, torch.bfloat16)
-            yield (f"{kind}_d{head_dim}", kernel,
-                   dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                        PRECISION="tf32"), dict(num_warps=warps, num_stages=stages))
+            consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
+                          PRECISION="tf32")
+            if kind in accumulates:
+                consts["ACCUMULATE"] = False
+            yield f"{kind}_d{head_dim}", kernel, consts, dict(num_warps=warps, num_stages=stages)
+            if kind in accumulates:
+                yield (f"{kind}_accumulate_d{head_dim}", kernel, {**consts, "CAUSAL": False, "ACCUMULATE": True},
+                       dict(num_warps=warps, num_stages=stages, fp32_outputs=(accumulates[kind],)))
 
 
 def main():

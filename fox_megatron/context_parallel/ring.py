@@ -44,7 +44,7 @@ from typing import List, Optional
 
 import torch
 
-from fox_megatron.kernels import attention_chunk_backward, attention_chunk_forward, merge_partial_attention
+from fox_megatron.kernels import attention_chunk_backward_into, attention_chunk_forward_into, attention_row_delta
 
 from .layout import h2d, p2p, wait_all
 from .skip_table import RingPlan
@@ -94,9 +94,15 @@ class RingStats:
 
 
 def _to_rows(x: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
-    """[B, T, H, D] chunk qi -> [B * H, Tc, D] (row = b * H + h)."""
+    """[B, T, H, D] chunk qi -> [B * H, Tc, 1, D] (row = b * H + h)."""
     B, _, H, D = x.shape
-    return x[:, qi * Tc:(qi + 1) * Tc].permute(0, 2, 1, 3).reshape(B * H, Tc, D)
+    return x[:, qi * Tc:(qi + 1) * Tc].permute(0, 2, 1, 3).reshape(B * H, Tc, 1, D)
+
+
+def _c_rows(c: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
+    """[B, H, T] chunk qi -> [B * H, 1, Tc]."""
+    B, H, _ = c.shape
+    return c[:, :, qi * Tc:(qi + 1) * Tc].reshape(B * H, 1, Tc).contiguous()
 
 
 def _from_rows(rows: List[torch.Tensor], B: int, H: int) -> torch.Tensor:
@@ -236,11 +242,13 @@ class _RingAttention(torch.autograd.Function):
         Hkv = k.shape[2]
         Tc = T // 2
         dev = q.device
+        # the kernels read the queries of a pair in place (rows) and merge
+        # into the running (out, lse) in their epilogue
         q_rows = [_to_rows(q, i, Tc) for i in range(2)]
-        c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
+        c_rows = [_c_rows(c, i, Tc) for i in range(2)]
         thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
-        acc_o = [q.new_zeros(B * Hq, Tc, D, dtype=torch.float32) for _ in range(2)]
-        acc_lse = [torch.full((B * Hq, Tc), float("-inf"), device=dev) for _ in range(2)]
+        acc_o = [q.new_zeros(B * Hq, Tc, 1, D, dtype=torch.float32) for _ in range(2)]
+        acc_lse = [torch.full((B * Hq, 1, Tc), float("-inf"), device=dev) for _ in range(2)]
         if stats is not None:
             stats.fwd_kv_bytes = 0
         nsub = plan.sub_blocks
@@ -255,22 +263,14 @@ class _RingAttention(torch.autograd.Function):
                 rows = pw.on_device(dev)[0]
                 k_sel, v_sel, ck, _ = _gather_keys(ring, pos, pw)
                 seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
-                out, lse = attention_chunk_forward(
-                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
-                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
-                    causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
-                    segments=seg,
+                attention_chunk_forward_into(
+                    acc_o[pw.qi], acc_lse[pw.qi], q_rows[pw.qi], k_sel, v_sel, c_rows[pw.qi], ck, query_rows=rows,
+                    causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend, segments=seg,
                 )
-                o_new, lse_new = merge_partial_attention(
-                    acc_o[pw.qi].index_select(0, rows).unsqueeze(2), acc_lse[pw.qi].index_select(0, rows).unsqueeze(1),
-                    out, lse,
-                )
-                acc_o[pw.qi].index_copy_(0, rows, o_new.squeeze(2))
-                acc_lse[pw.qi].index_copy_(0, rows, lse_new.squeeze(1))
             if step < plan.last_step:
                 ring.advance()
 
-        out = _from_rows(acc_o, B, Hq).to(q.dtype)
+        out = _from_rows([x.view(B * Hq, Tc, D) for x in acc_o], B, Hq).to(q.dtype)
         lse = torch.cat([x.view(B, Hq, Tc) for x in acc_lse], dim=-1)
         ctx.save_for_backward(q, k, v, c, thr if thr is not None else torch.empty(0), out, lse)
         ctx.has_thr = thr is not None
@@ -296,12 +296,13 @@ class _RingAttention(torch.autograd.Function):
         P, r = plan.cp_size, plan.rank
         q_rows = [_to_rows(q, i, Tc) for i in range(2)]
         do_rows = [_to_rows(dout.contiguous(), i, Tc) for i in range(2)]
-        o_rows = [_to_rows(out, i, Tc) for i in range(2)]
-        lse_rows = [lse[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
-        c_rows = [c[:, :, i * Tc:(i + 1) * Tc].reshape(B * Hq, Tc) for i in range(2)]
+        lse_rows = [_c_rows(lse, i, Tc) for i in range(2)]
+        c_rows = [_c_rows(c, i, Tc) for i in range(2)]
+        # do . out of every query, once per chunk (not per pair)
+        delta_rows = [attention_row_delta(_to_rows(out, i, Tc), do_rows[i], backend=backend) for i in range(2)]
         thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
-        dq_rows = [torch.zeros(B * Hq, Tc, D, device=dev) for _ in range(2)]
-        dc_rows = [torch.zeros(B * Hq, Tc, device=dev) for _ in range(2)]
+        dq_rows = [torch.zeros(B * Hq, Tc, 1, D, device=dev) for _ in range(2)]
+        dc_rows = [torch.zeros(B * Hq, 1, Tc, device=dev) for _ in range(2)]
         n_units = plan.num_units
         nsub = plan.sub_blocks
         Ts = Tc // nsub
@@ -336,17 +337,12 @@ class _RingAttention(torch.autograd.Function):
                 rows, _, sub = pw.on_device(dev)
                 k_sel, v_sel, ck, bi = _gather_keys(ring, pos, pw)
                 seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
-                dq, dk, dv, dcq, dckk = attention_chunk_backward(
-                    do_rows[pw.qi].index_select(0, rows).unsqueeze(2),
-                    q_rows[pw.qi].index_select(0, rows).unsqueeze(2), k_sel, v_sel,
-                    c_rows[pw.qi].index_select(0, rows).unsqueeze(1), ck,
-                    o_rows[pw.qi].index_select(0, rows).unsqueeze(2),
-                    lse_rows[pw.qi].index_select(0, rows).unsqueeze(1),
+                dk, dv, dckk = attention_chunk_backward_into(
+                    dq_rows[pw.qi], dc_rows[pw.qi], do_rows[pw.qi], q_rows[pw.qi], k_sel, v_sel, c_rows[pw.qi], ck,
+                    lse_rows[pw.qi], delta_rows[pw.qi], query_rows=rows,
                     causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
                     segments=seg,
                 )
-                dq_rows[pw.qi].index_add_(0, rows, dq.squeeze(2).float())
-                dc_rows[pw.qi].index_add_(0, rows, dcq.squeeze(1).float())
                 N, m = bi.shape
                 dkv_rows = torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float()  # N 2 m*Ts D
                 dkv_rows = dkv_rows.view(N, 2, m, Ts, D).transpose(1, 2).reshape(N * m, 2, Ts, D)
@@ -381,7 +377,7 @@ class _RingAttention(torch.autograd.Function):
                 ring.advance()
         land(pending)
 
-        dq = _from_rows(dq_rows, B, Hq).to(q.dtype)
+        dq = _from_rows([x.view(B * Hq, Tc, D) for x in dq_rows], B, Hq).to(q.dtype)
         dk, dv = _kv_from_units(dkv_local, B, Hkv, nsub)
         dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, nsub)
         return dq, dk.to(k.dtype), dv.to(v.dtype), dc.to(c.dtype), None, None, None, None, None, None

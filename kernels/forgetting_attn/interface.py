@@ -502,6 +502,81 @@ def attention_chunk_forward(
     return chunk_forward(q, k, v, c_q, c_k, causal, softmax_scale, acp_threshold, segments)
 
 
+def _check_query_rows(query_rows, q, k, acc_rows, acc_name) -> None:
+    if query_rows.dim() != 1 or query_rows.numel() != k.shape[0] or query_rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"query_rows must be int32/int64 [{k.shape[0]}] (one query row per key row), "
+                         f"got {query_rows.dtype} {tuple(query_rows.shape)}")
+    if query_rows.device != q.device:
+        raise ValueError("query_rows must be on the queries' device")
+    if acc_rows != q.shape[0]:
+        raise ValueError(f"{acc_name} must have the queries' batch size {q.shape[0]}, got {acc_rows}")
+
+
+def attention_chunk_forward_into(
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c_q: torch.Tensor,
+    c_k: torch.Tensor,
+    *,
+    query_rows: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    acp_threshold: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    segments: Optional[ChunkSegments] = None,
+) -> None:
+    """``attention_chunk_forward`` of selected query rows, merged in place.
+
+    Key row n (of k, v [N, Tk, Hkv, D], c_k [N, Hq, Tk]) pairs with query row
+    ``query_rows[n]`` of q [Bq, Tq, Hq, D] / c_q [Bq, Hq, Tq]; rows are
+    distinct.  The result is merged (log-sum-exp rule) into acc_out [Bq, Tq,
+    Hq, D] (float32 with the Triton backend) and acc_lse [Bq, Hq, Tq], which
+    hold the partial result over other keys (start: 0 and -inf).  A ring
+    step then reads no gathered copy of the queries and writes no partial
+    output: the kernel merges in its epilogue.  acp_threshold / segments
+    are per key row / piece as in ``attention_chunk_forward``.
+    """
+    backend = _resolve_backend(backend, q.device)
+    _check_query_rows(query_rows, q, k, acc_out.shape[0], "acc_out")
+    if acc_out.shape != q.shape or acc_lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(f"acc_out / acc_lse must be {tuple(q.shape)} / {(q.shape[0], q.shape[2], q.shape[1])}")
+    if backend == "torch":
+        rows = query_rows.long()
+        out, lse = attention_chunk_forward(
+            q.index_select(0, rows), k, v, c_q.index_select(0, rows), c_k, causal=causal,
+            softmax_scale=softmax_scale, acp_threshold=acp_threshold, backend=backend, segments=segments)
+        o_new, lse_new = merge_partial_attention(acc_out.index_select(0, rows), acc_lse.index_select(0, rows),
+                                                 out, lse)
+        acc_out.index_copy_(0, rows, o_new.to(acc_out.dtype))
+        acc_lse.index_copy_(0, rows, lse_new.to(acc_lse.dtype))
+        return
+    if acc_out.dtype != torch.float32 or acc_lse.dtype != torch.float32 or acc_out.stride(-1) != 1:
+        raise ValueError("acc_out / acc_lse must be float32 (acc_out with a unit last stride)")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError("a causal (diagonal) chunk needs as many queries as keys")
+    if segments is not None:
+        _check_segments(segments, k.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
+    from .triton_ops import chunk_forward_into
+
+    chunk_forward_into(acc_out, acc_lse, q, k, v, c_q, c_k, query_rows, causal, softmax_scale, acp_threshold,
+                       segments)
+
+
+def attention_row_delta(out: torch.Tensor, do: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """do . out of every query: [B, H, T] float32 from bshd out and do (the
+    row term of the softmax backward, computed once per query chunk for
+    ``attention_chunk_backward_into``)."""
+    if _resolve_backend(backend, out.device) == "torch":
+        cd = torch.float64 if out.dtype == torch.float64 else torch.float32
+        return (do.to(cd) * out.to(cd)).sum(-1).permute(0, 2, 1).contiguous()
+    from .triton_ops import row_delta
+
+    return row_delta(out, do)
+
+
 def _torch_chunk_masks(segments, acp_threshold, q, k):
     """(row threshold, document mask, per-query threshold) for the torch path:
     with document pieces the mask comes from them and the threshold becomes
@@ -558,7 +633,62 @@ def attention_chunk_backward(
     return chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, softmax_scale, acp_threshold, segments)
 
 
-def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, same_doc=None, query_thr=None):
+def attention_chunk_backward_into(
+    dq_acc: torch.Tensor,
+    dcq_acc: torch.Tensor,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c_q: torch.Tensor,
+    c_k: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    query_rows: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    acp_threshold: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    segments: Optional[ChunkSegments] = None,
+):
+    """``attention_chunk_backward`` of selected query rows, accumulating.
+
+    Rows as in ``attention_chunk_forward_into``: do, q [Bq, Tq, Hq, D], c_q,
+    the merged lse and delta (``attention_row_delta`` of the merged output)
+    [Bq, Hq, Tq] are read in place at ``query_rows``; the query gradients
+    are added to dq_acc [Bq, Tq, Hq, D] and dcq_acc [Bq, Hq, Tq] (float32
+    with the Triton backend).  Returns (dk, dv, dc_k [N, Hq, Tk] float32) of
+    the N key rows.
+    """
+    backend = _resolve_backend(backend, q.device)
+    _check_query_rows(query_rows, q, k, dq_acc.shape[0], "dq_acc")
+    if dq_acc.shape != q.shape or dcq_acc.shape != lse.shape or delta.shape != lse.shape:
+        raise ValueError("dq_acc must be shaped like q, dcq_acc and delta like lse")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError("a causal (diagonal) chunk needs as many queries as keys")
+    if segments is not None:
+        _check_segments(segments, k.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, acp_threshold)
+    if backend == "torch":
+        rows = query_rows.long()
+        thr, same_doc, query_thr = _torch_chunk_masks(segments, acp_threshold, q.index_select(0, rows), k)
+        dq, dk, dv, dc_q, dc_k = _torch_chunk_backward(
+            do.index_select(0, rows), q.index_select(0, rows), k, v, c_q.index_select(0, rows), c_k, None,
+            lse.index_select(0, rows), causal, softmax_scale, thr, same_doc, query_thr,
+            delta=delta.index_select(0, rows))
+        dq_acc.index_add_(0, rows, dq.to(dq_acc.dtype))
+        dcq_acc.index_add_(0, rows, dc_q.to(dcq_acc.dtype))
+        return dk, dv, dc_k
+    if dq_acc.dtype != torch.float32 or dcq_acc.dtype != torch.float32 or dq_acc.stride(-1) != 1:
+        raise ValueError("dq_acc / dcq_acc must be float32 (dq_acc with a unit last stride)")
+    from .triton_ops import chunk_backward_into
+
+    return chunk_backward_into(dq_acc, dcq_acc, do, q, k, v, c_q, c_k, lse, delta, query_rows, causal,
+                               softmax_scale, acp_threshold, segments)
+
+
+def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, same_doc=None, query_thr=None,
+                          delta=None):
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -583,7 +713,7 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, s
     p = torch.where(keep, torch.exp(s - safe[..., None]), torch.zeros_like(s))
     dv = torch.matmul(p.transpose(-1, -2), dof)
     dp = torch.matmul(dof, vf.transpose(-1, -2))
-    delta = (dof * out.to(cd).permute(0, 2, 1, 3)).sum(-1)
+    delta = (dof * out.to(cd).permute(0, 2, 1, 3)).sum(-1) if delta is None else delta.to(cd)
     ds = p * (dp - delta[..., None])
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale

@@ -81,7 +81,7 @@ def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
 @triton.jit
 def _acp_boundary_kernel(
     CQ, CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     THR, stride_thr_s,
     KBLO, stride_kb_s, stride_kb_h,
     QBHI, stride_qb_s, stride_qb_h,
@@ -98,9 +98,10 @@ def _acp_boundary_kernel(
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(ROW + s).to(tl.int64)
+    qrow = tl.load(QROW + s).to(tl.int64)
     qlen = tl.load(QLEN + s)
     klen = tl.load(KLEN + s)
-    cq_ptr = CQ + row * stride_cqb + h * stride_cqh + tl.load(QSTART + s)
+    cq_ptr = CQ + qrow * stride_cqb + h * stride_cqh + tl.load(QSTART + s)
     ck_ptr = CK + row * stride_ckb + h * stride_ckh + tl.load(KSTART_POS + s)
     thr = tl.load(THR + s * stride_thr_s + h)
     num_m = tl.cdiv(qlen, BLOCK_M)
@@ -180,7 +181,7 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     tl_ = tiles if count else dummy
     _acp_boundary_kernel[(S, H)](
         c_q, c_k, c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
-        seq.row, seq.qstart, seq.qlen, seq.kstart, seq.klen,
+        seq.row, seq.qrow, seq.qstart, seq.qlen, seq.kstart, seq.klen,
         thr, thr.stride(0),
         kb, kb.stride(0), kb.stride(1),
         qb, qb.stride(0), qb.stride(1),
@@ -313,7 +314,7 @@ def _fwd_tiles(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, CQ, CK, O, LSE, THR, KBLO,
-    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -323,8 +324,13 @@ def _fwd_kernel(
     stride_thr_s, stride_kblo_s, stride_kblo_h,
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
+    # ROW indexes the batch of K, V and CK; QROW that of Q, CQ, O and LSE
+    # (the same table for plain attention; a context-parallel pair reads
+    # selected query rows of whole tensors in place).  ACCUMULATE: O (fp32)
+    # and LSE already hold a partial result over other keys, which this one
+    # is merged into by the log-sum-exp rule.
     s_id = tl.program_id(1)
     h = tl.program_id(2)
     qlen = tl.load(QLEN + s_id)
@@ -334,6 +340,7 @@ def _fwd_kernel(
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
+    qrow = tl.load(QROW + s_id).to(tl.int64)
     q0 = tl.load(QSTART + s_id).to(tl.int64)
     k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
     hk = h // GROUP
@@ -341,9 +348,9 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qmask = offs_m < qlen
-    q = tl.load(Q + row * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
                 mask=qmask[:, None], other=0.0)
-    cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
+    cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
     cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
@@ -391,9 +398,24 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + row * stride_ob + h * stride_oh + (q0 + offs_m)[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=qmask[:, None])
-    tl.store(LSE + row * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=qmask)
+    o_ptrs = O + qrow * stride_ob + h * stride_oh + (q0 + offs_m)[:, None] * stride_ot + offs_d[None, :]
+    lse_ptrs = LSE + qrow * stride_lb + h * stride_lh + q0 + offs_m
+    if ACCUMULATE:
+        # o = (w_old o_old + w_new o_new) / (w_old + w_new), w = exp(lse - max);
+        # rows with no kept key on either side stay (0, -inf)
+        lse_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=qmask[:, None], other=0.0)
+        top = tl.maximum(lse_old, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_old = tl.exp(lse_old - top)
+        w_new = tl.exp(lse - top)
+        w_sum = w_old + w_new
+        none = w_sum == 0.0
+        w_safe = tl.where(none, 1.0, w_sum)
+        out = (o_old * w_old[:, None] + out * w_new[:, None]) / w_safe[:, None]
+        lse = tl.where(none, float("-inf"), top + tl.log(w_safe))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qmask[:, None])
+    tl.store(lse_ptrs, lse, mask=qmask)
 
 
 # --------------------------------------------------------------------------
@@ -468,7 +490,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK,
-    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -491,6 +513,7 @@ def _dkdv_kernel(
         return
     qlen = tl.load(QLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
+    qrow = tl.load(QROW + s_id).to(tl.int64)
     q0 = tl.load(QSTART + s_id).to(tl.int64)
     k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -514,11 +537,11 @@ def _dkdv_kernel(
         h = hk * GROUP + g
         ck_base = CK + row * stride_ckb + h * stride_ckh + k0
         ck2 = tl.load(ck_base + offs_n, mask=kmask, other=0.0) * 1.4426950408889634
-        q_base = Q + row * stride_qb + h * stride_qh + q0 * stride_qt
-        do_base = DO + row * stride_dob + h * stride_doh + q0 * stride_dot
-        cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
-        lse_base = LSE + row * stride_lb + h * stride_lh + q0
-        dlt_base = DLT + row * stride_lb + h * stride_lh + q0
+        q_base = Q + qrow * stride_qb + h * stride_qh + q0 * stride_qt
+        do_base = DO + qrow * stride_dob + h * stride_doh + q0 * stride_dot
+        cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
+        lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
+        dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
         dck = tl.zeros([BLOCK_N], dtype=tl.float32)
         if USE_ACP:
             thr = tl.load(THR + s_id * stride_thr_s + h)
@@ -596,7 +619,7 @@ def _dq_tiles(
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, CQ, CK, LSE, DLT, THR, KBLO, DQ, DCQ,
-    ROW, QSTART, QLEN, KSTART_POS, KLEN,
+    ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -608,8 +631,9 @@ def _dq_kernel(
     stride_thr_s, stride_kblo_s, stride_kblo_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
+    # rows as in _fwd_kernel; ACCUMULATE: DQ (fp32) and DCQ are added to
     s_id = tl.program_id(1)
     h = tl.program_id(2)
     qlen = tl.load(QLEN + s_id)
@@ -619,6 +643,7 @@ def _dq_kernel(
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
+    qrow = tl.load(QROW + s_id).to(tl.int64)
     q0 = tl.load(QSTART + s_id).to(tl.int64)
     k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
     hk = h // GROUP
@@ -626,14 +651,14 @@ def _dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     qmask = offs_m < qlen
-    q = tl.load(Q + row * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
                 mask=qmask[:, None], other=0.0)
-    do = tl.load(DO + row * stride_dob + h * stride_doh + (q0 + offs_m)[:, None] * stride_dot + offs_d[None, :],
+    do = tl.load(DO + qrow * stride_dob + h * stride_doh + (q0 + offs_m)[:, None] * stride_dot + offs_d[None, :],
                  mask=qmask[:, None], other=0.0)
-    cq_base = CQ + row * stride_cqb + h * stride_cqh + q0
+    cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
     cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-    lse2 = tl.load(LSE + row * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
-    dlt = tl.load(DLT + row * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + qrow * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+    dlt = tl.load(DLT + qrow * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=0.0)
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
@@ -670,9 +695,14 @@ def _dq_kernel(
     dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
                         mid, hi, klen, thr2, offs_n, offs_d,
                         BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION)
-    tl.store(DQ + row * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qmask[:, None])
-    tl.store(DCQ + row * stride_dcqb + h * stride_dcqh + q0 + offs_m, dcq, mask=qmask)
+    dq_ptrs = DQ + qrow * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :]
+    dcq_ptrs = DCQ + qrow * stride_dcqb + h * stride_dcqh + q0 + offs_m
+    dq = dq * scale
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=qmask[:, None], other=0.0)
+        dcq += tl.load(dcq_ptrs, mask=qmask, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=qmask[:, None])
+    tl.store(dcq_ptrs, dcq, mask=qmask)
 
 
 # --------------------------------------------------------------------------
@@ -681,10 +711,16 @@ def _dq_kernel(
 
 
 class _PairTable:
-    """(row, query start, query length, key start, key length) per sequence."""
+    """(row, query start, query length, key start, key length) per sequence.
 
-    def __init__(self, row, qstart, qlen, kstart, klen, max_qlen, max_klen):
+    ``row`` indexes the batch of the keys (K, V, their decays and
+    gradients), ``qrow`` that of the queries (Q, their decays, O, LSE, dO
+    and the query gradients): the same tensor unless a context-parallel pair
+    reads selected query rows of whole tensors in place (``with_query_rows``)."""
+
+    def __init__(self, row, qstart, qlen, kstart, klen, max_qlen, max_klen, qrow=None):
         self.row, self.qstart, self.qlen, self.kstart, self.klen = row, qstart, qlen, kstart, klen
+        self.qrow = row if qrow is None else qrow
         self.max_qlen, self.max_klen = max_qlen, max_klen
 
     @staticmethod
@@ -706,6 +742,12 @@ class _PairTable:
         return _PairTable(mv(seg.row), mv(seg.qstart), mv(seg.qlen), mv(seg.kstart), mv(seg.klen),
                           seg.max_qlen, seg.max_klen)
 
+    def with_query_rows(self, query_rows):
+        """Key row n pairs with query row query_rows[n]."""
+        qrow = query_rows.to(device=self.row.device, dtype=torch.int32).index_select(0, self.row.long())
+        return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
+                          qrow=qrow)
+
 
 def _precision(dtype):
     # fp32 inputs get three-pass tf32 products (about fp32 accuracy on the
@@ -718,18 +760,22 @@ def _check_unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
+def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None):
     """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
     without ACP).
     partial: the table may leave queries uncovered (packed chunk pairs):
-    those keep out = 0, lse = -inf."""
+    those keep out = 0, lse = -inf.
+    acc: (out fp32, lse) shaped like q's output, a partial result that this
+    one is merged into in place (context-parallel accumulation)."""
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
     BM, BN, warps, stages = kernel_config("fwd", D, q.dtype)
     use_acp = thr is not None
-    if partial:
+    if acc is not None:
+        out, lse = acc
+    elif partial:
         out = torch.zeros_like(q)
         lse = torch.full((B, Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
     else:
@@ -747,7 +793,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, -1)
     _fwd_kernel[grid](
         q, k, v, c_q, c_k, out, lse, dummy_f, dummy_i,
-        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -757,25 +803,39 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False):
         dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
-        num_warps=warps, num_stages=stages,
+        ACCUMULATE=acc is not None, num_warps=warps, num_stages=stages,
     )
     return out, lse, kblo, tiles
 
 
-def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False):
+def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False,
+              delta=None, dq_acc=None):
     """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32).
-    partial: queries / keys the table leaves uncovered get zero gradients."""
-    do, q, k, v, out = _check_unit_stride(do, q, k, v, out)
+    partial: queries / keys the table leaves uncovered get zero gradients.
+    delta: the rows' do . out [B, Hq, Tq] fp32, laid out like lse (then
+    ``out`` is not read); dq_acc: (dq fp32, dc_q) that the query gradients
+    are added to in place (context-parallel accumulation)."""
+    do, q, k, v = _check_unit_stride(do, q, k, v)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
     use_acp = thr is not None
-    dlt = _row_delta(out, do)
     lse = lse.contiguous() if lse.stride(-1) != 1 else lse
+    if delta is None:
+        dlt = _row_delta(_check_unit_stride(out)[0], do)
+    else:
+        # the kernels read delta with lse's strides (dims of size 1 aside)
+        if any(a != b for a, b, n in zip(delta.stride(), lse.stride(), lse.shape) if n > 1):
+            lse, delta = lse.contiguous(), delta.contiguous()
+        dlt = delta
     new = torch.zeros_like if partial else torch.empty_like
-    dq, dk, dv = new(q), new(k), new(v)
-    dc_q = torch.zeros(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    dc_k = torch.zeros(B, Hq, Tk, dtype=torch.float32, device=q.device)
+    dk, dv = new(k), new(v)
+    if dq_acc is None:
+        dq = new(q)
+        dc_q = torch.zeros(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    else:
+        dq, dc_q = dq_acc
+    dc_k = torch.zeros(k.shape[0], Hq, Tk, dtype=torch.float32, device=q.device)
     S = pairs.row.numel()
     if S == 0:
         return dq, dk, dv, dc_q, dc_k
@@ -789,7 +849,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
         q, k, v, do, c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
-        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -811,7 +871,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
         q, k, v, do, c_q, c_k, lse, dlt, dummy_f, kb, dq, dc_q,
-        pairs.row, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -823,7 +883,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         dummy_f.stride(0), kb.stride(0), kb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
-        num_warps=w2, num_stages=st2,
+        ACCUMULATE=dq_acc is not None, num_warps=w2, num_stages=st2,
     )
     return dq, dk, dv, dc_q, dc_k
 
@@ -852,10 +912,12 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dlogf, None, None, None
 
 
-def _chunk_pairs(q, k, segments):
+def _chunk_pairs(q, k, segments, query_rows=None):
     if segments is None:
-        return _PairTable.chunks(q.shape[0], q.shape[1], k.shape[1], q.device)
-    return _PairTable.segments(segments, q.device)
+        pairs = _PairTable.chunks(k.shape[0], q.shape[1], k.shape[1], q.device)
+    else:
+        pairs = _PairTable.segments(segments, q.device)
+    return pairs if query_rows is None else pairs.with_query_rows(query_rows)
 
 
 def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
@@ -867,8 +929,29 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     return out, lse
 
 
+def chunk_forward_into(acc_out, acc_lse, q, k, v, c_q, c_k, query_rows, causal, scale, thr, segments=None):
+    pairs = _chunk_pairs(q, k, segments, query_rows)
+    thr = thr.float().contiguous() if thr is not None else None
+    _forward(q, k, v, c_q.float(), c_k.float(), pairs, scale, thr, causal, acc=(acc_out, acc_lse))
+
+
 def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments)
     thr = thr.float().contiguous() if thr is not None else None
     return _backward(do, q, k, v, c_q.float(), c_k.float(), out, lse, pairs, scale, thr, causal,
                      partial=segments is not None)
+
+
+def chunk_backward_into(dq_acc, dcq_acc, do, q, k, v, c_q, c_k, lse, delta, query_rows, causal, scale, thr,
+                        segments=None):
+    pairs = _chunk_pairs(q, k, segments, query_rows)
+    thr = thr.float().contiguous() if thr is not None else None
+    _, dk, dv, _, dc_k = _backward(do, q, k, v, c_q.float(), c_k.float(), None, lse, pairs, scale, thr, causal,
+                                   partial=segments is not None, delta=delta, dq_acc=(dq_acc, dcq_acc))
+    return dk, dv, dc_k
+
+
+def row_delta(out, do):
+    """do . out per query: [B, H, T] float32 (out, do: bshd)."""
+    out, do = _check_unit_stride(out, do)
+    return _row_delta(out, do)
