@@ -32,6 +32,7 @@ share one code path; tensors are addressed through their strides, so
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -729,9 +730,7 @@ class _PairTable:
 
     @staticmethod
     def chunks(batch, tq, tk, device):
-        row = torch.arange(batch, dtype=torch.int32, device=device)
-        zero = torch.zeros(batch, dtype=torch.int32, device=device)
-        return _PairTable(row, zero, torch.full_like(zero, tq), zero, torch.full_like(zero, tk), tq, tk)
+        return _chunk_table(batch, tq, tk, torch.device(device))
 
     @staticmethod
     def segments(seg, device):
@@ -742,11 +741,22 @@ class _PairTable:
         return _PairTable(mv(seg.row), mv(seg.qstart), mv(seg.qlen), mv(seg.kstart), mv(seg.klen),
                           seg.max_qlen, seg.max_klen)
 
-    def with_query_rows(self, query_rows):
+    def with_query_rows(self, query_rows, rows_are_arange=False):
         """Key row n pairs with query row query_rows[n]."""
-        qrow = query_rows.to(device=self.row.device, dtype=torch.int32).index_select(0, self.row.long())
+        qrow = query_rows.to(device=self.row.device, dtype=torch.int32)
+        if not rows_are_arange:
+            qrow = qrow.index_select(0, self.row.long())
         return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
                           qrow=qrow)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(batch, tq, tk, device):
+    # one table per shape: a ring step makes several calls of the same shapes,
+    # and the kernels only read the table
+    row = torch.arange(batch, dtype=torch.int32, device=device)
+    zero = torch.zeros(batch, dtype=torch.int32, device=device)
+    return _PairTable(row, zero, torch.full_like(zero, tq), zero, torch.full_like(zero, tk), tq, tk)
 
 
 def _precision(dtype):
@@ -917,7 +927,7 @@ def _chunk_pairs(q, k, segments, query_rows=None):
         pairs = _PairTable.chunks(k.shape[0], q.shape[1], k.shape[1], q.device)
     else:
         pairs = _PairTable.segments(segments, q.device)
-    return pairs if query_rows is None else pairs.with_query_rows(query_rows)
+    return pairs if query_rows is None else pairs.with_query_rows(query_rows, rows_are_arange=segments is None)
 
 
 def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
