@@ -109,7 +109,8 @@ def test_forward_into_and_backward_into_match_gathered_rows(backend, acp, causal
     dq_acc, dcq_acc, lse_d, delta_d = _dev(dq0, dcq0, ref_lse, delta)
     got = attention_chunk_backward_into(dq_acc, dcq_acc, do_d, q_d, k_d, v_d, c_q_d, c_k_d, lse_d, delta_d,
                                         query_rows=rows_d, causal=causal, softmax_scale=scale,
-                                        acp_threshold=thr_d, backend=backend)
+                                        acp_threshold=thr_d, backend=backend, kv_grad_dtype=torch.float64)
+    assert got[0].dtype == got[1].dtype == torch.float64 and got[0].is_contiguous()
     for name, a, b in zip(("dk", "dv", "dc_k"), got, (dk, dv, dck)):
         _close(a, b, name)
     _close(dq_acc, ref_dq, "dq")

@@ -83,6 +83,9 @@ def cases():
             if kind in accumulates:
                 yield (f"{kind}_accumulate_d{head_dim}", kernel, {**consts, "CAUSAL": False, "ACCUMULATE": True},
                        dict(num_warps=warps, num_stages=stages, fp32_outputs=(accumulates[kind],)))
+            if kind == "dkdv":  # the ring takes dK / dV in fp32
+                yield (f"dkdv_fp32_grads_d{head_dim}", kernel, {**consts, "CAUSAL": False},
+                       dict(num_warps=warps, num_stages=stages, fp32_outputs=("DK", "DV")))
 
 
 def main():

@@ -144,9 +144,12 @@ def _gather_keys(ring, pos, pw):
     _, units, sub = pw.on_device(pos.device)
     bi = pos[units]  # N m
     N, m = bi.shape
-    kv = ring.kv.index_select(0, bi.reshape(-1))  # N*m 2 Ts D
-    Ts, D = kv.shape[2], kv.shape[3]
-    kv = kv.view(N, m, 2, Ts, D).transpose(1, 2).reshape(N, 2, m * Ts, D)
+    Ts, D = ring.kv.shape[2], ring.kv.shape[3]
+    # a row's m units are consecutive in the gathered tensor, so its keys
+    # are one contiguous [m * Ts, D] block: one gather each for K and V
+    flat = bi.reshape(-1)
+    k = ring.kv[:, 0].index_select(0, flat).view(N, m * Ts, 1, D)
+    v = ring.kv[:, 1].index_select(0, flat).view(N, m * Ts, 1, D)
     ck = ring.c[bi, sub[:, None]].reshape(N, 1, m * Ts)
     hidden = pw.hidden_keys(pos.device, Ts)
     if hidden is not None:
@@ -154,7 +157,7 @@ def _gather_keys(ring, pos, pw):
         # threshold, so the kernels prune them (their tiles are skipped,
         # their gradients are zero)
         ck = ck.masked_fill(hidden[:, None, :], _HIDDEN_KEY_DECAY)
-    return kv[:, 0].unsqueeze(2), kv[:, 1].unsqueeze(2), ck, bi
+    return k, v, ck, bi
 
 
 def _pair_threshold(pw, rows, thr, thr_rows, dev):
@@ -341,12 +344,14 @@ class _RingAttention(torch.autograd.Function):
                     dq_rows[pw.qi], dc_rows[pw.qi], do_rows[pw.qi], q_rows[pw.qi], k_sel, v_sel, c_rows[pw.qi], ck,
                     lse_rows[pw.qi], delta_rows[pw.qi], query_rows=rows,
                     causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
-                    segments=seg,
+                    segments=seg, kv_grad_dtype=torch.float32,
                 )
+                # fp32 [N, m*Ts, 1, D] = [N*m, Ts, D] in unit order: added to
+                # the units straight from the kernel's output
                 N, m = bi.shape
-                dkv_rows = torch.stack([dk.squeeze(2), dv.squeeze(2)], dim=1).float()  # N 2 m*Ts D
-                dkv_rows = dkv_rows.view(N, 2, m, Ts, D).transpose(1, 2).reshape(N * m, 2, Ts, D)
-                dkv.index_add_(0, bi.reshape(-1), dkv_rows)
+                flat = bi.reshape(-1)
+                dkv[:, 0].index_add_(0, flat, dk.view(N * m, Ts, D))
+                dkv[:, 1].index_add_(0, flat, dv.view(N * m, Ts, D))
                 dck.view(-1, Ts).index_add_(0, (bi * g + sub[:, None]).reshape(-1), dckk.float().reshape(N * m, Ts))
             land(pending)
             pending = []

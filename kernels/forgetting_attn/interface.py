@@ -651,6 +651,7 @@ def attention_chunk_backward_into(
     acp_threshold: Optional[torch.Tensor] = None,
     backend: str = "auto",
     segments: Optional[ChunkSegments] = None,
+    kv_grad_dtype: Optional[torch.dtype] = None,
 ):
     """``attention_chunk_backward`` of selected query rows, accumulating.
 
@@ -659,7 +660,9 @@ def attention_chunk_backward_into(
     [Bq, Hq, Tq] are read in place at ``query_rows``; the query gradients
     are added to dq_acc [Bq, Tq, Hq, D] and dcq_acc [Bq, Hq, Tq] (float32
     with the Triton backend).  Returns (dk, dv, dc_k [N, Hq, Tk] float32) of
-    the N key rows.
+    the N key rows; with ``kv_grad_dtype`` dk and dv are contiguous in that
+    dtype (float32 spares the caller a conversion before accumulating),
+    else in k's dtype.
     """
     backend = _resolve_backend(backend, q.device)
     _check_query_rows(query_rows, q, k, dq_acc.shape[0], "dq_acc")
@@ -678,13 +681,14 @@ def attention_chunk_backward_into(
             delta=delta.index_select(0, rows))
         dq_acc.index_add_(0, rows, dq.to(dq_acc.dtype))
         dcq_acc.index_add_(0, rows, dc_q.to(dcq_acc.dtype))
-        return dk, dv, dc_k
+        dt = kv_grad_dtype or k.dtype
+        return dk.to(dt).contiguous(), dv.to(dt).contiguous(), dc_k
     if dq_acc.dtype != torch.float32 or dcq_acc.dtype != torch.float32 or dq_acc.stride(-1) != 1:
         raise ValueError("dq_acc / dcq_acc must be float32 (dq_acc with a unit last stride)")
     from .triton_ops import chunk_backward_into
 
     return chunk_backward_into(dq_acc, dcq_acc, do, q, k, v, c_q, c_k, lse, delta, query_rows, causal,
-                               softmax_scale, acp_threshold, segments)
+                               softmax_scale, acp_threshold, segments, kv_grad_dtype)
 
 
 def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, same_doc=None, query_thr=None,

@@ -819,12 +819,13 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
 
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False,
-              delta=None, dq_acc=None):
+              delta=None, dq_acc=None, kv_grad_dtype=None):
     """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32).
     partial: queries / keys the table leaves uncovered get zero gradients.
     delta: the rows' do . out [B, Hq, Tq] fp32, laid out like lse (then
     ``out`` is not read); dq_acc: (dq fp32, dc_q) that the query gradients
-    are added to in place (context-parallel accumulation)."""
+    are added to in place (context-parallel accumulation); kv_grad_dtype:
+    dk and dv are written in it (contiguous), else in k's dtype."""
     do, q, k, v = _check_unit_stride(do, q, k, v)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -839,7 +840,12 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
             lse, delta = lse.contiguous(), delta.contiguous()
         dlt = delta
     new = torch.zeros_like if partial else torch.empty_like
-    dk, dv = new(k), new(v)
+    if kv_grad_dtype is None:
+        dk, dv = new(k), new(v)
+    else:
+        alloc = torch.zeros if partial else torch.empty
+        dk = alloc(k.shape, dtype=kv_grad_dtype, device=k.device)
+        dv = alloc(v.shape, dtype=kv_grad_dtype, device=v.device)
     if dq_acc is None:
         dq = new(q)
         dc_q = torch.zeros(B, Hq, Tq, dtype=torch.float32, device=q.device)
@@ -953,11 +959,12 @@ def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, segments
 
 
 def chunk_backward_into(dq_acc, dcq_acc, do, q, k, v, c_q, c_k, lse, delta, query_rows, causal, scale, thr,
-                        segments=None):
+                        segments=None, kv_grad_dtype=None):
     pairs = _chunk_pairs(q, k, segments, query_rows)
     thr = thr.float().contiguous() if thr is not None else None
     _, dk, dv, _, dc_k = _backward(do, q, k, v, c_q.float(), c_k.float(), None, lse, pairs, scale, thr, causal,
-                                   partial=segments is not None, delta=delta, dq_acc=(dq_acc, dcq_acc))
+                                   partial=segments is not None, delta=delta, dq_acc=(dq_acc, dcq_acc),
+                                   kv_grad_dtype=kv_grad_dtype)
     return dk, dv, dc_k
 
 
