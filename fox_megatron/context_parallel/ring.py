@@ -16,6 +16,13 @@ and adds Adaptive Computation Pruning at the granularity of chunk sub-blocks:
   different key suffixes read the longest one, and the keys a row does not
   hold are hidden behind a decay below the threshold, so the kernels skip
   them as pruned tiles (``RingPlan.merge_pairs``);
+- no copies of a pair's query side: the chunk kernels read the pair's
+  query rows of the whole chunk in place and merge into the running output
+  and lse in their epilogue (forward), or add to the running dq and dc_q
+  (backward, with do . out computed once per chunk); a pair's keys are one
+  contiguous gather per row and their dK/dV come back in fp32 in the order
+  of the ring's units (``attention_chunk_forward_into`` /
+  ``attention_chunk_backward_into``);
 - the same plan drives the backward ring.  dK/dV (and the gradient of the
   keys' decays) do not travel around the ring: rank r meets each origin's
   first chunks exactly once (at step r - o) and its second chunks exactly
