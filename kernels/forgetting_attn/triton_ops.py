@@ -164,6 +164,12 @@ def _acp_boundary_kernel(
 _BOUNDARY_LANES = 128
 
 
+@functools.lru_cache(maxsize=16)
+def _dummy_table(device):
+    # stands in for the outputs a launch does not ask for (never written)
+    return torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+
+
 def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32.  Returns
     (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None).
@@ -174,9 +180,11 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     M = max(triton.cdiv(seq.max_qlen, block_m), 1)
     N = max(triton.cdiv(seq.max_klen, block_n), 1)
     dev = c_q.device
-    kblo = torch.zeros(S, H, M, dtype=torch.int32, device=dev) if want_kblo else None
-    qbhi = torch.zeros(S, H, N, dtype=torch.int32, device=dev) if want_qbhi else None
-    dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
+    # every entry a kernel reads is written (blocks past a sequence's end
+    # are neither written nor read): no fill needed
+    kblo = torch.empty(S, H, M, dtype=torch.int32, device=dev) if want_kblo else None
+    qbhi = torch.empty(S, H, N, dtype=torch.int32, device=dev) if want_qbhi else None
+    dummy = _dummy_table(dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
     count = tiles is not None and want_kblo
     tl_ = tiles if count else dummy
@@ -770,14 +778,15 @@ def _check_unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None):
+def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None, count_tiles=True):
     """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
     without ACP).
     partial: the table may leave queries uncovered (packed chunk pairs):
     those keep out = 0, lse = -inf.
     acc: (out fp32, lse) shaped like q's output, a partial result that this
-    one is merged into in place (context-parallel accumulation)."""
+    one is merged into in place (context-parallel accumulation).
+    count_tiles=False: no statistics (tiles is None)."""
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -796,7 +805,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         return out, lse, None, None
     kblo = tiles = None
     if use_acp:
-        tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device)
+        tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device) if count_tiles else None
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles)
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
@@ -941,14 +950,15 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     c_q = c_q.float()
     c_k = c_k.float()
     thr = thr.float().contiguous() if thr is not None else None
-    out, lse, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None)
+    out, lse, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
+                              count_tiles=False)
     return out, lse
 
 
 def chunk_forward_into(acc_out, acc_lse, q, k, v, c_q, c_k, query_rows, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments, query_rows)
     thr = thr.float().contiguous() if thr is not None else None
-    _forward(q, k, v, c_q.float(), c_k.float(), pairs, scale, thr, causal, acc=(acc_out, acc_lse))
+    _forward(q, k, v, c_q.float(), c_k.float(), pairs, scale, thr, causal, acc=(acc_out, acc_lse), count_tiles=False)
 
 
 def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, segments=None):
