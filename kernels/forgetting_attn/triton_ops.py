@@ -345,7 +345,8 @@ def _fwd_kernel(
     qlen = tl.load(QLEN + s_id)
     # causal: the last query blocks have the most tiles; launch them first
     pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    if pid_m < 0:
+    # the grid covers the longest sequence: blocks past this one's end
+    if (pid_m < 0) | (pid_m * BLOCK_M >= qlen):
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
@@ -648,7 +649,8 @@ def _dq_kernel(
     qlen = tl.load(QLEN + s_id)
     # causal: the last query blocks have the most tiles; launch them first
     pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    if pid_m < 0:
+    # the grid covers the longest sequence: blocks past this one's end
+    if (pid_m < 0) | (pid_m * BLOCK_M >= qlen):
         return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
