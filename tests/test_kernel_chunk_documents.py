@@ -188,3 +188,30 @@ def test_pair_without_pieces_gives_empty_result(backend):
     grads = attention_chunk_backward(do[:, 95:105], *args, q[:, 95:105], lse.clone().fill_(0.0), causal=False,
                                      softmax_scale=0.25, acp_threshold=thr, backend=backend, segments=seg.to(DEVICE))
     assert all(g.abs().max() == 0 for g in grads)
+
+
+def test_kernels_read_only_boundary_entries_they_wrote(monkeypatch):
+    """The ACP boundary tables are not zero-filled: every entry a kernel
+    reads must have been written by the boundary search.  Filled beforehand
+    with "prune everything" (first kept key block past the end, no kept
+    query block), a read of an unwritten entry would drop keys from a
+    stored result: packed pieces of unequal length (query blocks past a
+    piece's end), both chunk pairs and whole-sequence packed attention must
+    still match their oracles."""
+    from fox_megatron.kernels import AcpConfig, forgetting_attention
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    fills = {"kblo": 2 ** 30, "qbhi": 0}
+    monkeypatch.setattr(triton_ops, "_boundary_table",
+                        lambda kind, shape, device: torch.full(shape, fills[kind], dtype=torch.int32, device=device))
+    for pair in ("diagonal", "off_diagonal"):
+        test_chunk_pair_with_documents_matches_oracle("triton", True, pair)
+    q, k, v, log_f, _ = _inputs(4, 2, 16, seed=8)
+    cu = torch.tensor(CU)
+    acp = AcpConfig(log_eps=-4.0, logit_bound=4.0)
+    dt = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
+    out, stats = forgetting_attention(dt(q), dt(k), dt(v), dt(log_f), cu_seqlens=cu.to(DEVICE), acp=acp,
+                                      backend="triton", return_stats=True)
+    expect = forgetting_attention(dt(q), dt(k), dt(v), dt(log_f), cu_seqlens=cu.to(DEVICE), acp=acp, backend="torch")
+    assert stats.kept_fraction < 1.0  # tiles are pruned
+    _close(out, expect, "packed out")

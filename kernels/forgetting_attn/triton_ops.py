@@ -164,6 +164,13 @@ def _acp_boundary_kernel(
 _BOUNDARY_LANES = 128
 
 
+def _boundary_table(kind, shape, device):
+    # every entry a kernel reads is written (blocks past a sequence's end
+    # are neither written nor read): no fill needed.  A test fills them
+    # with "prune everything" to catch a read of an unwritten entry.
+    return torch.empty(shape, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=16)
 def _dummy_table(device):
     # stands in for the outputs a launch does not ask for (never written)
@@ -180,10 +187,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     M = max(triton.cdiv(seq.max_qlen, block_m), 1)
     N = max(triton.cdiv(seq.max_klen, block_n), 1)
     dev = c_q.device
-    # every entry a kernel reads is written (blocks past a sequence's end
-    # are neither written nor read): no fill needed
-    kblo = torch.empty(S, H, M, dtype=torch.int32, device=dev) if want_kblo else None
-    qbhi = torch.empty(S, H, N, dtype=torch.int32, device=dev) if want_qbhi else None
+    kblo = _boundary_table("kblo", (S, H, M), dev) if want_kblo else None
+    qbhi = _boundary_table("qbhi", (S, H, N), dev) if want_qbhi else None
     dummy = _dummy_table(dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
     count = tiles is not None and want_kblo
