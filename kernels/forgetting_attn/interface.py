@@ -9,6 +9,7 @@ merge.  Inputs are checked here, once, at the door.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -88,13 +89,7 @@ class SequenceTable:
         ``cu_seqlens`` on the GPU is checked on the GPU and the host never
         waits for the device; without it the offsets are read back once."""
         if cu_seqlens is None:
-            return SequenceTable(
-                row=torch.arange(batch, dtype=torch.int32, device=device),
-                start=torch.zeros(batch, dtype=torch.int32, device=device),
-                length=torch.full((batch,), seqlen, dtype=torch.int32, device=device),
-                max_len=seqlen,
-                cu_seqlens=None,
-            )
+            return _rows_table(batch, seqlen, torch.device(device))
         device = torch.device(device)
         if max_seqlen is not None:
             max_seqlen = int(max_seqlen)
@@ -241,6 +236,19 @@ def _segment_masks(seg: ChunkSegments, B: int, Tq: int, Tk: int, device):
     qseg, kseg = ids
     same = (qseg[:, :, None] == kseg[:, None, :]) & (qseg >= 0)[:, :, None]
     return qseg, same
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_table(batch: int, seqlen: int, device: torch.device) -> SequenceTable:
+    # one sequence per row: the same table for every call of a shape (every
+    # layer of a step), read-only for the kernels
+    return SequenceTable(
+        row=torch.arange(batch, dtype=torch.int32, device=device),
+        start=torch.zeros(batch, dtype=torch.int32, device=device),
+        length=torch.full((batch,), seqlen, dtype=torch.int32, device=device),
+        max_len=seqlen,
+        cu_seqlens=None,
+    )
 
 
 def _check_cu_seqlens_type(cu_seqlens) -> None:
