@@ -578,7 +578,7 @@ def attention_row_delta(out: torch.Tensor, do: torch.Tensor, backend: str = "aut
     row term of the softmax backward, computed once per query chunk for
     ``attention_chunk_backward_into``)."""
     if _resolve_backend(backend, out.device) == "torch":
-        cd = torch.float64 if out.dtype == torch.float64 else torch.float32
+        cd = torch.float64 if torch.float64 in (out.dtype, do.dtype) else torch.float32
         return (do.to(cd) * out.to(cd)).sum(-1).permute(0, 2, 1).contiguous()
     from .triton_ops import row_delta
 
@@ -725,7 +725,7 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, s
     p = torch.where(keep, torch.exp(s - safe[..., None]), torch.zeros_like(s))
     dv = torch.matmul(p.transpose(-1, -2), dof)
     dp = torch.matmul(dof, vf.transpose(-1, -2))
-    delta = (dof * out.to(cd).permute(0, 2, 1, 3)).sum(-1) if delta is None else delta.to(cd)
+    delta = (attention_row_delta(out.to(cd), do.to(cd), backend="torch") if delta is None else delta).to(cd)
     ds = p * (dp - delta[..., None])
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale

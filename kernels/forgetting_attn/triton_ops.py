@@ -756,11 +756,8 @@ class _PairTable:
         return _PairTable(mv(seg.row), mv(seg.qstart), mv(seg.qlen), mv(seg.kstart), mv(seg.klen),
                           seg.max_qlen, seg.max_klen)
 
-    def with_query_rows(self, query_rows, rows_are_arange=False):
-        """Key row n pairs with query row query_rows[n]."""
-        qrow = query_rows.to(device=self.row.device, dtype=torch.int32)
-        if not rows_are_arange:
-            qrow = qrow.index_select(0, self.row.long())
+    def with_query_rows(self, qrow):
+        """The same entries reading queries at batch rows ``qrow`` (int32, one per entry)."""
         return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
                           qrow=qrow)
 
@@ -945,11 +942,17 @@ class ForgettingAttentionFunction(torch.autograd.Function):
 
 
 def _chunk_pairs(q, k, segments, query_rows=None):
+    """Pair table of a chunk pair; with ``query_rows``, key row n reads its
+    queries at batch row query_rows[n]."""
     if segments is None:
         pairs = _PairTable.chunks(k.shape[0], q.shape[1], k.shape[1], q.device)
     else:
         pairs = _PairTable.segments(segments, q.device)
-    return pairs if query_rows is None else pairs.with_query_rows(query_rows, rows_are_arange=segments is None)
+    if query_rows is None:
+        return pairs
+    qrow = query_rows.to(device=q.device, dtype=torch.int32)
+    # an entry per key row, or per document piece of a key row
+    return pairs.with_query_rows(qrow if segments is None else qrow.index_select(0, pairs.row.long()))
 
 
 def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
