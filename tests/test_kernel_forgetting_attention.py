@@ -185,6 +185,30 @@ def test_triton_large_decay_prunes_and_matches():
     check(q, k, v, log_f, TOL[torch.float32], acp=AcpConfig())
 
 
+def test_triton_long_runs_of_partial_tiles():
+    # Tiles that may hold pruned pairs take the element mask; the kernels
+    # find where such a run ends 16 candidate tiles at a time.  A sharp drop
+    # of the decay at token 1000 makes ~20 partial tiles in a row: key
+    # blocks 160..823 for the query block holding token 1000, and, mirrored,
+    # query blocks 1160..1800 for the key block holding it.  The claimed
+    # bound U = 0 is false: queries and keys at the far end of both runs
+    # share one direction (logit +8), so the pairs just below the threshold
+    # there carry real weight and a tile taken as fully kept shows.
+    q, k, v, log_f = make_inputs(1, 1800, 2, 2, 32, torch.float32, seed=12)
+    u = torch.nn.functional.normalize(torch.randn(32), dim=0).to(DEVICE)
+    with torch.no_grad():
+        log_f.fill_(-0.01)
+        log_f[0, 1000, :] = -6.0
+        for rows, keys in ((slice(1000, 1024), slice(672, 824)), (slice(1184, 1312), slice(960, 1000))):
+            q[0, rows] = 4.0 * u
+            k[0, keys] = 8.0 * math.sqrt(32) / 4.0 * u
+    acp = AcpConfig(log_eps=-0.5, logit_bound=0.0)
+    o, stats = forgetting_attention(q, k, v, log_f, backend="triton", acp=acp, return_stats=True)
+    assert stats.kept_fraction < 0.6
+    # fp32 inputs run three-pass tf32 products (errors near 1e-5 here)
+    check(q, k, v, log_f, 5e-4, acp=acp)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_stats_agree_between_backends(packed):
     # the Triton path counts tiles in the boundary kernel, the torch path

@@ -277,6 +277,50 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
     return _segmented_scan(t(dc_q), t(dc_k), seqs, reverse=True).permute(0, 2, 1)
 
 
+# The kept tiles next to the pruned ones may hold pruned pairs and take the
+# element mask.  Their count is the length of a run of tiles meeting a test
+# on one decay value each (usually a handful): each step below loads WALK
+# candidates at once and keeps the run up to the first that fails, so a
+# program waits for one load where a tile-by-tile walk waited for one per
+# tile (at head dim 128 one program fills an SM and nothing hides that wait).
+_WALK = tl.constexpr(16)
+
+
+@triton.jit
+def _skip_partial_key_blocks(ck_base, c_last_q, lo, end, klen, thr, BLOCK_N: tl.constexpr):
+    """First key block at or after ``lo`` (at most ``end``) whose smallest
+    decay against this query block, c[last query] - c[first key], is at or
+    above ``thr``."""
+    steps = tl.arange(0, _WALK)
+    full_lo = lo
+    run = tl.full([], _WALK, tl.int32)
+    while run == _WALK:
+        cand = full_lo + steps
+        c_first_k = tl.load(ck_base + tl.minimum(cand * BLOCK_N, klen - 1))
+        partial = (cand < end) & (c_last_q - c_first_k < thr)
+        run = tl.min(tl.where(partial, _WALK, steps), 0)
+        full_lo += run
+    return full_lo
+
+
+@triton.jit
+def _skip_partial_query_blocks(cq_base, c_first_k, hi, start, qlen, thr, BLOCK_M: tl.constexpr):
+    """Mirror of ``_skip_partial_key_blocks`` for a key block: walking down
+    from the end ``hi`` of its kept query blocks (not below ``start``), the
+    first block boundary p whose query block p - 1 has its smallest decay,
+    c[last query] - c[first key], at or above ``thr``."""
+    steps = tl.arange(0, _WALK)
+    part_lo = hi
+    run = tl.full([], _WALK, tl.int32)
+    while run == _WALK:
+        cand = part_lo - steps
+        c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(cand * BLOCK_M, qlen) - 1, 0))
+        partial = (cand > start) & (c_last_q - c_first_k < thr)
+        run = tl.min(tl.where(partial, _WALK, steps), 0)
+        part_lo -= run
+    return part_lo
+
+
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -383,14 +427,10 @@ def _fwd_kernel(
         thr = tl.load(THR + s_id * stride_thr_s + h)
         thr2 = thr * 1.4426950408889634
         lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
-        # walk past the tiles whose smallest decay (last query, first key)
+        # step past the tiles whose smallest decay (last query, first key)
         # is below the threshold: usually a handful
         c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
-        full_lo = lo
-        c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
-        while (full_lo < mid) & (c_last_q - c_first_k < thr):
-            full_lo += 1
-            c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+        full_lo = _skip_partial_key_blocks(ck_base, c_last_q, lo, mid, klen, thr, BLOCK_N)
     else:
         thr2 = 0.0
         lo = 0
@@ -565,11 +605,7 @@ def _dkdv_kernel(
             # tiles at the end of the kept range may hold pruned pairs; the
             # smallest decay of tile (m, n) is at (last query, first key)
             c_first_k = tl.load(ck_base + pid_n * BLOCK_N)
-            part_lo = hi
-            c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(part_lo * BLOCK_M, qlen) - 1, 0))
-            while (part_lo > full_lo) & (c_last_q - c_first_k < thr):
-                part_lo -= 1
-                c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(part_lo * BLOCK_M, qlen) - 1, 0))
+            part_lo = _skip_partial_query_blocks(cq_base, c_first_k, hi, full_lo, qlen, thr, BLOCK_M)
         else:
             thr2 = 0.0
             hi = num_m
@@ -689,11 +725,7 @@ def _dq_kernel(
         thr2 = thr * 1.4426950408889634
         lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
         c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
-        full_lo = lo
-        c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
-        while (full_lo < mid) & (c_last_q - c_first_k < thr):
-            full_lo += 1
-            c_first_k = tl.load(ck_base + tl.minimum(full_lo * BLOCK_N, klen - 1))
+        full_lo = _skip_partial_key_blocks(ck_base, c_last_q, lo, mid, klen, thr, BLOCK_N)
     else:
         thr2 = 0.0
         lo = 0
