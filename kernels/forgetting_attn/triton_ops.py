@@ -11,7 +11,8 @@ ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
 is below the threshold holds only pruned pairs and is never visited.  The
 kept tiles of a query block form one range [kstart, diagonal]; the boundary
 kernel finds kstart for every query block, and the mirror end of the kept
-query range for every key block, from the M + N block-edge decays alone (no
+query range for every key block (and beside each, where the tiles that may
+hold pruned pairs end), from the M + N block-edge decays alone (no
 pass over the L x L matrix): each boundary is the length of a monotone
 prefix, so every row and column bisects for it at once, log2(N) dependent
 steps deep (a serial two-pointer walk does O(M + N) loads, but each waits for
@@ -84,8 +85,8 @@ def _acp_boundary_kernel(
     CQ, CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     THR, stride_thr_s,
-    KBLO, stride_kb_s, stride_kb_h,
-    QBHI, stride_qb_s, stride_qb_h,
+    KBLO, stride_kb_s, stride_kb_h, stride_kb_r,
+    QBHI, stride_qb_s, stride_qb_h, stride_qb_r,
     TILES, stride_tl_s, stride_tl_h,
     SEARCH_STEPS_N, SEARCH_STEPS_M,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr,
@@ -119,15 +120,29 @@ def _acp_boundary_kernel(
         for m0 in range(0, num_m, LANES):
             m = m0 + lanes
             live = m < num_m
-            c_first_q = tl.load(cq_ptr + tl.minimum(m, num_m - 1) * BLOCK_M)
+            m_in = tl.minimum(m, num_m - 1)
+            c_first_q = tl.load(cq_ptr + m_in * BLOCK_M)
+            c_last_q = tl.load(cq_ptr + tl.minimum((m_in + 1) * BLOCK_M, qlen) - 1)
+            # two searches side by side: lo, the pruned key blocks (largest
+            # decay, first query - last key, below thr), and part, the key
+            # blocks whose smallest decay (last query - first key) is below
+            # thr: the kept ones among them take the element mask
             lo = tl.zeros([LANES], dtype=tl.int32)
             hi = tl.zeros([LANES], dtype=tl.int32) + num_n
+            part = tl.zeros([LANES], dtype=tl.int32)
+            part_hi = tl.zeros([LANES], dtype=tl.int32) + num_n
             for _ in range(SEARCH_STEPS_N):
                 mid = (lo + hi) // 2
                 c_last_k = tl.load(ck_ptr + tl.minimum((mid + 1) * BLOCK_N, klen) - 1)
                 pruned = (mid < hi) & (c_first_q - c_last_k < thr)
                 lo = tl.where(pruned, mid + 1, lo)
                 hi = tl.where(pruned | (mid >= hi), hi, mid)
+                mid_p = (part + part_hi) // 2
+                c_first_k = tl.load(ck_ptr + tl.minimum(mid_p * BLOCK_N, klen - 1))
+                partial = (mid_p < part_hi) & (c_last_q - c_first_k < thr)
+                part = tl.where(partial, mid_p + 1, part)
+                part_hi = tl.where(partial | (mid_p >= part_hi), part_hi, mid_p)
+            tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + stride_kb_r + m, part, mask=live)
             if CAUSAL:
                 n_end = (tl.minimum((m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
             else:
@@ -147,15 +162,28 @@ def _acp_boundary_kernel(
         for n0 in range(0, num_n, LANES):
             n = n0 + lanes
             live_n = n < num_n
-            c_last_k2 = tl.load(ck_ptr + tl.minimum((tl.minimum(n, num_n - 1) + 1) * BLOCK_N, klen) - 1)
+            n_in = tl.minimum(n, num_n - 1)
+            c_last_k2 = tl.load(ck_ptr + tl.minimum((n_in + 1) * BLOCK_N, klen) - 1)
+            c_first_k2 = tl.load(ck_ptr + n_in * BLOCK_N)
+            # and side by side: the query blocks whose smallest decay against
+            # this key block is at or above thr (fully kept, before the
+            # causal cut); the kept blocks after them take the element mask
             lo2 = tl.zeros([LANES], dtype=tl.int32)
             hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
+            full2 = tl.zeros([LANES], dtype=tl.int32)
+            full_hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
             for _ in range(SEARCH_STEPS_M):
                 mid2 = (lo2 + hi2) // 2
                 c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * BLOCK_M, qlen - 1))
                 kept_q = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
                 lo2 = tl.where(kept_q, mid2 + 1, lo2)
                 hi2 = tl.where(kept_q | (mid2 >= hi2), hi2, mid2)
+                mid_f = (full2 + full_hi2) // 2
+                c_last_q2 = tl.load(cq_ptr + tl.minimum((mid_f + 1) * BLOCK_M, qlen) - 1)
+                full_q = (mid_f < full_hi2) & (c_last_q2 - c_first_k2 >= thr)
+                full2 = tl.where(full_q, mid_f + 1, full2)
+                full_hi2 = tl.where(full_q | (mid_f >= full_hi2), full_hi2, mid_f)
+            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + stride_qb_r + n, full2, mask=live_n)
             if CAUSAL:
                 lo2 = tl.maximum(lo2, (n * BLOCK_N) // BLOCK_M)
             tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live_n)
@@ -174,12 +202,19 @@ def _boundary_table(kind, shape, device):
 @functools.lru_cache(maxsize=16)
 def _dummy_table(device):
     # stands in for the outputs a launch does not ask for (never written)
-    return torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    return torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device)
 
 
 def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32.  Returns
-    (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None).
+    (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None).
+    kblo[..., 0, m]: the first kept key block of query block m (capped at
+    the diagonal); kblo[..., 1, m]: the number of key blocks whose smallest
+    decay against it is below the threshold (those from kblo[..., 0, m] on
+    take the element mask).  qbhi[..., 0, n]: the end of the kept query
+    blocks of key block n (at least the diagonal); qbhi[..., 1, n]: the
+    number of query blocks whose smallest decay against it is at or above
+    the threshold (the kept ones after them take the element mask).
     ``tiles``: optional int32 [S, H, 2] (with want_kblo) that receives the
     kept and the total (causal) tiles of every (sequence, head): ACP's
     statistics without a pass over the boundaries on the host side."""
@@ -187,8 +222,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     M = max(triton.cdiv(seq.max_qlen, block_m), 1)
     N = max(triton.cdiv(seq.max_klen, block_n), 1)
     dev = c_q.device
-    kblo = _boundary_table("kblo", (S, H, M), dev) if want_kblo else None
-    qbhi = _boundary_table("qbhi", (S, H, N), dev) if want_qbhi else None
+    kblo = _boundary_table("kblo", (S, H, 2, M), dev) if want_kblo else None
+    qbhi = _boundary_table("qbhi", (S, H, 2, N), dev) if want_qbhi else None
     dummy = _dummy_table(dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
     count = tiles is not None and want_kblo
@@ -197,8 +232,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
         c_q, c_k, c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         seq.row, seq.qrow, seq.qstart, seq.qlen, seq.kstart, seq.klen,
         thr, thr.stride(0),
-        kb, kb.stride(0), kb.stride(1),
-        qb, qb.stride(0), qb.stride(1),
+        kb, kb.stride(0), kb.stride(1), kb.stride(2),
+        qb, qb.stride(0), qb.stride(1), qb.stride(2),
         tl_, tl_.stride(0), tl_.stride(1),
         # bisection over [0, N] takes bit_length(N) halvings
         int(N).bit_length(), int(M).bit_length(),
@@ -277,50 +312,6 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
     return _segmented_scan(t(dc_q), t(dc_k), seqs, reverse=True).permute(0, 2, 1)
 
 
-# The kept tiles next to the pruned ones may hold pruned pairs and take the
-# element mask.  Their count is the length of a run of tiles meeting a test
-# on one decay value each (usually a handful): each step below loads WALK
-# candidates at once and keeps the run up to the first that fails, so a
-# program waits for one load where a tile-by-tile walk waited for one per
-# tile (at head dim 128 one program fills an SM and nothing hides that wait).
-_WALK = tl.constexpr(16)
-
-
-@triton.jit
-def _skip_partial_key_blocks(ck_base, c_last_q, lo, end, klen, thr, BLOCK_N: tl.constexpr):
-    """First key block at or after ``lo`` (at most ``end``) whose smallest
-    decay against this query block, c[last query] - c[first key], is at or
-    above ``thr``."""
-    steps = tl.arange(0, _WALK)
-    full_lo = lo
-    run = tl.full([], _WALK, tl.int32)
-    while run == _WALK:
-        cand = full_lo + steps
-        c_first_k = tl.load(ck_base + tl.minimum(cand * BLOCK_N, klen - 1))
-        partial = (cand < end) & (c_last_q - c_first_k < thr)
-        run = tl.min(tl.where(partial, _WALK, steps), 0)
-        full_lo += run
-    return full_lo
-
-
-@triton.jit
-def _skip_partial_query_blocks(cq_base, c_first_k, hi, start, qlen, thr, BLOCK_M: tl.constexpr):
-    """Mirror of ``_skip_partial_key_blocks`` for a key block: walking down
-    from the end ``hi`` of its kept query blocks (not below ``start``), the
-    first block boundary p whose query block p - 1 has its smallest decay,
-    c[last query] - c[first key], at or above ``thr``."""
-    steps = tl.arange(0, _WALK)
-    part_lo = hi
-    run = tl.full([], _WALK, tl.int32)
-    while run == _WALK:
-        cand = part_lo - steps
-        c_last_q = tl.load(cq_base + tl.maximum(tl.minimum(cand * BLOCK_M, qlen) - 1, 0))
-        partial = (cand > start) & (c_last_q - c_first_k < thr)
-        run = tl.min(tl.where(partial, _WALK, steps), 0)
-        part_lo -= run
-    return part_lo
-
-
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -379,7 +370,7 @@ def _fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
-    stride_thr_s, stride_kblo_s, stride_kblo_h,
+    stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -427,10 +418,11 @@ def _fwd_kernel(
         thr = tl.load(THR + s_id * stride_thr_s + h)
         thr2 = thr * 1.4426950408889634
         lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
-        # step past the tiles whose smallest decay (last query, first key)
-        # is below the threshold: usually a handful
-        c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
-        full_lo = _skip_partial_key_blocks(ck_base, c_last_q, lo, mid, klen, thr, BLOCK_N)
+        # past the tiles whose smallest decay (last query, first key) is
+        # below the threshold (usually a handful, found by the boundary
+        # kernel: a walk here waited on one dependent load per tile)
+        part = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + stride_kblo_r + pid_m)
+        full_lo = tl.maximum(tl.minimum(part, mid), lo)
     else:
         thr2 = 0.0
         lo = 0
@@ -555,7 +547,7 @@ def _dkdv_kernel(
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
     stride_dckb, stride_dckh,
-    stride_thr_s, stride_qbhi_s, stride_qbhi_h,
+    stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
@@ -602,10 +594,11 @@ def _dkdv_kernel(
             thr = tl.load(THR + s_id * stride_thr_s + h)
             thr2 = thr * 1.4426950408889634
             hi = tl.load(QBHI + s_id * stride_qbhi_s + h * stride_qbhi_h + pid_n)
-            # tiles at the end of the kept range may hold pruned pairs; the
-            # smallest decay of tile (m, n) is at (last query, first key)
-            c_first_k = tl.load(ck_base + pid_n * BLOCK_N)
-            part_lo = _skip_partial_query_blocks(cq_base, c_first_k, hi, full_lo, qlen, thr, BLOCK_M)
+            # tiles at the end of the kept range may hold pruned pairs (the
+            # smallest decay of tile (m, n) is at (last query, first key)):
+            # those past the fully kept query blocks
+            full_q = tl.load(QBHI + s_id * stride_qbhi_s + h * stride_qbhi_h + stride_qbhi_r + pid_n)
+            part_lo = tl.minimum(tl.maximum(full_q, full_lo), hi)
         else:
             thr2 = 0.0
             hi = num_m
@@ -679,7 +672,7 @@ def _dq_kernel(
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
     stride_dcqb, stride_dcqh,
-    stride_thr_s, stride_kblo_s, stride_kblo_h,
+    stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -724,8 +717,8 @@ def _dq_kernel(
         thr = tl.load(THR + s_id * stride_thr_s + h)
         thr2 = thr * 1.4426950408889634
         lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
-        c_last_q = tl.load(cq_base + tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1)
-        full_lo = _skip_partial_key_blocks(ck_base, c_last_q, lo, mid, klen, thr, BLOCK_N)
+        part = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + stride_kblo_r + pid_m)
+        full_lo = tl.maximum(tl.minimum(part, mid), lo)
     else:
         thr2 = 0.0
         lo = 0
@@ -845,7 +838,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles)
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
-    dummy_i = kblo if use_acp else pairs.row.view(1, 1, -1)
+    dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
     _fwd_kernel[grid](
         q, k, v, c_q, c_k, out, lse, dummy_f, dummy_i,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
@@ -855,7 +848,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         out.stride(0), out.stride(1), out.stride(2),
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
-        dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1),
+        dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=acc is not None, num_warps=warps, num_stages=stages,
@@ -907,7 +900,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     qbhi = None
     if use_acp:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
-    qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
+    qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
         q, k, v, do, c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
@@ -920,7 +913,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_k.stride(0), dc_k.stride(1),
-        dummy_f.stride(0), qb.stride(0), qb.stride(1),
+        dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=w1, num_stages=st1,
@@ -929,7 +922,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     BM2, BN2, w2, st2 = kernel_config("dq", D, q.dtype)
     if use_acp and (kblo is None or (BM2, BN2) != fwd_blocks(D, q.dtype)):
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
-    kb = kblo if use_acp else pairs.row.view(1, 1, -1)
+    kb = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
         q, k, v, do, c_q, c_k, lse, dlt, dummy_f, kb, dq, dc_q,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
@@ -941,7 +934,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_q.stride(0), dc_q.stride(1),
-        dummy_f.stride(0), kb.stride(0), kb.stride(1),
+        dummy_f.stride(0), kb.stride(0), kb.stride(1), kb.stride(2),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=dq_acc is not None, num_warps=w2, num_stages=st2,
