@@ -96,6 +96,37 @@ def profile_step(fn, inputs, group, rank, path):
             f.write(ka.table(sort_by="cpu_time_total", row_limit=40) + "\n")
 
 
+def host_profile_steps(fn, inputs, steps, group, rank, path):
+    """``steps`` fwd+bwd steps under cProfile (Python time on the host, per
+    function); rank 0 writes the functions by own time and by cumulative
+    time.  Shows where a step bound by the host spends it."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        for t in inputs:
+            t.grad = None
+        if group is not None:
+            dist.barrier(group)
+        torch.cuda.synchronize()
+        prof.enable()
+        out = fn()
+        out.backward(torch.ones_like(out))
+        prof.disable()
+        torch.cuda.synchronize()
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        buf = io.StringIO()
+        st = pstats.Stats(prof, stream=buf)
+        buf.write(f"{steps} fwd+bwd steps\n")
+        st.sort_stats("tottime").print_stats(35)
+        st.sort_stats("cumulative").print_stats(35)
+        with open(path, "w") as f:
+            f.write(buf.getvalue())
+
+
 def ulysses_bytes(P, T_local, H, D, elem=2):
     """All-to-all bytes of one fwd+bwd step, all ranks: q, k, v, gate (fp32)
     and output out; their gradients back.  Each rank keeps 1/P of a tensor."""
@@ -124,6 +155,9 @@ def main():
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after timing, profile one step of each variant with torch.profiler; rank 0 writes "
                          "the operator table (CUDA and CPU time) to DIR")
+    ap.add_argument("--host-profile", default=None, metavar="DIR",
+                    help="after timing, run a few steps of each variant under cProfile; rank 0 writes the "
+                         "Python functions by host time to DIR")
     args = ap.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -185,6 +219,9 @@ def main():
             if args.profile and ms is not None:
                 profile_step(fn, inputs, group, rank, os.path.join(
                     args.profile, f"profile_{mode}_acp{int(acp)}_{skip or '-'}_cp{P}_L{L}.txt"))
+            if args.host_profile and ms is not None:
+                host_profile_steps(fn, inputs, 3, group, rank, os.path.join(
+                    args.host_profile, f"host_{mode}_acp{int(acp)}_{skip or '-'}_cp{P}_L{L}.txt"))
         del q, k, v, log_f, inputs
         torch.cuda.empty_cache()
 
