@@ -60,7 +60,7 @@ __all__ = ["RingStats", "ring_attention"]
 
 # gloo matches messages between two ranks by tag: ring tags (+10 for second
 # chunks) stay clear of the halo's (halo.py)
-_TAG_KV, _TAG_C, _TAG_GRAD = 31, 32, 33
+_TAG_KV, _TAG_C, _TAG_GRAD, _TAG_C_GRAD = 31, 32, 33, 34
 # c_k of keys hidden from a merged pair: c_q - c_k is then about -1e30, below
 # every ACP threshold, and finite (no inf - inf in the kernels)
 _HIDDEN_KEY_DECAY = 1e30
@@ -112,19 +112,27 @@ def _c_rows(c: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
     return c[:, :, qi * Tc:(qi + 1) * Tc].reshape(B * H, 1, Tc).contiguous()
 
 
-def _from_rows(rows: List[torch.Tensor], B: int, H: int) -> torch.Tensor:
-    """Inverse of _to_rows over both chunks -> [B, 2 Tc, H, D]."""
-    parts = [r.view(B, H, r.shape[1], -1).permute(0, 2, 1, 3) for r in rows]
-    return torch.cat(parts, dim=1)
+def _from_rows(rows: List[torch.Tensor], B: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of _to_rows over both chunks -> [B, 2 Tc, H, D] in ``dtype``
+    (one pass per chunk: the permute and the conversion in one copy)."""
+    Tc, D = rows[0].shape[1], rows[0].shape[-1]
+    out = torch.empty(B, len(rows) * Tc, H, D, dtype=dtype, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[:, i * Tc:(i + 1) * Tc].copy_(r.view(B, H, Tc, D).permute(0, 2, 1, 3))
+    return out
 
 
 def _kv_units(k: torch.Tensor, v: torch.Tensor, nsub: int) -> torch.Tensor:
     """[B, 2Tc, Hkv, D] x2 -> [2 * nsub * B * Hkv, 2, Ts, D]
-    (unit = ((j * nsub + s) * B + b) * Hkv + h)."""
+    (unit = ((j * nsub + s) * B + b) * Hkv + h); one strided copy each of
+    k and v into the units."""
     B, T, Hkv, D = k.shape
     Ts = T // (2 * nsub)
-    kv = torch.stack([k, v], dim=0).view(2, B, 2, nsub, Ts, Hkv, D)  # kv b j s t h d
-    return kv.permute(2, 3, 1, 5, 0, 4, 6).reshape(-1, 2, Ts, D)
+    units = k.new_empty(2 * nsub * B * Hkv, 2, Ts, D)
+    dst = units.view(2, nsub, B, Hkv, 2, Ts, D)  # j s b h kv t d
+    for i, x in enumerate((k, v)):
+        dst[:, :, :, :, i].copy_(x.view(B, 2, nsub, Ts, Hkv, D).permute(1, 2, 0, 4, 3, 5))
+    return units
 
 
 def _c_units(c: torch.Tensor, Hkv: int, nsub: int) -> torch.Tensor:
@@ -139,10 +147,17 @@ def _c_from_units(cu: torch.Tensor, B: int, Hkv: int, nsub: int) -> torch.Tensor
     return cu.view(2, nsub, B, Hkv, g, Ts).permute(2, 3, 4, 0, 1, 5).reshape(B, Hkv * g, 2 * nsub * Ts)
 
 
-def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, nsub: int):
+def _kv_from_units(units: torch.Tensor, B: int, Hkv: int, nsub: int, dtype: torch.dtype):
+    """Inverse of _kv_units -> k, v [B, 2Tc, Hkv, D] in ``dtype`` (the
+    permute and the conversion in one copy each)."""
     Ts, D = units.shape[2], units.shape[3]
-    x = units.view(2, nsub, B, Hkv, 2, Ts, D).permute(4, 2, 0, 1, 5, 3, 6).reshape(2, B, 2 * nsub * Ts, Hkv, D)
-    return x[0], x[1]
+    src = units.view(2, nsub, B, Hkv, 2, Ts, D)  # j s b h kv t d
+    out = []
+    for i in range(2):
+        x = torch.empty(B, 2 * nsub * Ts, Hkv, D, dtype=dtype, device=units.device)
+        x.view(B, 2, nsub, Ts, Hkv, D).copy_(src[:, :, :, :, i].permute(2, 0, 1, 4, 3, 5))
+        out.append(x)
+    return out[0], out[1]
 
 
 def _gather_keys(ring, pos, pw):
@@ -262,7 +277,10 @@ class _RingAttention(torch.autograd.Function):
         if stats is not None:
             stats.fwd_kv_bytes = 0
         nsub = plan.sub_blocks
-        ring = _Ring(plan, group, _kv_units(k, v, nsub), _c_units(c, Hkv, nsub).contiguous(), "fwd_kv_bytes", stats)
+        # the backward reads KV as units too: saved instead of k and v (the
+        # same bytes), so it does not lay them out again
+        kv_units = _kv_units(k, v, nsub)
+        ring = _Ring(plan, group, kv_units, _c_units(c, Hkv, nsub).contiguous(), "fwd_kv_bytes", stats)
 
         for step in range(plan.last_step + 1):
             ring.post_next(step)
@@ -280,9 +298,10 @@ class _RingAttention(torch.autograd.Function):
             if step < plan.last_step:
                 ring.advance()
 
-        out = _from_rows([x.view(B * Hq, Tc, D) for x in acc_o], B, Hq).to(q.dtype)
+        out = _from_rows([x.view(B * Hq, Tc, D) for x in acc_o], B, Hq, q.dtype)
         lse = torch.cat([x.view(B, Hq, Tc) for x in acc_lse], dim=-1)
-        ctx.save_for_backward(q, k, v, c, thr if thr is not None else torch.empty(0), out, lse)
+        ctx.save_for_backward(q, kv_units, c, thr if thr is not None else torch.empty(0), out, lse)
+        ctx.kv_shape, ctx.kv_dtype = tuple(k.shape), k.dtype
         ctx.has_thr = thr is not None
         ctx.plan, ctx.group, ctx.scale, ctx.backend, ctx.stats = plan, group, scale, backend, stats
         if stats is not None:
@@ -295,11 +314,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse=None):
-        q, k, v, c, thr, out, lse = ctx.saved_tensors
+        q, kv_units, c, thr, out, lse = ctx.saved_tensors
         thr = thr if ctx.has_thr else None
         plan, group, scale, backend, stats = ctx.plan, ctx.group, ctx.scale, ctx.backend, ctx.stats
         B, T, Hq, D = q.shape
-        Hkv = k.shape[2]
+        Hkv = ctx.kv_shape[2]
         g = Hq // Hkv
         Tc = T // 2
         dev = q.device
@@ -321,17 +340,16 @@ class _RingAttention(torch.autograd.Function):
         if stats is not None:
             stats.bwd_kv_bytes = 0
             stats.bwd_grad_bytes = 0
-        ring = _Ring(plan, group, _kv_units(k, v, nsub), _c_units(c, Hkv, nsub).contiguous(), "bwd_kv_bytes", stats)
+        ring = _Ring(plan, group, kv_units, _c_units(c, Hkv, nsub).contiguous(), "bwd_kv_bytes", stats)
         pending = []  # (requests, recv ids, recv buffer) of gradient returns
 
         def land(items):
             for reqs, recvs, _ in items:
                 wait_all(reqs)
-                for ids, buf in recvs:
+                for ids, buf_kv, buf_c in recvs:
                     ids = h2d(ids, dev)
-                    n = ids.numel()
-                    dkv_local.index_add_(0, ids, buf[: n * 2 * Ts * D].view(n, 2, Ts, D))
-                    dck_local.index_add_(0, ids, buf[n * 2 * Ts * D:].view(n, g, Ts))
+                    dkv_local.index_add_(0, ids, buf_kv)
+                    dck_local.index_add_(0, ids, buf_c)
 
         for step in range(plan.last_step + 1):
             ring.post_next(step)
@@ -373,26 +391,29 @@ class _RingAttention(torch.autograd.Function):
                     send_ids = plan.chunk_ids(plan.wanted[o][r], j)
                     if send_ids.numel():
                         bi = pos[h2d(send_ids, dev)]
-                        msg = torch.cat([dkv.index_select(0, bi).flatten(), dck.index_select(0, bi).flatten()])
-                        ops.append(("send", msg, o, _TAG_GRAD + 10 * j))
+                        # two messages, not one concatenated copy
+                        msg_kv, msg_c = dkv.index_select(0, bi), dck.index_select(0, bi)
+                        ops += [("send", msg_kv, o, _TAG_GRAD + 10 * j), ("send", msg_c, o, _TAG_C_GRAD + 10 * j)]
                         if stats is not None:
-                            stats.bwd_grad_bytes += _nbytes(msg)
+                            stats.bwd_grad_bytes += _nbytes(msg_kv, msg_c)
                     src = (r + plan.direction(j) * step) % P
                     recv_ids = plan.chunk_ids(plan.wanted[r][src], j)
                     if recv_ids.numel():
-                        buf = torch.empty(recv_ids.numel() * (2 * Ts * D + g * Ts), device=dev)
-                        ops.append(("recv", buf, src, _TAG_GRAD + 10 * j))
-                        recvs.append((recv_ids, buf))
+                        n = recv_ids.numel()
+                        buf_kv = torch.empty(n, 2, Ts, D, device=dev)
+                        buf_c = torch.empty(n, g, Ts, device=dev)
+                        ops += [("recv", buf_kv, src, _TAG_GRAD + 10 * j), ("recv", buf_c, src, _TAG_C_GRAD + 10 * j)]
+                        recvs.append((recv_ids, buf_kv, buf_c))
                 reqs = p2p(ops, group)
                 pending.append((reqs, recvs, ops))  # ops: keeps the sent messages alive
             if step < plan.last_step:
                 ring.advance()
         land(pending)
 
-        dq = _from_rows([x.view(B * Hq, Tc, D) for x in dq_rows], B, Hq).to(q.dtype)
-        dk, dv = _kv_from_units(dkv_local, B, Hkv, nsub)
+        dq = _from_rows([x.view(B * Hq, Tc, D) for x in dq_rows], B, Hq, q.dtype)
+        dk, dv = _kv_from_units(dkv_local, B, Hkv, nsub, ctx.kv_dtype)
         dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, nsub)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dc.to(c.dtype), None, None, None, None, None, None
+        return dq, dk, dv, dc.to(c.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q, k, v, c, threshold, plan: RingPlan, group, softmax_scale: float, backend: str = "auto",
