@@ -18,3 +18,16 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_left_usable(request):
+    """On a GPU machine, a test that leaves an asynchronous CUDA error (a
+    device-side assertion, a bad memory access) stops the run here, named,
+    instead of every later test in the process failing for it."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as e:  # the context is lost for the rest of the process
+            pytest.exit(f"{request.node.nodeid} left the CUDA context unusable: {e}", returncode=1)
