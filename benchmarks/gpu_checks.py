@@ -61,6 +61,9 @@ def steps(nproc: int, mlm: str) -> dict:
         "kernel_fp32": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py -k fp32",
         "kernel_tests": f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py",
         "kernel_gpu_tests": f"{py} -m pytest -q -rf -m gpu tests/test_kernel_forgetting_attention.py",
+        # every kernel test (CPU ones included) on the GPU, in one process
+        "kernel_all": (f"{py} -m pytest -q -rf tests/test_kernel_forgetting_attention.py "
+                       "tests/test_kernel_chunk_rows.py tests/test_kernel_chunk_documents.py"),
         # BENCH.md's kernel protocol in two calls that fit a device call's limit
         "attention_bench": (f"{py} benchmarks/attention.py --variants full,acp "
                             f"--out {{out_dir}}/attention.json"),
