@@ -51,13 +51,13 @@ def test_zigzag_slices_round_trip():
     assert zigzag_slice(x, 1, 1, 2)[0].tolist() == list(range(10, 30))
 
 
-def _plan_from_decay(c, thr, P, rank, Hkv, two_way=True):
+def _plan_from_decay(c, thr, P, rank, Hkv, two_way=True, **kw):
     """Boundary decays of 2P chunks of a [B, H, T] decay, then the plan."""
     B, H, T = c.shape
     Tc = T // (2 * P)
     first = c[:, :, ::Tc]
     last = c[:, :, Tc - 1::Tc]
-    return RingPlan.build(chunk_need_table(first, last, thr), rank, Hkv, two_way)
+    return RingPlan.build(chunk_need_table(first, last, thr), rank, Hkv, two_way, **kw)
 
 
 def test_sub_block_table_keeps_a_suffix_of_each_key_chunk():
@@ -76,6 +76,16 @@ def test_sub_block_table_keeps_a_suffix_of_each_key_chunk():
     assert pw.units.tolist() == [[3]]
 
 
+def _row_unit_work(calls):
+    """{(causal, query row, key unit)} that calls compute (hidden leads excluded)."""
+    work = set()
+    for pw in calls:
+        lead = pw.lead.tolist() if pw.lead is not None else [0] * pw.rows.numel()
+        for row, units, skip in zip(pw.rows.tolist(), pw.units.tolist(), lead):
+            work |= {(pw.causal, row, u) for u in units[skip:]}
+    return work
+
+
 def test_merged_pair_reads_the_longest_suffix_and_hides_the_rest():
     # two heads of one KV head: head 0 keeps the last sub-block of the
     # previous chunk, head 1 the last three; one merged call reads three
@@ -88,7 +98,8 @@ def test_merged_pair_reads_the_longest_suffix_and_hides_the_rest():
     split = [p for p in RingPlan.build(need, 0, 1, merge_pairs=False).pairs(0) if not p.causal]
     assert len(merged) == 1 and len(split) == 2
     (pw,) = merged
-    assert pw.rows.tolist() == [0, 1] and pw.lead.tolist() == [2, 0]
+    # query rows of chunk 1: 1 * B * Hq + h
+    assert pw.rows.tolist() == [2, 3] and pw.lead.tolist() == [2, 0]
     # row 0 repeats its own first unit where it holds nothing
     assert pw.units.tolist() == [[3, 3, 3], [1, 2, 3]]
     hidden = pw.hidden_keys("cpu", 2)
@@ -98,6 +109,47 @@ def test_merged_pair_reads_the_longest_suffix_and_hides_the_rest():
     need[0, 0, 1, 0, 1:] = True
     (pw,) = [p for p in RingPlan.build(need, 0, 1).pairs(0) if not p.causal]
     assert pw.lead is None and pw.hidden_keys("cpu", 2) is None
+
+
+def test_merged_call_reads_both_earlier_key_chunks_in_sequence_order():
+    # P = 2, rank 0 at step 1: its chunk 3 against rank 1's chunks 1 and 2
+    # in one call.  Head 0 keeps the last sub-block of chunk 2, head 1 the
+    # last of chunk 1 and all of chunk 2: keys in sequence order, head 0's
+    # missing ones hidden in front.
+    B, Hq, nsub = 1, 2, 2
+    idx = torch.arange(4)
+    need = (idx[None, :] <= idx[:, None])[None, None, :, :, None].expand(B, Hq, 4, 4, nsub).clone()
+    need[0, 0, 3, 1] = torch.tensor([False, False])
+    need[0, 0, 3, 2] = torch.tensor([False, True])
+    need[0, 1, 3, 1] = torch.tensor([False, True])
+    (pw,) = RingPlan.build(need, 0, 1).pairs(1)
+    assert pw.kj == -1 and pw.qi == 1 and not pw.causal
+    # units ((kj * nsub + s) * B + b) * Hkv + h: chunk 1 = kj 0, chunk 2 = kj 1
+    assert pw.units.tolist() == [[3, 3, 3], [1, 2, 3]] and pw.lead.tolist() == [2, 0]
+    assert pw.rows.tolist() == [2, 3]
+    # a table where a row keeps part of chunk 1 but not all of chunk 2 (not
+    # one suffix in sequence order) gets a call per key chunk
+    need[0, 1, 3, 2] = torch.tensor([False, True])
+    assert sorted(p.kj for p in RingPlan.build(need, 0, 1).pairs(1)) == [0, 1]
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_merged_calls_compute_what_the_pairs_do_under_pruning(P):
+    # heads from slow to fast forgetting: rows keep different suffixes
+    B, H, Hkv, T = 2, 4, 2, 32 * P
+    rates = torch.tensor([0.01, 0.1, 0.5, 2.0])
+    c = -torch.arange(T, dtype=torch.float32)[None, None, :] * rates[None, :, None] * torch.ones(B, 1, 1)
+    thr = torch.full((B, H), -6.0)
+    padded = 0
+    for r in range(P):
+        split = _plan_from_decay(c, thr, P, r, Hkv, merge_pairs=False)
+        merged = _plan_from_decay(c, thr, P, r, Hkv, hidden_pruned=True)
+        assert merged.last_step == split.last_step
+        for s in range(split.last_step + 1):
+            assert _row_unit_work(merged.pairs(s)) == _row_unit_work(split.pairs(s))
+            assert len(merged.pairs(s)) <= (2 if s == 0 else 1)
+            padded += sum(pw.lead is not None for pw in merged.pairs(s))
+    assert padded > 0  # some calls hide keys of rows that keep less
 
 
 @pytest.mark.parametrize("two_way", [True, False])
@@ -119,10 +171,26 @@ def test_plan_dense_is_causal_and_carry_shrinks(P, two_way):
                     if wanted:
                         assert zigzag_chunks(o, P)[j] <= max(zigzag_chunks(rk, P))
                     assert wanted <= set(plan.chunk_ids(plan.carry[o][s], j).tolist())
-        pairs = [len(plan.pairs(s)) for s in range(plan.last_step + 1)]
+        # a call per chunk pair
+        split = _plan_from_decay(c, None, P, r, Hkv, two_way, merge_pairs=False)
+        pairs = [len(split.pairs(s)) for s in range(split.last_step + 1)]
         assert sum(pairs) == 3 + 2 * (P - 1)  # zigzag: the same work on every rank
         if not two_way:
             assert pairs[1:] == [2] * (P - 1)  # ... and at every step
+        # merged: the same (query row, key unit) work in fewer calls; with
+        # pruning kernels (calls of unequal key lengths may share a launch)
+        # one call for the diagonals, then one per step
+        pruned = _plan_from_decay(c, None, P, r, Hkv, two_way, hidden_pruned=True)
+        for merged in (plan, pruned):
+            for s in range(merged.last_step + 1):
+                calls = merged.pairs(s)
+                assert len(calls) <= 2
+                rows = torch.cat([pw.rows for pw in calls if not pw.causal] or [torch.zeros(0, dtype=torch.long)])
+                assert rows.unique().numel() == rows.numel()  # no query row twice in one step's calls
+        assert len(pruned.pairs(0)) == 2 and all(len(pruned.pairs(s)) == 1 for s in range(1, pruned.last_step + 1))
+        for merged in (plan, pruned):
+            for s in range(split.last_step + 1):
+                assert _row_unit_work(merged.pairs(s)) == _row_unit_work(split.pairs(s))
         if two_way:
             # second chunks are wanted by lower ranks only: they never wrap
             assert plan.carry[0][1][plan.carry[0][1] >= half].numel() == 0

@@ -142,6 +142,6 @@ def cp_forgetting_attention(
         need_thr = docs.chunk_thresholds(need_thr)  # the first document's, per query chunk
     need = chunk_need_table(c_first, c_last, need_thr, docs.need_mask() if docs is not None else None)
     plan = RingPlan.build(need, dist.get_rank(group), kb.shape[2], two_way=two_way, documents=docs,
-                          merge_pairs=merge_pairs)
+                          merge_pairs=merge_pairs, hidden_pruned=thr is not None)
     out, _ = ring_attention(qb, kb, vb, c, thr, plan, group, scale, backend, stats)
     return to_b(out)

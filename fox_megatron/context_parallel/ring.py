@@ -47,7 +47,7 @@ for what pruning saves.  ``RingStats`` counts the bytes this rank sends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -100,26 +100,33 @@ class RingStats:
         return d
 
 
-def _to_rows(x: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
-    """[B, T, H, D] chunk qi -> [B * H, Tc, 1, D] (row = b * H + h)."""
-    B, _, H, D = x.shape
-    return x[:, qi * Tc:(qi + 1) * Tc].permute(0, 2, 1, 3).reshape(B * H, Tc, 1, D)
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2Tc, H, D] -> [2 * B * H, Tc, 1, D]: one row per (chunk i, b, h),
+    row = i * B * H + b * H + h.  Both query chunks in one tensor, so one
+    kernel call can serve pairs of either."""
+    B, T, H, D = x.shape
+    return x.reshape(B, 2, T // 2, H, D).permute(1, 0, 3, 2, 4).reshape(2 * B * H, T // 2, 1, D)
 
 
-def _c_rows(c: torch.Tensor, qi: int, Tc: int) -> torch.Tensor:
-    """[B, H, T] chunk qi -> [B * H, 1, Tc]."""
-    B, H, _ = c.shape
-    return c[:, :, qi * Tc:(qi + 1) * Tc].reshape(B * H, 1, Tc).contiguous()
+def _c_rows(c: torch.Tensor) -> torch.Tensor:
+    """[B, H, 2Tc] -> [2 * B * H, 1, Tc], rows as in _to_rows."""
+    B, H, T = c.shape
+    return c.reshape(B, H, 2, T // 2).permute(2, 0, 1, 3).reshape(2 * B * H, 1, T // 2)
 
 
-def _from_rows(rows: List[torch.Tensor], B: int, H: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of _to_rows over both chunks -> [B, 2 Tc, H, D] in ``dtype``
-    (one pass per chunk: the permute and the conversion in one copy)."""
-    Tc, D = rows[0].shape[1], rows[0].shape[-1]
-    out = torch.empty(B, len(rows) * Tc, H, D, dtype=dtype, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[:, i * Tc:(i + 1) * Tc].copy_(r.view(B, H, Tc, D).permute(0, 2, 1, 3))
+def _from_rows(rows: torch.Tensor, B: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of _to_rows -> [B, 2Tc, H, D] in ``dtype`` (the permute and
+    the conversion in one copy)."""
+    Tc, D = rows.shape[1], rows.shape[-1]
+    out = torch.empty(B, 2 * Tc, H, D, dtype=dtype, device=rows.device)
+    out.view(B, 2, Tc, H, D).copy_(rows.view(2, B, H, Tc, D).permute(1, 0, 3, 2, 4))
     return out
+
+
+def _c_from_rows(rows: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """Inverse of _c_rows -> [B, H, 2Tc]."""
+    Tc = rows.shape[-1]
+    return rows.view(2, B, H, Tc).permute(1, 2, 0, 3).reshape(B, H, 2 * Tc)
 
 
 def _kv_units(k: torch.Tensor, v: torch.Tensor, nsub: int) -> torch.Tensor:
@@ -267,13 +274,12 @@ class _RingAttention(torch.autograd.Function):
         Hkv = k.shape[2]
         Tc = T // 2
         dev = q.device
-        # the kernels read the queries of a pair in place (rows) and merge
-        # into the running (out, lse) in their epilogue
-        q_rows = [_to_rows(q, i, Tc) for i in range(2)]
-        c_rows = [_c_rows(c, i, Tc) for i in range(2)]
-        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
-        acc_o = [q.new_zeros(B * Hq, Tc, 1, D, dtype=torch.float32) for _ in range(2)]
-        acc_lse = [torch.full((B * Hq, 1, Tc), float("-inf"), device=dev) for _ in range(2)]
+        # the kernels read the queries of a call in place (rows of both
+        # chunks) and merge into the running (out, lse) in their epilogue
+        q_rows, c_rows = _to_rows(q), _c_rows(c)
+        thr_rows = thr.reshape(B * Hq).repeat(2) if thr is not None and plan.documents is None else None
+        acc_o = q.new_zeros(2 * B * Hq, Tc, 1, D, dtype=torch.float32)
+        acc_lse = torch.full((2 * B * Hq, 1, Tc), float("-inf"), device=dev)
         if stats is not None:
             stats.fwd_kv_bytes = 0
         nsub = plan.sub_blocks
@@ -292,14 +298,14 @@ class _RingAttention(torch.autograd.Function):
                 k_sel, v_sel, ck, _ = _gather_keys(ring, pos, pw)
                 seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
                 attention_chunk_forward_into(
-                    acc_o[pw.qi], acc_lse[pw.qi], q_rows[pw.qi], k_sel, v_sel, c_rows[pw.qi], ck, query_rows=rows,
+                    acc_o, acc_lse, q_rows, k_sel, v_sel, c_rows, ck, query_rows=rows,
                     causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend, segments=seg,
                 )
             if step < plan.last_step:
                 ring.advance()
 
-        out = _from_rows([x.view(B * Hq, Tc, D) for x in acc_o], B, Hq, q.dtype)
-        lse = torch.cat([x.view(B, Hq, Tc) for x in acc_lse], dim=-1)
+        out = _from_rows(acc_o, B, Hq, q.dtype)
+        lse = _c_from_rows(acc_lse, B, Hq)
         ctx.save_for_backward(q, kv_units, c, thr if thr is not None else torch.empty(0), out, lse)
         ctx.kv_shape, ctx.kv_dtype = tuple(k.shape), k.dtype
         ctx.has_thr = thr is not None
@@ -323,15 +329,13 @@ class _RingAttention(torch.autograd.Function):
         Tc = T // 2
         dev = q.device
         P, r = plan.cp_size, plan.rank
-        q_rows = [_to_rows(q, i, Tc) for i in range(2)]
-        do_rows = [_to_rows(dout.contiguous(), i, Tc) for i in range(2)]
-        lse_rows = [_c_rows(lse, i, Tc) for i in range(2)]
-        c_rows = [_c_rows(c, i, Tc) for i in range(2)]
-        # do . out of every query, once per chunk (not per pair)
-        delta_rows = [attention_row_delta(_to_rows(out, i, Tc), do_rows[i], backend=backend) for i in range(2)]
-        thr_rows = thr.reshape(B * Hq).contiguous() if thr is not None and plan.documents is None else None
-        dq_rows = [torch.zeros(B * Hq, Tc, 1, D, device=dev) for _ in range(2)]
-        dc_rows = [torch.zeros(B * Hq, 1, Tc, device=dev) for _ in range(2)]
+        q_rows, do_rows = _to_rows(q), _to_rows(dout)
+        lse_rows, c_rows = _c_rows(lse), _c_rows(c)
+        # do . out of every query, once (not per pair)
+        delta_rows = _c_rows(attention_row_delta(out, dout.contiguous(), backend=backend))
+        thr_rows = thr.reshape(B * Hq).repeat(2) if thr is not None and plan.documents is None else None
+        dq_rows = torch.zeros(2 * B * Hq, Tc, 1, D, device=dev)
+        dc_rows = torch.zeros(2 * B * Hq, 1, Tc, device=dev)
         n_units = plan.num_units
         nsub = plan.sub_blocks
         Ts = Tc // nsub
@@ -366,8 +370,8 @@ class _RingAttention(torch.autograd.Function):
                 k_sel, v_sel, ck, bi = _gather_keys(ring, pos, pw)
                 seg, pair_thr = _pair_threshold(pw, rows, thr, thr_rows, dev)
                 dk, dv, dckk = attention_chunk_backward_into(
-                    dq_rows[pw.qi], dc_rows[pw.qi], do_rows[pw.qi], q_rows[pw.qi], k_sel, v_sel, c_rows[pw.qi], ck,
-                    lse_rows[pw.qi], delta_rows[pw.qi], query_rows=rows,
+                    dq_rows, dc_rows, do_rows, q_rows, k_sel, v_sel, c_rows, ck,
+                    lse_rows, delta_rows, query_rows=rows,
                     causal=pw.causal, softmax_scale=scale, acp_threshold=pair_thr, backend=backend,
                     segments=seg, kv_grad_dtype=torch.float32,
                 )
@@ -410,9 +414,9 @@ class _RingAttention(torch.autograd.Function):
                 ring.advance()
         land(pending)
 
-        dq = _from_rows([x.view(B * Hq, Tc, D) for x in dq_rows], B, Hq, q.dtype)
+        dq = _from_rows(dq_rows, B, Hq, q.dtype)
         dk, dv = _kv_from_units(dkv_local, B, Hkv, nsub, ctx.kv_dtype)
-        dc = torch.cat([x.view(B, Hq, Tc) for x in dc_rows], dim=-1) + _c_from_units(dck_local, B, Hkv, nsub)
+        dc = _c_from_rows(dc_rows, B, Hq) + _c_from_units(dck_local, B, Hkv, nsub)
         return dq, dk, dv, dc.to(c.dtype), None, None, None, None, None, None
 
 

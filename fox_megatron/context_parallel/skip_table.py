@@ -52,6 +52,22 @@ from .layout import h2d, zigzag_chunks
 __all__ = ["chunk_need_table", "RingPlan", "PairWork"]
 
 
+def _concat_pairs(calls: List["PairWork"], causal: bool) -> "PairWork":
+    """Two calls (one per query chunk) as one: rows stacked, the shorter key
+    rows padded in front with hidden keys (their first unit repeated)."""
+    m = max(pw.units.shape[1] for pw in calls)
+    units, leads = [], []
+    for pw in calls:
+        n, k = pw.units.shape
+        units.append(torch.cat([pw.units[:, :1].expand(n, m - k), pw.units], 1))
+        lead = pw.lead if pw.lead is not None else torch.zeros(n, dtype=torch.long)
+        leads.append(lead + (m - k))
+    lead = torch.cat(leads)
+    return PairWork(-1, calls[0].kj if calls[0].kj == calls[1].kj else -1, causal,
+                    torch.cat([pw.rows for pw in calls]), torch.cat(units), torch.cat([pw.sub for pw in calls]),
+                    lead=lead if bool((lead > 0).any()) else None)
+
+
 def chunk_need_table(
     c_first: torch.Tensor,
     c_last: torch.Tensor,
@@ -98,10 +114,12 @@ def chunk_need_table(
 class PairWork:
     """One (local query chunk, key chunk of the visiting origin) computation."""
 
-    qi: int  # 0/1: which of this rank's chunks the queries are
-    kj: int  # 0/1: which of the origin's chunks the keys are
+    qi: int  # 0/1: which of this rank's chunks the queries are (-1: both, one call)
+    kj: int  # 0/1: which of the origin's chunks the keys are (-1: both, one call)
     causal: bool
-    rows: torch.Tensor  # int64 [N] query rows b * Hq + h that need this pair
+    # int64 [N] query rows qi * B * Hq + b * Hq + h (both query chunks of the
+    # rank are one tensor of rows, so one call can serve both)
+    rows: torch.Tensor
     units: torch.Tensor  # int64 [N, m] unit ids of the key sub-blocks each row reads (a suffix)
     sub: torch.Tensor  # int64 [N] h % group: which decay row of the unit
     # packed documents: the pair's document pieces (rows index ``rows``) and
@@ -169,6 +187,10 @@ class RingPlan:
     # one kernel call per (query chunk, key chunk) for all rows, whatever
     # their kept suffixes (True), or one call per suffix length (False)
     merge_pairs: bool = True
+    # the kernels prune hidden keys (an ACP threshold is given): calls of
+    # different key lengths may then share a launch, the shorter rows padded
+    # with hidden keys; without pruning, padding would be computed
+    hidden_pruned: bool = False
     _pairs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -185,7 +207,8 @@ class RingPlan:
 
     @staticmethod
     def build(need: torch.Tensor, rank: int, kv_heads: int, two_way: bool = True,
-              documents: Optional[RingDocuments] = None, merge_pairs: bool = True) -> "RingPlan":
+              documents: Optional[RingDocuments] = None, merge_pairs: bool = True,
+              hidden_pruned: bool = False) -> "RingPlan":
         need = need.detach().to("cpu")
         if need.dim() == 4:
             need = need[..., None]
@@ -193,7 +216,7 @@ class RingPlan:
         P = C // 2
         g = Hq // kv_heads
         plan = RingPlan(P, rank, B, Hq, kv_heads, need, hi_dir=-1 if two_way else 1, documents=documents,
-                        merge_pairs=merge_pairs)
+                        merge_pairs=merge_pairs, hidden_pruned=hidden_pruned)
         # wanted_mask[o][r]: [2, nsub, B, Hkv] bool
         wanted_mask = []
         for o in range(P):
@@ -257,8 +280,11 @@ class RingPlan:
 
     def _build_pairs(self, step: int) -> List[PairWork]:
         P, B, Hq, Hkv = self.cp_size, self.batch, self.q_heads, self.kv_heads
+        merged = self.merge_pairs and self.documents is None
         out = []
+        causal, earlier_calls = [], []
         for qi, qc in enumerate(zigzag_chunks(self.rank, P)):
+            earlier = []  # (key chunk, kj, start) of key chunks wholly before qc
             for kj in (0, 1):
                 kc = zigzag_chunks(self.origin(step, kj), P)[kj]
                 if kc > qc:
@@ -266,47 +292,88 @@ class RingPlan:
                 nsub = self.sub_blocks
                 # leading sub-blocks pruned for each (b, h); nsub = whole pair skipped
                 start = nsub - self.need[:, :, qc, kc].sum(-1)  # B Hq
-                if self.merge_pairs and self.documents is None:
-                    pw = self._merged_pair(qi, kj, kc == qc, start.reshape(-1))
-                    if pw is not None:
-                        out.append(pw)
+                if merged:
+                    if kc < qc:
+                        earlier.append((kc, kj, start.reshape(-1)))
+                    else:
+                        causal.append(self._merged_pair(qi, [kj], True, start.reshape(-1)))
                     continue
                 for ks in torch.unique(start).tolist():
                     if ks >= nsub:
                         continue
-                    rows = torch.nonzero((start == ks).reshape(-1)).flatten()
-                    b, hh = rows // Hq, rows % Hq
+                    local = torch.nonzero((start == ks).reshape(-1)).flatten()
+                    b, hh = local // Hq, local % Hq
                     blocks = torch.arange(ks, nsub)
                     units = self._unit_ids(kj, blocks[None, :], b[:, None], hh[:, None])
-                    pw = PairWork(qi, kj, kc == qc, rows, units, hh % self.group)
+                    pw = PairWork(qi, kj, kc == qc, qi * B * Hq + local, units, hh % self.group)
                     if self.documents is not None:
                         pw.segments = self.documents.segments(qc, kc, ks, b)
                         pw.seg_heads = hh[pw.segments.row.long()]
                     out.append(pw)
+            if earlier:
+                earlier_calls += self._earlier_chunks_pairs(qi, earlier)
+        if not merged:
+            return out
+        # both query chunks in one launch per kind: the diagonals (whole
+        # chunks, equal lengths), and the pairs of key chunks before them
+        for calls, is_causal in ((causal, True), (earlier_calls, False)):
+            calls = [pw for pw in calls if pw is not None]
+            # (two calls of one query chunk would write the same rows: never one launch)
+            if (len(calls) == 2 and calls[0].qi != calls[1].qi
+                    and (self.hidden_pruned or calls[0].units.shape[1] == calls[1].units.shape[1])):
+                calls = [_concat_pairs(calls, is_causal)]
+            out += calls
         return out
+
+    def _earlier_chunks_pairs(self, qi: int, earlier) -> List[Optional[PairWork]]:
+        """The key chunks wholly before query chunk ``qi`` (one or two) in one
+        call: their sub-blocks in sequence order, so c keeps falling along a
+        row's keys and its kept keys stay one suffix (a row that keeps any
+        key of the earlier chunk keeps all of the later; a table where that
+        fails gets a call per key chunk)."""
+        earlier = sorted(earlier, key=lambda e: e[0])
+        nsub = self.sub_blocks
+        groups = [earlier]
+        if len(earlier) == 2:
+            (_, _, s_a), (_, _, s_b) = earlier
+            if bool(((s_a < nsub) & (s_b > 0)).any()):
+                groups = [[e] for e in earlier]
+        calls = []
+        for grp in groups:
+            start = grp[0][2]
+            if len(grp) == 2:
+                start = torch.where(start < nsub, start, nsub + grp[1][2])
+            calls.append(self._merged_pair(qi, [kj for _, kj, _ in grp], False, start))
+        return calls
 
     def _unit_ids(self, kj, blocks, b, hh):
         return ((kj * self.sub_blocks + blocks) * self.batch + b) * self.kv_heads + hh // self.group
 
-    def _merged_pair(self, qi: int, kj: int, causal: bool, start: torch.Tensor) -> Optional[PairWork]:
-        """All rows of a chunk pair in one call (whole rows, no documents).
+    def _merged_pair(self, qi: int, kjs: List[int], causal: bool, start: torch.Tensor) -> Optional[PairWork]:
+        """All rows of query chunk ``qi`` against the key chunks ``kjs`` (one,
+        or two in sequence order) in one call (whole rows, no documents).
+        ``start`` [B * Hq]: each row's first kept sub-block, counted over the
+        key chunks' sub-blocks in that order.
 
         Every row reads the longest kept suffix; a row that keeps less holds
         only its own suffix (its earlier sub-blocks never travel), so its
         leading entries point at its first kept unit and the ring gives those
         keys a decay that the ACP threshold drops.  The kernel then skips
         them as pruned tiles: the result equals per-suffix calls."""
-        nsub = self.sub_blocks
-        rows = torch.nonzero(start < nsub).flatten()
-        if rows.numel() == 0:
+        total = self.sub_blocks * len(kjs)
+        local = torch.nonzero(start < total).flatten()
+        if local.numel() == 0:
             return None
-        start = start[rows]
+        start = start[local]
         ks = int(start.min())
-        b, hh = rows // self.q_heads, rows % self.q_heads
-        blocks = torch.maximum(torch.arange(ks, nsub)[None, :], start[:, None])  # N m
-        units = self._unit_ids(kj, blocks, b[:, None], hh[:, None])
+        b, hh = local // self.q_heads, local % self.q_heads
+        blocks = torch.maximum(torch.arange(ks, total)[None, :], start[:, None])  # N m
+        kj = torch.tensor(kjs)[blocks // self.sub_blocks]
+        units = self._unit_ids(kj, blocks % self.sub_blocks, b[:, None], hh[:, None])
         lead = start - ks
-        return PairWork(qi, kj, causal, rows, units, hh % self.group, lead=lead if bool((lead > 0).any()) else None)
+        rows = qi * self.batch * self.q_heads + local
+        return PairWork(qi, kjs[0] if len(kjs) == 1 else -1, causal, rows, units, hh % self.group,
+                        lead=lead if bool((lead > 0).any()) else None)
 
     def pair_counts(self) -> Tuple[int, int]:
         """(computed, causal) chunk-pair x (batch, head) counts over all ranks."""
