@@ -12,14 +12,17 @@ and adds Adaptive Computation Pruning at the granularity of chunk sub-blocks:
   anywhere;
 - two directions: first chunks travel r -> r+1, second chunks r -> r-1,
   the directions in which causal attention needs them (skip_table.py);
-- one kernel call per chunk pair: rows (batch row, head) that keep
+- few kernel calls per ring step: rows (batch row, head) that keep
   different key suffixes read the longest one, and the keys a row does not
   hold are hidden behind a decay below the threshold, so the kernels skip
-  them as pruned tiles (``RingPlan.merge_pairs``);
-- no copies of a pair's query side: the chunk kernels read the pair's
-  query rows of the whole chunk in place and merge into the running output
-  and lse in their epilogue (forward), or add to the running dq and dc_q
-  (backward, with do . out computed once per chunk); a pair's keys are one
+  them as pruned tiles (``RingPlan.merge_pairs``); both query chunks are one
+  tensor of rows, so a step's two diagonal pairs are one call and its pairs
+  with earlier key chunks another (a query chunk's two earlier key chunks
+  concatenated in sequence order: c keeps falling along the keys);
+- no copies of a call's query side: the chunk kernels read its query rows
+  in place and merge into the running output and lse in their epilogue
+  (forward), or add to the running dq and dc_q (backward, with do . out
+  computed once); a pair's keys are one
   contiguous gather per row and their dK/dV come back in fp32 in the order
   of the ring's units (``attention_chunk_forward_into`` /
   ``attention_chunk_backward_into``);
