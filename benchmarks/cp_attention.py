@@ -204,6 +204,9 @@ def main():
                 t = torch.tensor([stats.fwd_kv_bytes, stats.bwd_kv_bytes, stats.bwd_grad_bytes,
                                   stats.full_ring_kv_bytes], dtype=torch.float64, device="cuda")
                 dist.all_reduce(t, group=group)
+                calls = torch.tensor([stats.calls], dtype=torch.float64, device="cuda")
+                dist.all_reduce(calls, op=dist.ReduceOp.MAX, group=group)
+                rec["kernel_calls_per_pass_max_rank"] = int(calls)
                 rec.update(kv_bytes=int(t[0] + t[1] + t[2]), fwd_kv_bytes=int(t[0]), bwd_kv_bytes=int(t[1]),
                            bwd_grad_bytes=int(t[2]), full_ring_kv_bytes_per_pass=int(t[3]), skip=skip,
                            two_way=mode != "ring_oneway", ring_steps=stats.steps,

@@ -285,6 +285,9 @@ def test_merged_pairs_hide_keys_and_move_the_same_bytes(attention_reports, P):
     assert split["hidden_sub_blocks"] == 0 < merged["hidden_sub_blocks"]
     for key in ("fwd_kv", "bwd_kv", "bwd_grad", "pairs_computed", "kept_keys"):
         assert merged[key] == split[key], key
+    # the busiest rank's kernel calls per pass: a step's pairs share launches
+    assert merged["calls"] < split["calls"]
+    assert merged["calls"] <= 2 + merged["steps"]  # the diagonals, then one call per step
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])

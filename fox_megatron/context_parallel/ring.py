@@ -80,7 +80,8 @@ class RingStats:
     from this rank per pass, for reference.  pairs_computed / pairs_causal:
     (chunk pair, batch row, head) triples computed vs all causal ones, over
     all ranks.  kept_keys: key sub-blocks attended over causal ones.  steps:
-    ring steps taken (P-1 for a full ring).
+    ring steps taken (P-1 for a full ring).  calls: chunk-kernel calls this
+    rank makes per pass (forward, and again backward).
     """
 
     fwd_kv_bytes: int = 0
@@ -92,6 +93,7 @@ class RingStats:
     kept_keys: float = 1.0
     steps: int = 0
     hidden_sub_blocks: int = 0
+    calls: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -319,6 +321,7 @@ class _RingAttention(torch.autograd.Function):
             stats.kept_keys = plan.kept_key_fraction()
             stats.full_ring_kv_bytes = (plan.cp_size - 1) * _nbytes(k, v, c)
             stats.hidden_sub_blocks = plan.hidden_sub_blocks()
+            stats.calls = sum(len(plan.pairs(s)) for s in range(plan.last_step + 1))
         return out, lse
 
     @staticmethod

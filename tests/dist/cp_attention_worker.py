@@ -100,7 +100,10 @@ def sum_bytes(stats):
     t = torch.tensor([stats.fwd_kv_bytes, stats.bwd_kv_bytes, stats.bwd_grad_bytes, stats.full_ring_kv_bytes],
                      dtype=torch.float64, device=DEVICE)
     dist.all_reduce(t)
+    calls = torch.tensor([stats.calls], dtype=torch.float64, device=DEVICE)
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)
     return {"fwd_kv": int(t[0]), "bwd_kv": int(t[1]), "bwd_grad": int(t[2]), "full_ring_kv": int(t[3]),
+            "calls": int(calls),
             "steps": stats.steps, "kept_keys": stats.kept_keys, "hidden_sub_blocks": stats.hidden_sub_blocks, "pairs_computed": stats.pairs_computed, "pairs_causal": stats.pairs_causal}
 
 
