@@ -103,9 +103,10 @@ def cp_forgetting_attention(
     backward (fewer bytes) or, False, forward with the first chunks (equal
     work at every step).  ``sub_blocks``: parts of a chunk that are sent and
     pruned separately (default: 4 when the chunk divides by 4, else 1; 1 =
-    whole chunks).  ``merge_pairs`` (ring): one kernel call per chunk pair for
-    all rows, whatever sub-blocks each keeps (default), or one per kept-suffix
-    length.  ``use_deepspeed`` (Ulysses): DeepSpeed's
+    whole chunks).  ``merge_pairs`` (ring): few kernel calls per ring step, for
+    all rows whatever sub-blocks each keeps and for both query chunks
+    (default: the diagonals in one call, the earlier key chunks in another),
+    or one call per chunk pair and kept-suffix length.  ``use_deepspeed`` (Ulysses): DeepSpeed's
     DistributedAttention (default when importable) or the local all-to-all.
     Gradients reach q, k, v and log_fgate.
     """
