@@ -351,7 +351,7 @@ class _RingAttention(torch.autograd.Function):
             stats.bwd_kv_bytes = 0
             stats.bwd_grad_bytes = 0
         ring = _Ring(plan, group, kv_units, _c_units(c, Hkv, nsub).contiguous(), "bwd_kv_bytes", stats)
-        pending = []  # (requests, recv ids, recv buffer) of gradient returns
+        pending = []  # (requests, [(recv ids, dK/dV buffer, dc buffer)], ops) of gradient returns
 
         def land(items):
             for reqs, recvs, _ in items:

@@ -112,7 +112,9 @@ def chunk_need_table(
 
 @dataclass
 class PairWork:
-    """One (local query chunk, key chunk of the visiting origin) computation."""
+    """One kernel call of a ring step: a local query chunk against a key
+    chunk of the visiting origin, or merged (``RingPlan.merge_pairs``) both
+    query chunks and / or both earlier key chunks."""
 
     qi: int  # 0/1: which of this rank's chunks the queries are (-1: both, one call)
     kj: int  # 0/1: which of the origin's chunks the keys are (-1: both, one call)
@@ -184,8 +186,9 @@ class RingPlan:
     hi_dir: int = -1
     # packed documents (None: whole rows); the pairs carry document pieces
     documents: Optional[RingDocuments] = None
-    # one kernel call per (query chunk, key chunk) for all rows, whatever
-    # their kept suffixes (True), or one call per suffix length (False)
+    # few kernel calls per step for all rows, whatever their kept suffixes
+    # (True: the diagonals in one call, the earlier key chunks in another),
+    # or one call per (query chunk, key chunk) and suffix length (False)
     merge_pairs: bool = True
     # the kernels prune hidden keys (an ACP threshold is given): calls of
     # different key lengths may then share a launch, the shorter rows padded
@@ -279,7 +282,7 @@ class RingPlan:
         return self._pairs[step]
 
     def _build_pairs(self, step: int) -> List[PairWork]:
-        P, B, Hq, Hkv = self.cp_size, self.batch, self.q_heads, self.kv_heads
+        P, B, Hq = self.cp_size, self.batch, self.q_heads
         merged = self.merge_pairs and self.documents is None
         out = []
         causal, earlier_calls = [], []
