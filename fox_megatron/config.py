@@ -95,6 +95,9 @@ class FoxConfig:
     forget_gate_bias_init: float = 0.0
     # Context-parallel attention when context_parallel_size > 1.
     cp_mode: Literal["ring", "ulysses"] = "ring"
+    # Cumulative decay in float64 (exact for long documents with
+    # fast-forgetting heads; costs 4-15% of the attention step).
+    precise_decay: bool = False
 
 
 @dataclass

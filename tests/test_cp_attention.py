@@ -267,7 +267,8 @@ def attention_reports(tmp_path_factory):
                                   "ulysses_balanced_ds1", "ulysses_balanced_ds0",
                                   "ring_packed_acp0", "ring_packed_acp1", "ring_packed_local_acp",
                                   "ring_packed_tight", "ring_packed_whole", "ring_packed_oneway",
-                                  "ring_short_acp", "ring_short_dense", "ring_mixed_acp", "ring_mixed_acp_split"])
+                                  "ring_short_acp", "ring_short_dense", "ring_mixed_acp", "ring_mixed_acp_split",
+                                  "ring_precise_acp1", "ulysses_precise_acp1"])
 def test_cp_matches_single_device(attention_reports, P, name):
     errs = dict(attention_reports[P]["cases"][name])
     # ring cases with ACP: its thresholds equal the single-device ones exactly
@@ -361,7 +362,8 @@ def test_cp_through_triton_interpreter(tmp_path):
         os.environ.update(env_backup)
     for name, errs in report["cases"].items():
         assert max(errs.values()) < 1e-4, (name, errs)
-    assert {"ring_packed_acp1", "ring_packed_local_acp", "ring_packed_tight"} <= set(report["cases"])
+    want = {"ring_packed_acp1", "ring_packed_local_acp", "ring_packed_tight", "ring_precise_acp1"}
+    assert want <= set(report["cases"])
 
 
 # ------------------------------------------------------------------- GPU

@@ -18,8 +18,9 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ["boundary_causal=True", "boundary_causal=False", "decay_scan", "decay_grad", "row_delta"] + [
-    f"{kind}_d{d}" for kind in ("fwd", "dkdv", "dq") for d in (64, 128)] + [
+CASES = ["boundary_causal=True", "boundary_causal=False", "boundary_precise", "decay_scan", "decay_scan_precise",
+         "decay_grad", "row_delta"] + [
+    f"{kind}{precise}_d{d}" for kind in ("fwd", "dkdv", "dq") for precise in ("", "_precise") for d in (64, 128)] + [
     f"{kind}_accumulate_d{d}" for kind in ("fwd", "dq") for d in (64, 128)] + [
     f"dkdv_fp32_grads_d{d}" for d in (64, 128)]
 

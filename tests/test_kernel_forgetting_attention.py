@@ -177,15 +177,71 @@ def test_max_seqlen_gives_the_same_result():
         torch.testing.assert_close(a, b)
 
 
-def test_triton_large_decay_prunes_and_matches():
-    # fast forgetting: the fast head skips most of its tiles.  (At most ~10
-    # per token here: c is a float32 prefix sum, so c_i - c_j carries an
-    # absolute error near |c| * 2^-24; at 100 per token over 700 tokens,
-    # |c| ~ 8e4, that alone is a 0.5% weight error.)
-    q, k, v, log_f = make_inputs(1, 700, 2, 2, 32, torch.float32, decay_scale=10.0, seed=8)
-    o, stats = forgetting_attention(q, k, v, log_f, backend="triton", acp=AcpConfig(), return_stats=True)
+@pytest.mark.parametrize("precise", [False, True])
+def test_triton_large_decay_prunes_and_matches(precise):
+    # fast forgetting: the fast head skips most of its tiles.  With a
+    # float32 c at most ~10 per token: c_i - c_j then errs by about
+    # |c| * 2^-24, and at 100 per token over 700 tokens (|c| ~ 8e4) that
+    # alone is a 0.5% weight error.  Precise decays take the 100.
+    scale = 100.0 if precise else 10.0
+    q, k, v, log_f = make_inputs(1, 700, 2, 2, 32, torch.float32, decay_scale=scale, seed=8)
+    o, stats = forgetting_attention(q, k, v, log_f, backend="triton", acp=AcpConfig(), return_stats=True,
+                                    precise_decay=precise)
     assert stats.kept_tiles[-1] < 0.3  # the fast head skips most tiles
-    check(q, k, v, log_f, TOL[torch.float32], acp=AcpConfig())
+    check(q, k, v, log_f, TOL[torch.float32], acp=AcpConfig(), precise_decay=precise)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("acp", [False, True])
+def test_triton_precise_decays_far_from_zero(packed, acp):
+    """The gate of a document's first token never enters a decay (D_ij sums
+    the gates of j+1..i), but it sets |c| for the whole document.  At -1e5
+    a float32 c holds every decay only to ~0.008 (a ~1% weight error; the
+    default path errs by 2.5e-3 to 1.2e-2 here); with precise decays the
+    kernels must match the float64 reference as closely as with small
+    decays, in the output and every gradient (the gate's gradient at those
+    first tokens is zero)."""
+    B, T = 2, 150
+    q, k, v, log_f = make_inputs(B, T, 2, 2, 32, torch.float32, decay_scale=0.3, seed=21)
+    cu = torch.tensor([0, 61, 150, 151, 300], dtype=torch.int32, device=DEVICE) if packed else None
+    firsts = cu[:-1].long().cpu() if packed else torch.arange(B) * T
+    with torch.no_grad():
+        log_f.view(B * T, -1)[firsts.to(DEVICE)] = -1e5
+    cfg = AcpConfig(log_eps=-10.0) if acp else None
+    # fp32 inputs run three-pass tf32 products (errors near 1e-5 here)
+    check(q, k, v, log_f, 1e-4, cu_seqlens=cu, acp=cfg, precise_decay=True)
+
+
+def test_triton_chunk_with_global_decays_far_from_zero():
+    """The context-parallel entry takes the global decays as float64: a
+    chunk pair far along a long sequence (|c| ~ 1e6) is computed as
+    accurately as one at the start."""
+    B, T, H, D = 1, 96, 2, 32
+    q, k, v, log_f = make_inputs(B, 2 * T, H, H, D, torch.float32, decay_scale=0.5, seed=22)
+    c = cumulative_log_decay(log_f.detach().double()).permute(0, 2, 1) - 1e6  # [B, H, 2T] float64
+    c_q, c_k = c[..., T:].contiguous(), c[..., :T].contiguous()
+    qc, kc, vc = q.detach()[:, T:], k.detach()[:, :T], v.detach()[:, :T]
+    scale = 1 / math.sqrt(D)
+    thr = torch.full((B, H), -12.0, device=DEVICE)
+    o, lse = attention_chunk_forward(qc, kc, vc, c_q, c_k, causal=False, softmax_scale=scale,
+                                     acp_threshold=thr, backend="triton")
+    o_ref, lse_ref = attention_chunk_forward(qc.double(), kc.double(), vc.double(), c_q, c_k, causal=False,
+                                             softmax_scale=scale, acp_threshold=thr.double(), backend="torch")
+    assert rel_err(o, o_ref) < 1e-4
+    seen = torch.isfinite(lse_ref)  # queries with a kept key (the others: lse = -inf)
+    assert torch.equal(torch.isfinite(lse).cpu(), seen.cpu()) and 0.3 < seen.float().mean() < 1
+    assert rel_err(lse[seen], lse_ref[seen]) < 1e-6
+    # the backward takes the output and lse merged over every key chunk: as
+    # if other chunks held as much mass again (else dc_q = rowsum(dS) would
+    # cancel to zero)
+    do, out_m, lse_m = torch.randn_like(o), torch.randn_like(o), lse_ref + math.log(2.0)
+    grads = attention_chunk_backward(do, qc, kc, vc, c_q, c_k, out_m, lse_m.float(), causal=False,
+                                     softmax_scale=scale, acp_threshold=thr, backend="triton")
+    grads_ref = attention_chunk_backward(do.double(), qc.double(), kc.double(), vc.double(), c_q, c_k,
+                                         out_m.double(), lse_m, causal=False, softmax_scale=scale,
+                                         acp_threshold=thr.double(), backend="torch")
+    for name, a, b in zip(("dq", "dk", "dv", "dc_q", "dc_k"), grads, grads_ref):
+        assert rel_err(a, b) < 1e-4, name
 
 
 def test_triton_long_runs_of_partial_tiles():
@@ -270,10 +326,14 @@ def test_triton_decay_scan_and_its_gradient(packed):
     log_f = (-torch.rand(T, B, H) * 0.5).to(DEVICE).transpose(0, 1)  # [B, T, H] view of sbhd
     cu = torch.tensor([0, 1, 1030, 2047, 2600, 2601, 5200]) if packed else None
     seqs = SequenceTable.build(B, T, cu, DEVICE)
-    c = cumulative_decay(log_f, seqs)
     # the references run on the CPU, where cu is
     c_ref = cumulative_log_decay_bht(log_f.permute(0, 2, 1).double().cpu(), cu, torch.float64)
+    c = cumulative_decay(log_f, seqs)
+    assert c.shape == (B, H, T) and c.dtype == torch.float32
     assert (c.double().cpu() - c_ref).abs().max().item() < 1e-5 * c_ref.abs().max().item() + 1e-6
+    c64 = cumulative_decay(log_f, seqs, precise=True)  # precise decays: a float64 scan
+    assert c64.dtype == torch.float64
+    assert (c64.cpu() - c_ref).abs().max().item() < 1e-12 * c_ref.abs().max().item()
     dc_q, dc_k = torch.randn(B, H, T).to(DEVICE), torch.randn(B, H, T).to(DEVICE)
     g = cumulative_decay_grad(dc_q, dc_k, seqs)
     g_ref = reverse_cumulative_sum_bht((dc_q + dc_k).double().cpu(), cu, torch.float64).permute(0, 2, 1)

@@ -31,7 +31,7 @@ INT_SCALARS_UPPER = {"T", "H", "SEARCH_STEPS_N", "SEARCH_STEPS_M"}
 FLOAT_SCALARS = {"scale", "scale2"}
 
 
-def signature(kernel, act, fp32_outputs=()):
+def signature(kernel, act, fp32_outputs=(), fp64_pointers=()):
     sig = {}
     for p in kernel.params:
         if p.is_constexpr:
@@ -41,6 +41,8 @@ def signature(kernel, act, fp32_outputs=()):
             sig[name] = "fp32"
         elif name in INT_SCALARS_UPPER or not name.isupper():
             sig[name] = "i32"
+        elif name in fp64_pointers:
+            sig[name] = "*fp64"
         elif name in FP32_POINTERS or name in fp32_outputs:
             sig[name] = "*fp32"
         elif name in ACTIVATIONS:
@@ -50,8 +52,8 @@ def signature(kernel, act, fp32_outputs=()):
     return sig
 
 
-def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", fp32_outputs=()):
-    sig = {**signature(kernel, act, fp32_outputs), **{name: "constexpr" for name in constexprs}}
+def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", fp32_outputs=(), fp64_pointers=()):
+    sig = {**signature(kernel, act, fp32_outputs, fp64_pointers), **{name: "constexpr" for name in constexprs}}
     src = ASTSource(fn=kernel, signature=sig,
                     constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
     out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -65,7 +67,13 @@ def cases():
         yield (f"boundary_causal={causal}", t._acp_boundary_kernel,
                dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=causal,
                     DO_KBLO=True, DO_QBHI=True, DO_COUNT=True), {})
+    # precise decays: float64 c
+    yield ("boundary_precise", t._acp_boundary_kernel,
+           dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=True,
+                DO_KBLO=True, DO_QBHI=True, DO_COUNT=True), dict(fp64_pointers=("CQ", "CK")))
     yield "decay_scan", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK), {}
+    yield ("decay_scan_precise", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK),
+           dict(fp64_pointers=("OUT",)))
     yield "decay_grad", t._segmented_scan_kernel, dict(HAS_Y=True, REVERSE=True, BLOCK_T=t._SCAN_BLOCK), {}
     yield "row_delta", t._bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_T=64), {}
     kernels = {"fwd": t._fwd_kernel, "dkdv": t._dkdv_kernel, "dq": t._dq_kernel}
@@ -76,10 +84,13 @@ def cases():
         for head_dim in (64, 128):
             bm, bn, warps, stages = t.kernel_config(kind, head_dim, torch.bfloat16)
             consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                          PRECISION="tf32")
+                          PRECISION="tf32", PRECISE=False)
             if kind in accumulates:
                 consts["ACCUMULATE"] = False
             yield f"{kind}_d{head_dim}", kernel, consts, dict(num_warps=warps, num_stages=stages)
+            # precise decays: float64 c
+            yield (f"{kind}_precise_d{head_dim}", kernel, {**consts, "PRECISE": True},
+                   dict(num_warps=warps, num_stages=stages, fp64_pointers=("CQ", "CK")))
             if kind in accumulates:
                 yield (f"{kind}_accumulate_d{head_dim}", kernel, {**consts, "CAUSAL": False, "ACCUMULATE": True},
                        dict(num_warps=warps, num_stages=stages, fp32_outputs=(accumulates[kind],)))

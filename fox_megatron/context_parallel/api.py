@@ -87,6 +87,7 @@ def cp_forgetting_attention(
     sub_blocks: Optional[int] = None,
     use_deepspeed: Optional[bool] = None,
     merge_pairs: bool = True,
+    precise_decay: bool = False,
 ) -> torch.Tensor:
     """``forgetting_attention`` for a sequence split over a context-parallel group.
 
@@ -108,7 +109,9 @@ def cp_forgetting_attention(
     (default: the diagonals in one call, the earlier key chunks in another),
     or one call per chunk pair and kept-suffix length.  ``use_deepspeed`` (Ulysses): DeepSpeed's
     DistributedAttention (default when importable) or the local all-to-all.
-    Gradients reach q, k, v and log_fgate.
+    ``precise_decay``: as for ``forgetting_attention``; the ring then keeps
+    the global decays (which grow with the whole sequence) in float64 and
+    sends them so.  Gradients reach q, k, v and log_fgate.
     """
     if mode not in CP_MODES:
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {mode!r}")
@@ -126,12 +129,15 @@ def cp_forgetting_attention(
         to_s = (lambda x: x.transpose(0, 1)) if layout == "bshd" else (lambda x: x)
         o = ulysses_attention(to_s(q), to_s(k), to_s(v), to_s(log_fgate), group=group, softmax_scale=scale,
                               acp=acp, backend=backend, cu_seqlens=cu_seqlens,
-                              use_deepspeed=use_deepspeed)
+                              use_deepspeed=use_deepspeed, precise_decay=precise_decay)
         return to_s(o)
 
     to_b = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(0, 1))
     qb, kb, vb, gb = to_b(q), to_b(k), to_b(v), to_b(log_fgate)
-    c_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # float64 decays take the kernels' precise path; the torch
+    # path takes decays in float64 anyway, as single-device attention does
+    on_torch = backend == "torch" or (backend == "auto" and q.device.type != "cuda")
+    c_dtype = torch.float64 if precise_decay or on_torch or q.dtype == torch.float64 else torch.float32
     Tc = T // 2
     if sub_blocks is None:
         sub_blocks = 4 if Tc % 4 == 0 else 1

@@ -145,7 +145,7 @@ def _local_heads_acp(acp: Optional[AcpConfig], rank: int, P: int, Hq: int) -> Op
 
 def ulysses_attention(q, k, v, log_fgate, *, group, softmax_scale: float, acp: Optional[AcpConfig] = None,
                       backend: str = "auto", use_deepspeed: Optional[bool] = None,
-                      cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      cu_seqlens: Optional[torch.Tensor] = None, precise_decay: bool = False) -> torch.Tensor:
     """Forgetting attention over the CP group by head all-to-all (sbhd).
 
     q: [T_local, B, Hq, D], k/v: [T_local, B, Hkv, D], log_fgate
@@ -171,11 +171,11 @@ def ulysses_attention(q, k, v, log_fgate, *, group, softmax_scale: float, acp: O
         if isinstance(acp.logit_bound, torch.Tensor) and acp.logit_bound.dim() and acp.logit_bound.shape[-1] == Hq:
             acp = AcpConfig(log_eps=acp.log_eps, logit_bound=acp.logit_bound.index_select(-1, q_perm.to(
                 acp.logit_bound.device)))
-    o = _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens)
+    o = _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens, precise_decay)
     return o if head_inverse is None else o.index_select(2, head_inverse)
 
 
-def _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens):
+def _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspeed, cu_seqlens, precise_decay):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     Hq, Hkv = q.shape[2], k.shape[2]
     T = q.shape[0]
@@ -192,7 +192,7 @@ def _ulysses(q, k, v, log_fgate, group, softmax_scale, acp, backend, use_deepspe
         o = forgetting_attention(
             qh.index_select(0, order), kh.index_select(0, order), vh.index_select(0, order), gate,
             layout="sbhd", softmax_scale=softmax_scale, acp=local_acp, backend=backend, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
+            max_seqlen=max_seqlen, precise_decay=precise_decay,
         )
         return o.index_select(0, inverse)
 

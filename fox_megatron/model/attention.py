@@ -334,6 +334,7 @@ class FoxSelfAttention(MegatronModule):
                 acp=acp,
                 backend=self.fox.attention_backend,
                 return_stats=want_stats,
+                precise_decay=self.fox.precise_decay,
             )
             if want_stats:
                 o, stats = result
@@ -367,6 +368,7 @@ class FoxSelfAttention(MegatronModule):
             backend=self.fox.attention_backend,
             stats=self.cp_stats,
             cu_seqlens=cu_seqlens,
+            precise_decay=self.fox.precise_decay,
         )
         # Ring: the share of causal (key sub-block, query chunk, row, head)
         # work kept, the same on every rank (the skip table is global; it

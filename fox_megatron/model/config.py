@@ -56,6 +56,12 @@ class FoxConfig:
                            "ring" (pruning-aware ring attention) or
                            "ulysses" (head all-to-all); both take packed
                            documents (cu_seqlens over the global rows).
+    precise_decay:         keep the cumulative decay in float64: exact
+                           decays for long
+                           documents with fast-forgetting heads, where a
+                           float32 prefix sum errs by |c| * 2^-24 (with
+                           context parallelism c spans the whole sequence);
+                           costs 4-15% of the attention step.
     """
 
     acp: bool = True
@@ -70,6 +76,7 @@ class FoxConfig:
     collect_acp_stats: bool = True
     fuse_elementwise: bool = True
     cp_mode: str = "ring"
+    precise_decay: bool = False
 
     def __post_init__(self):
         if self.acp and not self.acp_log_eps < 0.0:

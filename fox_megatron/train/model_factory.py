@@ -56,6 +56,7 @@ def transformer_config(cfg, info):
         forget_gate_bias_init=cfg.fox.forget_gate_bias_init,
         use_rope=cfg.fox.enabled and cfg.position_embedding_type == "rope",
         cp_mode=cfg.fox.cp_mode,
+        precise_decay=cfg.fox.precise_decay,
     )
     dtype = params_dtype(cfg)
     return FoxTransformerConfig(

@@ -24,6 +24,7 @@ __all__ = [
     "reverse_cumulative_sum",
     "cumulative_log_decay_bht",
     "reverse_cumulative_sum_bht",
+    "pair_decay",
 ]
 
 
@@ -91,6 +92,15 @@ def cumulative_log_decay(
     return cumulative_log_decay_bht(log_fgate.transpose(1, 2), cu_seqlens, dtype).transpose(1, 2)
 
 
+def pair_decay(c_q: torch.Tensor, c_k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D_ij = c_i - c_j ([..., Tq] against [..., Tk] -> [..., Tq, Tk]) in
+    ``dtype``, subtracted in the decays' own precision first: |c| grows
+    along a sequence, and float64 decays (what the scans produce) lose their
+    low bits if rounded to float32 before the difference is taken."""
+    wide = torch.float64 if torch.float64 in (c_q.dtype, c_k.dtype) else dtype
+    return (c_q.to(wide)[..., :, None] - c_k.to(wide)[..., None, :]).to(dtype)
+
+
 def naive_attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,7 +136,7 @@ def naive_attention_chunk(
     qf = q.to(cd).permute(0, 2, 1, 3)  # B H Tq D
     kf = k.to(cd).repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
     vf = v.to(cd).repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
-    decay = c_q.to(cd).permute(0, 2, 1)[..., :, None] - c_k.to(cd).permute(0, 2, 1)[..., None, :]
+    decay = pair_decay(c_q.permute(0, 2, 1), c_k.permute(0, 2, 1), cd)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale + decay
     Tk = k.shape[1]
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
@@ -168,7 +178,7 @@ def naive_forgetting_attention(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
     cd = _compute_dtype(q)
-    c = cumulative_log_decay(log_fgate, cu_seqlens, dtype=cd)
+    c = cumulative_log_decay(log_fgate, cu_seqlens, dtype=torch.float64)
     same_doc = None
     query_thr = None
     if cu_seqlens is not None:

@@ -76,6 +76,44 @@ def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
 
 
 # --------------------------------------------------------------------------
+# precise decays
+# --------------------------------------------------------------------------
+# c grows along a document (by its length times the fastest forgetting rate)
+# and a float32 holds it only to |c| * 2^-24: at |c| ~ 1e5 that is 0.006 in
+# every decay c_i - c_j, a 0.6% error in the weights of neighbouring tokens.
+# By default c is float32 (PRECISE=False), as in FLA's kernels: the fastest
+# path.  Precise decays (``precise_decay``) scan c in float64; the kernels
+# then take every decay relative to a reference token near it (a query:
+# keys hidden from a context-parallel call carry c = 1e30) in float64 and
+# round only that difference to float32.  The float64 work on every tile's
+# key decays costs time (on an H200, 4-15% of a fwd + bwd step at 8k-16k;
+# two float32 planes hi + lo in its place cost 5-23%), hence opt-in.
+
+
+@triton.jit
+def _decay_ref(ptr, idx, PRECISE: tl.constexpr):
+    """c at idx, the reference of _decay_rel (precise decays only)."""
+    if PRECISE:
+        ref = tl.load(ptr + idx)
+    else:
+        ref = tl.full([], 0.0, tl.float32)
+    return ref
+
+
+@triton.jit
+def _decay_rel(ptr, offs, mask, ref, PRECISE: tl.constexpr, MASKED: tl.constexpr):
+    """Precise: c[offs] - ref in float64, rounded to float32.  Otherwise
+    c[offs] itself (differences are taken as they are).  0 where masked."""
+    if MASKED:
+        d = tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        d = tl.load(ptr + offs)
+    if PRECISE:
+        d = (d - ref).to(tl.float32)
+    return d
+
+
+# --------------------------------------------------------------------------
 # ACP boundary search
 # --------------------------------------------------------------------------
 
@@ -206,7 +244,8 @@ def _dummy_table(device):
 
 
 def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None):
-    """Run the boundary kernel.  c_q/c_k: [B, H, T] float32.  Returns
+    """Run the boundary kernel.  c_q/c_k: [B, H, T] float32 or float64
+    (precise decays: compared in float64).  Returns
     (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None).
     kblo[..., 0, m]: the first kept key block of query block m (capped at
     the diagonal); kblo[..., 1, m]: the number of key blocks whose smallest
@@ -256,9 +295,9 @@ def _segmented_scan_kernel(
 ):
     # Prefix sums (REVERSE: suffix sums) of x (+ y, same strides) along time
     # within one sequence: blocks in scan order, a running carry between
-    # them.  Forward, c from log f: every sequence (document) starts from
-    # zero, so nothing is subtracted and fp32 loses nothing to cancellation.
-    # Backward, the gradient of c from dc_q + dc_k: the same scan reversed.
+    # them, in OUT's dtype.  Forward, c from log f: float32, or float64 for
+    # precise decays (see above).  Backward, the gradient of c from
+    # dc_q + dc_k: the same scan reversed, in float32.
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(ROW + s).to(tl.int64)
@@ -266,15 +305,16 @@ def _segmented_scan_kernel(
     length = tl.load(LEN + s)
     x_off = row * stride_xb + h * stride_xh + start * stride_xt
     o_base = OUT + row * stride_ob + h * stride_oh + start
-    carry = tl.zeros([], dtype=tl.float32)
+    acc_ty = OUT.dtype.element_ty
+    carry = tl.zeros([], dtype=acc_ty)
     num_blocks = tl.cdiv(length, BLOCK_T)
     for i in range(0, num_blocks):
         blk = num_blocks - 1 - i if REVERSE else i
         offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
         mask = offs < length
-        x = tl.load(X + x_off + offs * stride_xt, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + x_off + offs * stride_xt, mask=mask, other=0.0).to(acc_ty)
         if HAS_Y:
-            x += tl.load(Y + x_off + offs * stride_xt, mask=mask, other=0.0).to(tl.float32)
+            x += tl.load(Y + x_off + offs * stride_xt, mask=mask, other=0.0).to(acc_ty)
         tl.store(o_base + offs, tl.cumsum(x, 0, reverse=REVERSE) + carry, mask=mask)
         carry += tl.sum(x, 0)
 
@@ -282,11 +322,12 @@ def _segmented_scan_kernel(
 _SCAN_BLOCK = 1024
 
 
-def _segmented_scan(x, y, seqs, reverse):
-    """[B, H, T] fp32 scans of x ([B, T, H] view, any strides) plus y (same
-    strides, or None) within every sequence of ``seqs``."""
+def _segmented_scan(x, y, seqs, reverse, dtype=torch.float32):
+    """[B, H, T] scans (accumulated in ``dtype``) of x ([B, T, H] view, any
+    strides) plus y (same strides, or None) within every sequence of
+    ``seqs``."""
     B, T, H = x.shape
-    out = torch.empty(B, H, T, dtype=torch.float32, device=x.device)
+    out = torch.empty(B, H, T, dtype=dtype, device=x.device)
     if y is not None and y.stride() != x.stride():
         raise ValueError("the two scanned tensors must share their strides")
     if seqs.num:
@@ -298,11 +339,20 @@ def _segmented_scan(x, y, seqs, reverse):
     return out
 
 
-def cumulative_decay(log_fgate, seqs):
-    """c [B, H, T] fp32 (time innermost, where the attention kernels read it)
+def cumulative_decay(log_fgate, seqs, precise=False):
+    """c [B, H, T] (time innermost, where the attention kernels read it)
     from log forget gates [B, T, H] (any strides), restarting at every
-    sequence of ``seqs`` (an ``interface.SequenceTable``)."""
-    return _segmented_scan(log_fgate, None, seqs, reverse=False)
+    sequence of ``seqs`` (an ``interface.SequenceTable``): float32, or
+    float64 with ``precise``."""
+    return _segmented_scan(log_fgate, None, seqs, reverse=False,
+                           dtype=torch.float64 if precise else torch.float32)
+
+
+def decay_precision(c_q, c_k):
+    """Both decays in float64 if either is (precise decays), else float32."""
+    if torch.float64 in (c_q.dtype, c_k.dtype):
+        return c_q.double(), c_k.double()
+    return c_q.float(), c_k.float()
 
 
 def cumulative_decay_grad(dc_q, dc_k, seqs):
@@ -319,10 +369,10 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+    acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2, PRECISION: tl.constexpr,
+    scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
@@ -330,11 +380,12 @@ def _fwd_tiles(
             kmask = offs_k < klen
             k = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
             v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            ck2 = tl.load(ck_base + offs_k, mask=kmask, other=0.0) * 1.4426950408889634
+            ck = _decay_rel(ck_base, offs_k, kmask, c_ref, PRECISE, True)
         else:
             k = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None])
             v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :])
-            ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
+            ck = _decay_rel(ck_base, offs_k, offs_k, c_ref, PRECISE, False)
+        ck2 = ck * 1.4426950408889634
         decay = cq2[:, None] - ck2[None, :]
         s = tl.dot(q, k, input_precision=PRECISION) * scale2 + decay
         if MASK_ACP or MASK_CAUSAL or MASK_KLEN:
@@ -374,6 +425,7 @@ def _fwd_kernel(
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     # ROW indexes the batch of K, V and CK; QROW that of Q, CQ, O and LSE
     # (the same table for plain attention; a context-parallel pair reads
@@ -401,7 +453,9 @@ def _fwd_kernel(
     q = tl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_m)[:, None] * stride_qt + offs_d[None, :],
                 mask=qmask[:, None], other=0.0)
     cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
-    cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+    # precise decays: relative to the block's first query (see above)
+    c_ref = _decay_ref(cq_base, pid_m * BLOCK_M, PRECISE)
+    cq2 = _decay_rel(cq_base, offs_m, qmask, c_ref, PRECISE, True) * 1.4426950408889634
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
@@ -432,15 +486,15 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if USE_ACP:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                                   lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                                   BLOCK_N, True, False, False, scale2, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                               tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, False, False, False, scale2, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                               mid, hi, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
+                                   stride_kt, stride_vt, lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
+                                   BLOCK_N, True, False, False, scale2, PRECISION, PRECISE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
+                               stride_kt, stride_vt, tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
+                               BLOCK_N, False, False, False, scale2, PRECISION, PRECISE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
+                               stride_kt, stride_vt, mid, hi, klen, thr2, offs_n, offs_d,
+                               BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION, PRECISE)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -503,16 +557,23 @@ def _row_delta(out, do):
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+    dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
     stride_qt, stride_dot, mb_lo, mb_hi, qlen, thr2, offs_d,
     BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2, PRECISION: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     for mb in range(mb_lo, mb_hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         qmask = offs_m < qlen
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qmask[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qmask[:, None], other=0.0)
-        cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+        # precise decays: relative to the tile's first query (see above)
+        c_ref = _decay_ref(cq_base, mb * BLOCK_M, PRECISE)
+        cq2 = _decay_rel(cq_base, offs_m, qmask, c_ref, PRECISE, True) * 1.4426950408889634
+        if PRECISE:
+            ck2 = (ck - c_ref).to(tl.float32) * 1.4426950408889634
+        else:
+            ck2 = ck  # already in log2 units
         # rows past the end get lse = +inf so that their p is exactly 0
         lse2 = tl.load(lse_base + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
         dlt = tl.load(dlt_base + offs_m, mask=qmask, other=0.0)
@@ -550,7 +611,7 @@ def _dkdv_kernel(
     stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     s_id = tl.program_id(1)
@@ -583,7 +644,10 @@ def _dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         ck_base = CK + row * stride_ckb + h * stride_ckh + k0
-        ck2 = tl.load(ck_base + offs_n, mask=kmask, other=0.0) * 1.4426950408889634
+        if PRECISE:
+            ck = tl.load(ck_base + offs_n, mask=kmask, other=0.0)
+        else:
+            ck = tl.load(ck_base + offs_n, mask=kmask, other=0.0) * 1.4426950408889634
         q_base = Q + qrow * stride_qb + h * stride_qh + q0 * stride_qt
         do_base = DO + qrow * stride_dob + h * stride_doh + q0 * stride_dot
         cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
@@ -605,17 +669,17 @@ def _dkdv_kernel(
             part_lo = num_m
         mid = tl.minimum(full_lo, hi)
         # diagonal tiles: causal mask (and the ACP mask when on)
-        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
                                   stride_qt, stride_dot, lo, mid, qlen, thr2, offs_d,
-                                  BLOCK_M, USE_ACP, CAUSAL, scale2, PRECISION)
+                                  BLOCK_M, USE_ACP, CAUSAL, scale2, PRECISION, PRECISE)
         # fully kept tiles: no mask
-        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
                                   stride_qt, stride_dot, mid, tl.maximum(part_lo, mid), qlen, thr2, offs_d,
-                                  BLOCK_M, False, False, scale2, PRECISION)
+                                  BLOCK_M, False, False, scale2, PRECISION, PRECISE)
         if USE_ACP:
-            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck2, offs_n, q_base, do_base, cq_base, lse_base,
-                                      dlt_base, stride_qt, stride_dot, tl.maximum(part_lo, mid), hi, qlen, thr2,
-                                      offs_d, BLOCK_M, True, False, scale2, PRECISION)
+            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base,
+                                      lse_base, dlt_base, stride_qt, stride_dot, tl.maximum(part_lo, mid), hi, qlen,
+                                      thr2, offs_d, BLOCK_M, True, False, scale2, PRECISION, PRECISE)
         tl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
     tl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_n)[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -625,10 +689,10 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
+    dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2, PRECISION: tl.constexpr,
+    scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
@@ -636,11 +700,12 @@ def _dq_tiles(
             kmask = offs_k < klen
             kT = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
             vT = tl.load(v_base + offs_k[None, :] * stride_vt + offs_d[:, None], mask=kmask[None, :], other=0.0)
-            ck2 = tl.load(ck_base + offs_k, mask=kmask, other=0.0) * 1.4426950408889634
+            ck = _decay_rel(ck_base, offs_k, kmask, c_ref, PRECISE, True)
         else:
             kT = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None])
             vT = tl.load(v_base + offs_k[None, :] * stride_vt + offs_d[:, None])
-            ck2 = tl.load(ck_base + offs_k) * 1.4426950408889634
+            ck = _decay_rel(ck_base, offs_k, offs_k, c_ref, PRECISE, False)
+        ck2 = ck * 1.4426950408889634
         decay = cq2[:, None] - ck2[None, :]
         s = tl.dot(q, kT, input_precision=PRECISION) * scale2 + decay
         p = tl.math.exp2(s - lse2[:, None])
@@ -676,6 +741,7 @@ def _dq_kernel(
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     # rows as in _fwd_kernel; ACCUMULATE: DQ (fp32) and DCQ are added to
     s_id = tl.program_id(1)
@@ -701,7 +767,9 @@ def _dq_kernel(
     do = tl.load(DO + qrow * stride_dob + h * stride_doh + (q0 + offs_m)[:, None] * stride_dot + offs_d[None, :],
                  mask=qmask[:, None], other=0.0)
     cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
-    cq2 = tl.load(cq_base + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+    # precise decays: relative to the block's first query, as in _fwd_kernel
+    c_ref = _decay_ref(cq_base, pid_m * BLOCK_M, PRECISE)
+    cq2 = _decay_rel(cq_base, offs_m, qmask, c_ref, PRECISE, True) * 1.4426950408889634
     lse2 = tl.load(LSE + qrow * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
     dlt = tl.load(DLT + qrow * stride_lb + h * stride_lh + q0 + offs_m, mask=qmask, other=0.0)
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
@@ -727,15 +795,15 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ACP:
-        dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                            lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                            BLOCK_N, True, False, False, scale2, PRECISION)
-    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                        tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, False, False, False, scale2, PRECISION)
-    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-                        mid, hi, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION)
+        dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
+                            stride_kt, stride_vt, lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
+                            BLOCK_N, True, False, False, scale2, PRECISION, PRECISE)
+    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
+                        stride_kt, stride_vt, tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
+                        BLOCK_N, False, False, False, scale2, PRECISION, PRECISE)
+    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
+                        stride_kt, stride_vt, mid, hi, klen, thr2, offs_n, offs_d,
+                        BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION, PRECISE)
     dq_ptrs = DQ + qrow * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :]
     dcq_ptrs = DCQ + qrow * stride_dcqb + h * stride_dcqh + q0 + offs_m
     dq = dq * scale
@@ -808,7 +876,8 @@ def _check_unit_stride(*ts):
 
 
 def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None, count_tiles=True):
-    """q/k/v: bshd views; c_q/c_k: [B, H, T] fp32.  Returns out, lse, kblo,
+    """q/k/v: bshd views; c_q/c_k: [B, H, T] float32, or float64 for precise
+    decays (``decay_precision``).  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
     without ACP).
     partial: the table may leave queries uncovered (packed chunk pairs):
@@ -851,7 +920,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=acc is not None, num_warps=warps, num_stages=stages,
+        ACCUMULATE=acc is not None, PRECISE=c_q.dtype == torch.float64, num_warps=warps, num_stages=stages,
     )
     return out, lse, kblo, tiles
 
@@ -916,7 +985,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
-        num_warps=w1, num_stages=st1,
+        PRECISE=c_q.dtype == torch.float64, num_warps=w1, num_stages=st1,
     )
 
     BM2, BN2, w2, st2 = kernel_config("dq", D, q.dtype)
@@ -937,7 +1006,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         dummy_f.stride(0), kb.stride(0), kb.stride(1), kb.stride(2),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=dq_acc is not None, num_warps=w2, num_stages=st2,
+        ACCUMULATE=dq_acc is not None, PRECISE=c_q.dtype == torch.float64, num_warps=w2, num_stages=st2,
     )
     return dq, dk, dv, dc_q, dc_k
 
@@ -946,9 +1015,9 @@ class ForgettingAttentionFunction(torch.autograd.Function):
     """Causal forgetting attention over (packed) sequences; see interface.py."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_fgate, seqs, scale, thr):
-        # [B, H, T] fp32, time innermost: the kernels read c along time
-        c = cumulative_decay(log_fgate.detach(), seqs)
+    def forward(ctx, q, k, v, log_fgate, seqs, scale, thr, precise_decay=False):
+        # [B, H, T] (float64 if precise), time innermost: the kernels read c along time
+        c = cumulative_decay(log_fgate.detach(), seqs, precise_decay)
         pairs = _PairTable.self_attention(seqs)
         out, lse, kblo, tiles = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
@@ -963,7 +1032,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         pairs = _PairTable.self_attention(seqs)
         dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo)
         dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
-        return dq, dk, dv, dlogf, None, None, None
+        return dq, dk, dv, dlogf, None, None, None, None
 
 
 def _chunk_pairs(q, k, segments, query_rows=None):
@@ -982,8 +1051,7 @@ def _chunk_pairs(q, k, segments, query_rows=None):
 
 def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments)
-    c_q = c_q.float()
-    c_k = c_k.float()
+    c_q, c_k = decay_precision(c_q, c_k)
     thr = thr.float().contiguous() if thr is not None else None
     out, lse, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
                               count_tiles=False)
@@ -993,13 +1061,14 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
 def chunk_forward_into(acc_out, acc_lse, q, k, v, c_q, c_k, query_rows, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments, query_rows)
     thr = thr.float().contiguous() if thr is not None else None
-    _forward(q, k, v, c_q.float(), c_k.float(), pairs, scale, thr, causal, acc=(acc_out, acc_lse), count_tiles=False)
+    _forward(q, k, v, *decay_precision(c_q, c_k), pairs, scale, thr, causal, acc=(acc_out, acc_lse),
+             count_tiles=False)
 
 
 def chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments)
     thr = thr.float().contiguous() if thr is not None else None
-    return _backward(do, q, k, v, c_q.float(), c_k.float(), out, lse, pairs, scale, thr, causal,
+    return _backward(do, q, k, v, *decay_precision(c_q, c_k), out, lse, pairs, scale, thr, causal,
                      partial=segments is not None)
 
 
@@ -1007,7 +1076,7 @@ def chunk_backward_into(dq_acc, dcq_acc, do, q, k, v, c_q, c_k, lse, delta, quer
                         segments=None, kv_grad_dtype=None):
     pairs = _chunk_pairs(q, k, segments, query_rows)
     thr = thr.float().contiguous() if thr is not None else None
-    _, dk, dv, _, dc_k = _backward(do, q, k, v, c_q.float(), c_k.float(), None, lse, pairs, scale, thr, causal,
+    _, dk, dv, _, dc_k = _backward(do, q, k, v, *decay_precision(c_q, c_k), None, lse, pairs, scale, thr, causal,
                                    partial=segments is not None, delta=delta, dq_acc=(dq_acc, dcq_acc),
                                    kv_grad_dtype=kv_grad_dtype)
     return dk, dv, dc_k

@@ -48,12 +48,16 @@ def make(B, T, Hq, Hkv, D, gate_scale, seed):
 
 
 def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=0, skip="acp", stats=None,
-         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None, acp_cfg=None, merge_pairs=True):
+         two_way=True, sub_blocks=None, packed=False, use_deepspeed=None, acp_cfg=None, merge_pairs=True,
+         precise_decay=False, first_gate=None):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     T = T or 48 * P  # 2P chunks of 24 tokens
     if DEVICE != "cpu":
         T, D = T * 32, 64
     q, k, v, logf, do = make(B, T, Hq, Hkv, D, gate_scale, seed)
+    if first_gate is not None:
+        # enters no decay (D_ij sums gates j+1..i) but sets |c| everywhere
+        logf[:, 0] = first_gate
     if acp_cfg is None:
         acp_cfg = AcpConfig(log_eps=-8.0) if acp else None
     cu = None
@@ -69,13 +73,14 @@ def case(group, mode, acp, B=2, T=None, Hq=4, Hkv=2, D=16, gate_scale=1.0, seed=
         cu = torch.tensor([0, 7, 30, T, T + 50, T + 51, 2 * T if B == 2 else B * T], device=DEVICE)
         cu = torch.unique(torch.cat([cu, torch.arange(0, B * T + 1, T, device=DEVICE)])).int()
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, logf)]
-    o_ref, ref_stats = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND, cu_seqlens=cu, return_stats=True)
+    o_ref, ref_stats = forgetting_attention(*ref_in, acp=acp_cfg, backend=BACKEND, cu_seqlens=cu, return_stats=True,
+                                            precise_decay=precise_decay)
     o_ref.backward(do)
     sl = lambda t: zigzag_slice(t, 1, r, P)  # noqa: E731
     cp_in = [sl(t).clone().requires_grad_() for t in (q, k, v, logf)]
     o = cp_forgetting_attention(*cp_in, group=group, mode=mode, acp=acp_cfg, backend=BACKEND, skip=skip, stats=stats,
                               two_way=two_way, sub_blocks=sub_blocks, cu_seqlens=cu,
-                              use_deepspeed=use_deepspeed, merge_pairs=merge_pairs)
+                              use_deepspeed=use_deepspeed, merge_pairs=merge_pairs, precise_decay=precise_decay)
     o.backward(sl(do))
     errs = [rel(o, sl(o_ref))] + [rel(a.grad, sl(b.grad)) for a, b in zip(cp_in, ref_in)]
     names = ["out", "dq", "dk", "dv", "dlogf"]
@@ -200,6 +205,10 @@ def main():
             report["cases"][f"ring_short_{skip}"] = case(group, "ring", True, T=32 * P, gate_scale=1e-4,
                                                          skip=skip, stats=st, seed=3, packed="short")
             report["bytes"][f"short_{skip}"] = sum_bytes(st)
+    # precise (float64) decays, with |c| ~ 1e4 from the first token on
+    for mode in ("ring", "ulysses"):
+        kw = dict(Hq=4, Hkv=2) if mode == "ring" else dict(Hq=2 * Hkv_u, Hkv=Hkv_u)
+        report["cases"][f"{mode}_precise_acp1"] = case(group, mode, True, precise_decay=True, first_gate=-1e4, **kw)
     # Ulysses through the local all-to-all (the path without DeepSpeed)
     report["cases"]["ulysses_torch_acp1"] = case(group, "ulysses", True, Hq=2 * Hkv_u, Hkv=Hkv_u, use_deepspeed=False)
     # more KV heads than ranks: ACP deals the heads to balance the work (a permutation)
