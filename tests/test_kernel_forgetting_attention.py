@@ -166,6 +166,24 @@ def test_cu_seqlens_device_check_catches_what_the_host_check_does():
             _check_cu_seqlens_on_device(torch.tensor(bad), 2, 16, max_len)
 
 
+def test_sequence_table_is_built_once_per_cu_seqlens_tensor():
+    """Every layer passes the same cu_seqlens: its table (and checks) are
+    built once, and again for another tensor, other shapes, or after an
+    in-place change."""
+    from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
+
+    cu = torch.tensor([0, 7, 30, 48, 60, 96], dtype=torch.int32)
+    table = SequenceTable.build(2, 48, cu, "cpu")
+    assert SequenceTable.build(2, 48, cu, "cpu") is table
+    assert SequenceTable.build(2, 48, cu.clone(), "cpu") is not table
+    assert SequenceTable.build(2, 48, cu, "cpu", max_seqlen=40) is not table
+    cu[1] = 8  # in place: rebuilt from the new values
+    rebuilt = SequenceTable.build(2, 48, cu, "cpu")
+    assert rebuilt is not table and rebuilt.length[0].item() == 8
+    with pytest.raises(ValueError, match="batch \\* seqlen"):
+        SequenceTable.build(2, 40, cu, "cpu")  # another shape is checked again
+
+
 def test_max_seqlen_gives_the_same_result():
     B, T = 2, 48
     q, k, v, log_f = make_inputs(B, T, 2, 2, 32, torch.float32, seed=17)

@@ -26,11 +26,10 @@ pass over token pairs anywhere.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from fox_megatron.kernels import ChunkSegments, SequenceTable
+from fox_megatron.kernels.forgetting_attn.interface import SameTensorCache
 
 from .layout import zigzag_chunks
 
@@ -128,29 +127,8 @@ class RingDocuments:
         )
 
 
-class _SameTensorCache:
-    """One entry, valid while it is asked about the very same tensor (the
-    same object, not modified in place since).  Every layer of a micro-batch
-    passes Megatron's one ``PackedSeqParams``, so what is derived from its
-    ``cu_seqlens`` on the host (a read-back that waits for the GPU) is
-    derived once per micro-batch instead of once per layer."""
-
-    def __init__(self):
-        self._ref = None
-        self._key = None
-        self._value = None
-
-    def get(self, tensor: torch.Tensor, key: tuple, build):
-        key = (tensor._version,) + tuple(key)
-        if self._ref is not None and self._ref() is tensor and self._key == key:
-            return self._value
-        value = build()
-        self._ref, self._key, self._value = weakref.ref(tensor), key, value
-        return value
-
-
-_RING_DOCUMENTS = _SameTensorCache()
-_LONGEST_DOCUMENT = _SameTensorCache()
+_RING_DOCUMENTS = SameTensorCache()
+_LONGEST_DOCUMENT = SameTensorCache()
 
 
 def ring_documents(cu_seqlens: torch.Tensor, batch: int, seqlen: int, cp_size: int, sub_blocks: int) -> RingDocuments:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -64,6 +65,30 @@ class AcpStats:
         return float(self.kept_tiles.mean())
 
 
+class SameTensorCache:
+    """One entry, valid while it is asked about the very same tensor (the
+    same object, not modified in place since).  Every layer of a micro-batch
+    passes Megatron's one ``PackedSeqParams``, so what is derived from its
+    ``cu_seqlens`` (device tables, checks, a read-back that waits for the
+    GPU) is derived once per micro-batch instead of once per layer."""
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+        self._value = None
+
+    def get(self, tensor: torch.Tensor, key: tuple, build):
+        key = (tensor._version,) + tuple(key)
+        if self._ref is not None and self._ref() is tensor and self._key == key:
+            return self._value
+        value = build()
+        self._ref, self._key, self._value = weakref.ref(tensor), key, value
+        return value
+
+
+_SEQUENCE_TABLES = SameTensorCache()
+
+
 @dataclass
 class SequenceTable:
     """The sequences a call attends within, as (row, start, length) triples.
@@ -88,9 +113,18 @@ class SequenceTable:
         """``max_seqlen``: the longest document, when the caller knows it
         (Megatron's ``PackedSeqParams.max_seqlen_q``).  With it, a
         ``cu_seqlens`` on the GPU is checked on the GPU and the host never
-        waits for the device; without it the offsets are read back once."""
+        waits for the device; without it the offsets are read back once.
+        Built once for all the calls (layers) that pass the same tensor."""
         if cu_seqlens is None:
             return _rows_table(batch, seqlen, torch.device(device))
+        if not isinstance(cu_seqlens, torch.Tensor):
+            return SequenceTable._build(batch, seqlen, cu_seqlens, device, max_seqlen)
+        key = (batch, seqlen, str(torch.device(device)), max_seqlen)
+        return _SEQUENCE_TABLES.get(cu_seqlens, key,
+                                    lambda: SequenceTable._build(batch, seqlen, cu_seqlens, device, max_seqlen))
+
+    @staticmethod
+    def _build(batch, seqlen, cu_seqlens, device, max_seqlen) -> "SequenceTable":
         device = torch.device(device)
         if max_seqlen is not None:
             max_seqlen = int(max_seqlen)
