@@ -461,12 +461,12 @@ def forgetting_attention(
             or "torch".
         return_stats: also return ``AcpStats`` (None when ACP is off).
         precise_decay: keep the cumulative decay c in float64 on the Triton
-            backend.  By default c is a float32 prefix
-            sum, which holds a decay c_i - c_j only to about |c| * 2^-24:
-            at |c| ~ 1e5 (a long document with fast-forgetting heads) that
-            is a ~0.6% error in the weights of neighbouring tokens.  Costs
-            4-15% of a fwd + bwd step (H200, 8k-16k tokens).  The torch
-            backend always takes decays in float64.
+            backend.  By default c is a float32 prefix sum, which holds a
+            decay c_i - c_j only to about |c| * 2^-24: at |c| ~ 1e5 (a long
+            document with fast-forgetting heads) that is a ~0.6% error in
+            the weights of neighbouring tokens.  Costs 4-15% of a fwd + bwd
+            step (one run on an H200, 8k-16k tokens).  The torch backend
+            always takes decays in float64.
 
     Returns:
         o in q's layout and dtype (and the stats if asked for).  Gradients
