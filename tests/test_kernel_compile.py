@@ -38,3 +38,14 @@ def compiled():
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_compiles_for_sm90(compiled, case):
     assert compiled.get(case) == "ok", compiled.get(case, "case missing from the worker's report")
+
+
+def test_only_precise_decays_do_float64_work(compiled):
+    """float64 arithmetic in the tile loops costs 4-15% of a step: the
+    default kernels must have none, the precise ones must have it."""
+    f64 = compiled["f64_instructions"]
+    for case in CASES:
+        if "precise" in case:
+            assert f64[case] > 0, case
+        else:
+            assert f64[case] == 0, (case, f64[case])

@@ -59,6 +59,8 @@ def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", f
     out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     if "cubin" not in out.asm:
         raise RuntimeError(f"no cubin produced (stages: {sorted(out.asm)})")
+    # float64 instructions in the PTX (precise decays only)
+    return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
 
 def cases():
@@ -101,12 +103,12 @@ def cases():
 
 def main():
     only = set(sys.argv[1:])
-    results = {}
+    results = {"f64_instructions": {}}
     for name, kernel, constexprs, launch in cases():
         if only and name not in only:
             continue
         try:
-            compile_kernel(kernel, constexprs, **launch)
+            results["f64_instructions"][name] = compile_kernel(kernel, constexprs, **launch)
             results[name] = "ok"
         except Exception as e:  # the compiler's message is the report
             results[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
