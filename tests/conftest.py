@@ -19,7 +19,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-
 @pytest.fixture(autouse=True)
 def _cuda_context_left_usable(request):
     """On a GPU machine, a test that leaves an asynchronous CUDA error (a

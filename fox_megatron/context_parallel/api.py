@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fox_megatron.kernels import AcpConfig, acp_threshold
+from fox_megatron.kernels.forgetting_attn.interface import _resolve_backend
 
 from .decay import global_cumulative_decay
 from .documents import RingDocuments, ring_documents
@@ -136,7 +137,7 @@ def cp_forgetting_attention(
     qb, kb, vb, gb = to_b(q), to_b(k), to_b(v), to_b(log_fgate)
     # float64 decays take the kernels' precise path; the torch
     # path takes decays in float64 anyway, as single-device attention does
-    on_torch = backend == "torch" or (backend == "auto" and q.device.type != "cuda")
+    on_torch = _resolve_backend(backend, q.device) == "torch"
     c_dtype = torch.float64 if precise_decay or on_torch or q.dtype == torch.float64 else torch.float32
     Tc = T // 2
     if sub_blocks is None:
