@@ -4,7 +4,10 @@ FlashAttention-2 style tiling (Dao, 2023): the forward keeps a running max
 and sum per query row; the backward recomputes probabilities from the saved
 log-sum-exp, with one kernel for dK/dV (a program per key block, looping
 over query blocks) and one for dQ (a program per query block, looping over
-key blocks).  The decay enters every logit as c_i - c_j (log2 units inside
+key blocks).  A one-pass backward that adds each tile's dQ in float32 (by
+atomic adds as in FlashAttention-2, or by TMA reductions as in
+FlashAttention-3) was slower on an H200 and no more accurate
+(benchmarks/results/attention_onepass_bwd_h200.json).  The decay enters every logit as c_i - c_j (log2 units inside
 the kernels); its gradient is the row sum of dS minus the column sum of dS.
 
 ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
