@@ -7,7 +7,9 @@ over query blocks) and one for dQ (a program per query block, looping over
 key blocks).  A one-pass backward that adds each tile's dQ in float32 (by
 atomic adds as in FlashAttention-2, or by TMA reductions as in
 FlashAttention-3) was slower on an H200 and no more accurate
-(benchmarks/results/attention_onepass_bwd_h200.json).  The decay enters every logit as c_i - c_j (log2 units inside
+(benchmarks/results/attention_onepass_bwd_h200.json); tiles loaded through
+TMA descriptors instead of pointers gained 1-3% in the forward and nothing
+in the backward (attention_tma_loads_h200.json).  The decay enters every logit as c_i - c_j (log2 units inside
 the kernels); its gradient is the row sum of dS minus the column sum of dS.
 
 ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
