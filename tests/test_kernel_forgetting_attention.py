@@ -184,6 +184,24 @@ def test_sequence_table_is_built_once_per_cu_seqlens_tensor():
         SequenceTable.build(2, 40, cu, "cpu")  # another shape is checked again
 
 
+def test_acp_threshold_is_computed_once_per_sequence_table():
+    """A fixed logit bound: the thresholds depend on the sequences alone and
+    are derived once for all the layers that pass the same cu_seqlens;
+    another bound or eps gets its own."""
+    B, T = 2, 48
+    q, k, v, log_f = make_inputs(B, T, 2, 2, 32, torch.float32, seed=19)
+    cu = torch.tensor([0, 7, 30, 48, 60, 96], dtype=torch.int32, device=DEVICE)
+    for backend in ("torch", "triton"):
+        stats = [forgetting_attention(q, k, v, log_f, cu_seqlens=cu, backend=backend, acp=a, return_stats=True)[1]
+                 for a in (AcpConfig(logit_bound=3.0), AcpConfig(logit_bound=3.0), AcpConfig(logit_bound=2.0),
+                           AcpConfig(logit_bound=3.0, log_eps=-5.0))]
+        assert stats[1].threshold is stats[0].threshold
+        lengths = torch.tensor([7, 23, 18, 12, 36], dtype=torch.float32)
+        for st, (u, eps) in zip(stats, [(3.0, -10.0), (3.0, -10.0), (2.0, -10.0), (3.0, -5.0)]):
+            expect = (-2 * u - torch.log(lengths) + eps)[:, None].expand(-1, 2)
+            torch.testing.assert_close(st.threshold.cpu(), expect)
+
+
 def test_max_seqlen_gives_the_same_result():
     B, T = 2, 48
     q, k, v, log_f = make_inputs(B, T, 2, 2, 32, torch.float32, seed=17)
@@ -401,6 +419,30 @@ def test_triton_boundaries_match_reference_and_mirror():
                     while lo + run_len < M and kept[s, h, lo + run_len, n]:
                         run_len += 1
                     assert hi[s, h].item() == lo + run_len
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_boundaries_of_two_tile_shapes_in_one_launch(causal):
+    """The forward finds its own boundaries and the dK / dV kernel's (other
+    tiles) in one launch: the same tables as a launch for each."""
+    from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries
+
+    torch.manual_seed(13)
+    S, H, Tq, Tk = 2, 4, 211, 211 if causal else 150
+    log_f = -torch.rand(S, H, Tk + Tq) * torch.logspace(-2, 0.5, H)[None, :, None]
+    c = torch.cumsum(log_f, -1)
+    c_q = (c[..., :Tq] if causal else c[..., Tk:]).contiguous().to(DEVICE)
+    c_k = c[..., :Tk].contiguous().to(DEVICE)
+    thr = (-torch.rand(S, H) * 30 - 1).to(DEVICE)
+    pairs = _PairTable.chunks(S, Tq, Tk, DEVICE)
+    tiles = torch.empty(S, H, 2, dtype=torch.int32, device=DEVICE)
+    kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, 64, 32, causal, want_kblo=True, want_qbhi=True,
+                                  tiles=tiles, qbhi_blocks=(32, 64))
+    kblo_alone, _ = block_boundaries(c_q, c_k, pairs, thr, 64, 32, causal, want_kblo=True)
+    _, qbhi_alone = block_boundaries(c_q, c_k, pairs, thr, 32, 64, causal, want_kblo=False, want_qbhi=True)
+    assert qbhi.shape == qbhi_alone.shape
+    torch.testing.assert_close(kblo.cpu(), kblo_alone.cpu())
+    torch.testing.assert_close(qbhi.cpu(), qbhi_alone.cpu())
 
 
 def test_triton_boundaries_of_an_earlier_key_chunk():

@@ -68,11 +68,12 @@ def cases():
     for causal in (True, False):
         yield (f"boundary_causal={causal}", t._acp_boundary_kernel,
                dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=causal,
-                    DO_KBLO=True, DO_QBHI=True, DO_COUNT=True), {})
+                    DO_KBLO=True, DO_QBHI=True, DO_COUNT=True, QB_BLOCK_M=32, QB_BLOCK_N=128), {})
     # precise decays: float64 c
     yield ("boundary_precise", t._acp_boundary_kernel,
            dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=True,
-                DO_KBLO=True, DO_QBHI=True, DO_COUNT=True), dict(fp64_pointers=("CQ", "CK")))
+                DO_KBLO=True, DO_QBHI=True, DO_COUNT=True, QB_BLOCK_M=32, QB_BLOCK_N=128),
+           dict(fp64_pointers=("CQ", "CK")))
     yield "decay_scan", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK), {}
     yield ("decay_scan_precise", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK),
            dict(fp64_pointers=("OUT",)))

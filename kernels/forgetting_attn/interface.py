@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -102,6 +102,9 @@ class SequenceTable:
     length: torch.Tensor  # int32 [S]
     max_len: int
     cu_seqlens: Optional[torch.Tensor]
+    # what calls derive from the table alone (ACP thresholds of a fixed
+    # logit bound), kept for the next call (layer) that passes the same one
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num(self) -> int:
@@ -397,9 +400,17 @@ def _threshold(acp: Optional[AcpConfig], qb, kb, seqs: SequenceTable, scale: flo
             seq_index = token_document_ids(seqs.cu_seqlens, qb.shape[0], qb.shape[1])
         U = logit_bound_from_tensors(qb, kb, scale, seq_index, S)
     elif isinstance(acp.logit_bound, (int, float)):
-        # filled on the device: a host scalar copied over would make the
-        # host wait for the GPU on every call
-        U = torch.full((S, Hq), float(acp.logit_bound), dtype=torch.float32, device=qb.device)
+        # depends on the sequences alone: computed once per table (every
+        # layer of a micro-batch passes the same one), read-only after
+        key = ("threshold", float(acp.logit_bound), float(acp.log_eps), Hq, str(qb.device))
+        thr = seqs.derived.get(key)
+        if thr is None:
+            # filled on the device: a host scalar copied over would make the
+            # host wait for the GPU on every call
+            U = torch.full((S, Hq), float(acp.logit_bound), dtype=torch.float32, device=qb.device)
+            N = seqs.length.to(device=qb.device, dtype=torch.float32)[:, None]
+            thr = seqs.derived[key] = acp_threshold(U, N, acp.log_eps).contiguous()
+        return thr
     else:
         U = torch.as_tensor(acp.logit_bound, dtype=torch.float32, device=qb.device)
         if U.dim() > 2 or (U.dim() >= 1 and U.shape[-1] not in (1, Hq)) or (U.dim() == 2 and U.shape[0] not in (1, S)):

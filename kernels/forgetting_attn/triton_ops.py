@@ -134,7 +134,10 @@ def _acp_boundary_kernel(
     SEARCH_STEPS_N, SEARCH_STEPS_M,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr,
     CAUSAL: tl.constexpr, DO_KBLO: tl.constexpr, DO_QBHI: tl.constexpr, DO_COUNT: tl.constexpr,
+    QB_BLOCK_M: tl.constexpr, QB_BLOCK_N: tl.constexpr,
 ):
+    # KBLO in BLOCK_M x BLOCK_N tiles, QBHI in QB_BLOCK_M x QB_BLOCK_N ones
+    # (the forward's and the dK / dV kernel's: one launch serves both)
     # Both answers are counts of a monotone predicate (pruned key blocks are
     # a prefix of every query block's row, kept query blocks a prefix of
     # every key block's column), so each lane bisects its own row or column:
@@ -202,33 +205,35 @@ def _acp_boundary_kernel(
         # end (exclusive) of the kept query blocks of every key block: the
         # number of query blocks whose largest decay against it is at or
         # above thr, at least the diagonal block
-        for n0 in range(0, num_n, LANES):
+        num_m2 = tl.cdiv(qlen, QB_BLOCK_M)
+        num_n2 = tl.cdiv(klen, QB_BLOCK_N)
+        for n0 in range(0, num_n2, LANES):
             n = n0 + lanes
-            live_n = n < num_n
-            n_in = tl.minimum(n, num_n - 1)
-            c_last_k2 = tl.load(ck_ptr + tl.minimum((n_in + 1) * BLOCK_N, klen) - 1)
-            c_first_k2 = tl.load(ck_ptr + n_in * BLOCK_N)
+            live_n = n < num_n2
+            n_in = tl.minimum(n, num_n2 - 1)
+            c_last_k2 = tl.load(ck_ptr + tl.minimum((n_in + 1) * QB_BLOCK_N, klen) - 1)
+            c_first_k2 = tl.load(ck_ptr + n_in * QB_BLOCK_N)
             # and side by side: the query blocks whose smallest decay against
             # this key block is at or above thr (fully kept, before the
             # causal cut); the kept blocks after them take the element mask
             lo2 = tl.zeros([LANES], dtype=tl.int32)
-            hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
+            hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m2
             full2 = tl.zeros([LANES], dtype=tl.int32)
-            full_hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m
+            full_hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m2
             for _ in range(SEARCH_STEPS_M):
                 mid2 = (lo2 + hi2) // 2
-                c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * BLOCK_M, qlen - 1))
+                c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * QB_BLOCK_M, qlen - 1))
                 kept_q = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
                 lo2 = tl.where(kept_q, mid2 + 1, lo2)
                 hi2 = tl.where(kept_q | (mid2 >= hi2), hi2, mid2)
                 mid_f = (full2 + full_hi2) // 2
-                c_last_q2 = tl.load(cq_ptr + tl.minimum((mid_f + 1) * BLOCK_M, qlen) - 1)
+                c_last_q2 = tl.load(cq_ptr + tl.minimum((mid_f + 1) * QB_BLOCK_M, qlen) - 1)
                 full_q = (mid_f < full_hi2) & (c_last_q2 - c_first_k2 >= thr)
                 full2 = tl.where(full_q, mid_f + 1, full2)
                 full_hi2 = tl.where(full_q | (mid_f >= full_hi2), full_hi2, mid_f)
             tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + stride_qb_r + n, full2, mask=live_n)
             if CAUSAL:
-                lo2 = tl.maximum(lo2, (n * BLOCK_N) // BLOCK_M)
+                lo2 = tl.maximum(lo2, (n * QB_BLOCK_N) // QB_BLOCK_M)
             tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live_n)
 
 
@@ -248,7 +253,8 @@ def _dummy_table(device):
     return torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device)
 
 
-def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None):
+def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None,
+                     qbhi_blocks=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32 or float64
     (precise decays: compared in float64).  Returns
     (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None).
@@ -261,13 +267,18 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     the threshold (the kept ones after them take the element mask).
     ``tiles``: optional int32 [S, H, 2] (with want_kblo) that receives the
     kept and the total (causal) tiles of every (sequence, head): ACP's
-    statistics without a pass over the boundaries on the host side."""
+    statistics without a pass over the boundaries on the host side.
+    ``qbhi_blocks``: (block_m, block_n) of qbhi when they differ from
+    kblo's (both from one launch)."""
     S, H = thr.shape
     M = max(triton.cdiv(seq.max_qlen, block_m), 1)
     N = max(triton.cdiv(seq.max_klen, block_n), 1)
+    qb_m, qb_n = qbhi_blocks or (block_m, block_n)
+    M2 = max(triton.cdiv(seq.max_qlen, qb_m), 1)
+    N2 = max(triton.cdiv(seq.max_klen, qb_n), 1)
     dev = c_q.device
     kblo = _boundary_table("kblo", (S, H, 2, M), dev) if want_kblo else None
-    qbhi = _boundary_table("qbhi", (S, H, 2, N), dev) if want_qbhi else None
+    qbhi = _boundary_table("qbhi", (S, H, 2, N2), dev) if want_qbhi else None
     dummy = _dummy_table(dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
     count = tiles is not None and want_kblo
@@ -280,9 +291,9 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
         qb, qb.stride(0), qb.stride(1), qb.stride(2),
         tl_, tl_.stride(0), tl_.stride(1),
         # bisection over [0, N] takes bit_length(N) halvings
-        int(N).bit_length(), int(M).bit_length(),
+        int(N).bit_length(), int(M2).bit_length(),
         BLOCK_M=block_m, BLOCK_N=block_n, LANES=_BOUNDARY_LANES, CAUSAL=causal,
-        DO_KBLO=want_kblo, DO_QBHI=want_qbhi, DO_COUNT=count,
+        DO_KBLO=want_kblo, DO_QBHI=want_qbhi, DO_COUNT=count, QB_BLOCK_M=qb_m, QB_BLOCK_N=qb_n,
     )
     return kblo, qbhi
 
@@ -880,11 +891,13 @@ def _check_unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None, count_tiles=True):
+def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None, count_tiles=True,
+             for_backward=False):
     """q/k/v: bshd views; c_q/c_k: [B, H, T] float32, or float64 for precise
     decays (``decay_precision``).  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
-    without ACP).
+    without ACP), qbhi (with ACP and ``for_backward``: the dK / dV kernel's
+    boundaries, found in the same launch as the forward's; else None).
     partial: the table may leave queries uncovered (packed chunk pairs):
     those keep out = 0, lse = -inf.
     acc: (out fp32, lse) shaped like q's output, a partial result that this
@@ -905,11 +918,12 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     S = pairs.row.numel()
     if S == 0:
-        return out, lse, None, None
-    kblo = tiles = None
+        return out, lse, None, None, None
+    kblo = tiles = qbhi = None
     if use_acp:
         tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device) if count_tiles else None
-        kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles)
+        kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles,
+                                      want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
@@ -927,15 +941,16 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=acc is not None, PRECISE=c_q.dtype == torch.float64, num_warps=warps, num_stages=stages,
     )
-    return out, lse, kblo, tiles
+    return out, lse, kblo, tiles, qbhi
 
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False,
-              delta=None, dq_acc=None, kv_grad_dtype=None):
+              delta=None, dq_acc=None, kv_grad_dtype=None, qbhi=None):
     """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32).
     partial: queries / keys the table leaves uncovered get zero gradients.
     delta: the rows' do . out [B, Hq, Tq] fp32, laid out like lse (then
-    ``out`` is not read); dq_acc: (dq fp32, dc_q) that the query gradients
+    ``out`` is not read); kblo / qbhi: the forward's boundaries
+    (``_forward``), found again when not given; dq_acc: (dq fp32, dc_q) that the query gradients
     are added to in place (context-parallel accumulation); kv_grad_dtype:
     dk and dv are written in it (contiguous), else in k's dtype."""
     do, q, k, v = _check_unit_stride(do, q, k, v)
@@ -971,8 +986,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     dummy_f = thr if use_acp else c_q
 
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
-    qbhi = None
-    if use_acp:
+    if use_acp and qbhi is None:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
     qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
@@ -1024,18 +1038,19 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         # [B, H, T] (float64 if precise), time innermost: the kernels read c along time
         c = cumulative_decay(log_fgate.detach(), seqs, precise_decay)
         pairs = _PairTable.self_attention(seqs)
-        out, lse, kblo, tiles = _forward(q, k, v, c, c, pairs, scale, thr, causal=True)
-        ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo)
+        out, lse, kblo, tiles, qbhi = _forward(q, k, v, c, c, pairs, scale, thr, causal=True,
+                                               for_backward=any(ctx.needs_input_grad[:4]))
+        ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo, qbhi)
         ctx.seqs, ctx.scale = seqs, scale
         ctx.mark_non_differentiable(tiles) if tiles is not None else None
         return out, tiles
 
     @staticmethod
     def backward(ctx, do, _dtiles=None):
-        q, k, v, out, lse, c, thr, kblo = ctx.saved_tensors
+        q, k, v, out, lse, c, thr, kblo, qbhi = ctx.saved_tensors
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
-        dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo)
+        dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo, qbhi=qbhi)
         dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
         return dq, dk, dv, dlogf, None, None, None, None
 
@@ -1058,7 +1073,7 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments)
     c_q, c_k = decay_precision(c_q, c_k)
     thr = thr.float().contiguous() if thr is not None else None
-    out, lse, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
+    out, lse, _, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
                               count_tiles=False)
     return out, lse
 
