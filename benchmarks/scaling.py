@@ -72,7 +72,9 @@ def main():
             res = run_variant(args.config, f"gpus{n}", sets, args.iters, args.warmup, n, workdir)
             rec = {"bench": "scaling", "model": "fox_pro", "size": size, "L": res["L"], "gpus": n, "dp": dp,
                    "tp": args.tp, "pp": args.pp, "cp": args.cp, "acp": args.acp,
-                   "tokens_per_s": res["tokens_per_s"], "mfu": res["mfu"], "peak_mem_gb": res["peak_mem_gb"]}
+                   "tokens_per_s": res["tokens_per_s"], "mfu": res["mfu"], "peak_mem_gb": res["peak_mem_gb"],
+                   "kept_fraction": res["kept_fraction"], "steps_measured": res["steps_measured"],
+                   "final_loss": res["final_loss"]}
             base = records[0] if records else rec
             rec["efficiency"] = rec["tokens_per_s"] / (n / base["gpus"] * base["tokens_per_s"])
             records.append(rec)
