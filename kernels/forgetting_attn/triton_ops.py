@@ -4,13 +4,14 @@ FlashAttention-2 style tiling (Dao, 2023): the forward keeps a running max
 and sum per query row; the backward recomputes probabilities from the saved
 log-sum-exp, with one kernel for dK/dV (a program per key block, looping
 over query blocks) and one for dQ (a program per query block, looping over
-key blocks).  A one-pass backward that adds each tile's dQ in float32 (by
-atomic adds as in FlashAttention-2, or by TMA reductions as in
-FlashAttention-3) was slower on an H200 and no more accurate
+key blocks).  The decay enters every logit as c_i - c_j (log2 units inside
+the kernels); its gradient is the row sum of dS minus the column sum of dS.
+Measured on an H200 and not kept: a one-pass backward that adds each
+tile's dQ in float32 (by atomic adds as in FlashAttention-2, or by TMA
+reductions as in FlashAttention-3) was slower and no more accurate
 (benchmarks/results/attention_onepass_bwd_h200.json); tiles loaded through
 TMA descriptors instead of pointers gained 1-3% in the forward and nothing
-in the backward (attention_tma_loads_h200.json).  The decay enters every logit as c_i - c_j (log2 units inside
-the kernels); its gradient is the row sum of dS minus the column sum of dS.
+in the backward (attention_tma_loads_h200.json).
 
 ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
 is below the threshold holds only pruned pairs and is never visited.  The
@@ -257,7 +258,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
                      qbhi_blocks=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32 or float64
     (precise decays: compared in float64).  Returns
-    (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None).
+    (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None; M
+    and N count blocks of the table's own tile shape).
     kblo[..., 0, m]: the first kept key block of query block m (capped at
     the diagonal); kblo[..., 1, m]: the number of key blocks whose smallest
     decay against it is below the threshold (those from kblo[..., 0, m] on
