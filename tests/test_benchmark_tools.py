@@ -1,0 +1,73 @@
+"""Benchmark tools on the CPU.
+
+- The scaling sweep's plumbing: benchmarks/scaling.py launches the demo
+  config through fox-launch on 1 and 2 processes (weak scaling over data
+  parallel) and writes BENCH.md scaling records.  CPU throughput says
+  nothing about GPUs; what is checked is that every record is complete and
+  consistent with the runs it came from.
+- The ACP work model (benchmarks/acp_work_model.py) counts tiles by its own
+  copy of the kernels' tile rule: its kept tiles must be the boundary
+  kernel's.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("bench", "model", "size", "L", "gpus", "dp", "tp", "pp", "cp", "acp", "tokens_per_s", "efficiency")
+
+
+def test_scaling_sweep_writes_complete_records(tmp_path):
+    out = tmp_path / "scaling.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "benchmarks/scaling.py", "configs/demo.yaml", "--gpus", "1,2", "--iters", "5",
+           "--warmup", "2", "--size", "demo", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert {"gpu", "torch", "triton", "date", "command"} <= set(result)
+    one, two = result["records"]
+    for rec, n in ((one, 1), (two, 2)):
+        assert all(key in rec for key in REQUIRED), rec
+        assert (rec["bench"], rec["gpus"], rec["dp"], rec["L"], rec["acp"]) == ("scaling", n, n, 256, True)
+        assert rec["tokens_per_s"] > 0 and rec["steps_measured"] == 3
+        assert 0.0 < rec["kept_fraction"] <= 1.0
+    # weak scaling: efficiency against the 1-process run's throughput per process
+    assert one["efficiency"] == 1.0
+    assert abs(two["efficiency"] - two["tokens_per_s"] / (2 * one["tokens_per_s"])) < 1e-9
+
+
+def test_work_model_counts_the_kernels_kept_tiles():
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from acp_work_model import paper_like_decay, tile_counts
+
+    from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
+    from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries
+
+    # float32 decays, as the kernel compares them (float64 arithmetic would
+    # round a tile on the edge the other way)
+    # 4 documents of 300 tokens, 6 heads; time innermost, as the kernel reads c
+    c = paper_like_decay(2, 600, 6, 2, seed=3).float().contiguous()
+    S, H, T = c.shape
+    thr = torch.full((S, H), -2 * math.sqrt(16) - math.log(T) - 10.0)
+    pairs = _PairTable.self_attention(SequenceTable.build(S, T, None, "cpu"))
+    for bm, bn in ((64, 32), (32, 64)):
+        tiles = torch.empty(S, H, 2, dtype=torch.int32)
+        block_boundaries(c, c, pairs, thr, bm, bn, True, want_kblo=True, tiles=tiles)
+        _, plain, masked = tile_counts("fwd", c, thr, bm, bn, acp=True)
+        _, plain_d, masked_d = tile_counts("fwd", c, thr, bm, bn, acp=False)
+        assert plain + masked == int(tiles[..., 0].sum())  # kept tiles
+        assert plain_d + masked_d == int(tiles[..., 1].sum())  # causal tiles
+        assert 0 < plain + masked < plain_d + masked_d  # something pruned, something kept
+        # the dK / dV kernel's query ranges: from its diagonal block to the kept end
+        _, qbhi = block_boundaries(c, c, pairs, thr, bm, bn, True, want_kblo=False, want_qbhi=True)
+        diag_first = (torch.arange(qbhi.shape[-1]) * bn) // bm
+        _, plain, masked = tile_counts("dkdv", c, thr, bm, bn, acp=True)
+        assert plain + masked == int((qbhi[:, :, 0] - diag_first).clamp_min(0).sum())
