@@ -51,9 +51,9 @@ def test_work_model_counts_the_kernels_kept_tiles():
     from fox_megatron.kernels.forgetting_attn.interface import SequenceTable
     from fox_megatron.kernels.forgetting_attn.triton_ops import _PairTable, block_boundaries
 
-    # float32 decays, as the kernel compares them (float64 arithmetic would
-    # round a tile on the edge the other way)
-    # 4 documents of 300 tokens, 6 heads; time innermost, as the kernel reads c
+    # 4 documents of 300 tokens, 6 heads; float32 decays, time innermost, as
+    # the kernel reads and compares them (float64 arithmetic would round a
+    # tile on the edge the other way)
     c = paper_like_decay(2, 600, 6, 2, seed=3).float().contiguous()
     S, H, T = c.shape
     thr = torch.full((S, H), -2 * math.sqrt(16) - math.log(T) - 10.0)

@@ -408,17 +408,21 @@ def _threshold(acp: Optional[AcpConfig], qb, kb, seqs: SequenceTable, scale: flo
             # filled on the device: a host scalar copied over would make the
             # host wait for the GPU on every call
             U = torch.full((S, Hq), float(acp.logit_bound), dtype=torch.float32, device=qb.device)
-            N = seqs.length.to(device=qb.device, dtype=torch.float32)[:, None]
-            thr = seqs.derived[key] = acp_threshold(U, N, acp.log_eps).contiguous()
+            thr = seqs.derived[key] = _threshold_of_bound(U, seqs, acp.log_eps)
         return thr
     else:
         U = torch.as_tensor(acp.logit_bound, dtype=torch.float32, device=qb.device)
         if U.dim() > 2 or (U.dim() >= 1 and U.shape[-1] not in (1, Hq)) or (U.dim() == 2 and U.shape[0] not in (1, S)):
             raise ValueError(f"logit_bound must be a scalar, [Hq] or [S, Hq] (Hq={Hq}, S={S}), got shape {tuple(U.shape)}")
         U = U.expand(S, Hq) if U.dim() else U.reshape(1, 1).expand(S, Hq)
+    return _threshold_of_bound(U.to(qb.device), seqs, acp.log_eps)
+
+
+def _threshold_of_bound(U: torch.Tensor, seqs: SequenceTable, log_eps: float) -> torch.Tensor:
+    """delta [S, Hq] from the logit bound U [S, Hq] (on the kernels' device)."""
     # N: the most keys one query of the sequence can see = its length
-    N = seqs.length.to(device=qb.device, dtype=torch.float32)[:, None]
-    return acp_threshold(U.to(qb.device), N, acp.log_eps).contiguous()
+    N = seqs.length.to(device=U.device, dtype=torch.float32)[:, None]
+    return acp_threshold(U, N, log_eps).contiguous()
 
 
 def _sequence_major_decay(c_bth: torch.Tensor, seqs: SequenceTable) -> torch.Tensor:

@@ -952,9 +952,10 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     partial: queries / keys the table leaves uncovered get zero gradients.
     delta: the rows' do . out [B, Hq, Tq] fp32, laid out like lse (then
     ``out`` is not read); kblo / qbhi: the forward's boundaries
-    (``_forward``), found again when not given; dq_acc: (dq fp32, dc_q) that the query gradients
-    are added to in place (context-parallel accumulation); kv_grad_dtype:
-    dk and dv are written in it (contiguous), else in k's dtype."""
+    (``_forward``), found again when not given; dq_acc: (dq fp32, dc_q)
+    that the query gradients are added to in place (context-parallel
+    accumulation); kv_grad_dtype: dk and dv are written in it (contiguous),
+    else in k's dtype."""
     do, q, k, v = _check_unit_stride(do, q, k, v)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -1052,7 +1053,8 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, c, thr, kblo, qbhi = ctx.saved_tensors
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
-        dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo, qbhi=qbhi)
+        dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo,
+                                           qbhi=qbhi)
         dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
         return dq, dk, dv, dlogf, None, None, None, None
 
@@ -1076,7 +1078,7 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     c_q, c_k = decay_precision(c_q, c_k)
     thr = thr.float().contiguous() if thr is not None else None
     out, lse, _, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
-                              count_tiles=False)
+                                 count_tiles=False)
     return out, lse
 
 
