@@ -31,6 +31,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from attention import paper_like_log_gates  # noqa: E402
+
 from fox_megatron.kernels.forgetting_attn.triton_ops import CONFIGS  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -48,10 +52,7 @@ TOKENS = 32768
 
 def paper_like_decay(B, L, H, docs, seed):
     """c per (sequence, head): [S, H, T] float64 (documents of L / docs)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, dtype=torch.float64))
-    z = torch.randn(B * docs, L // docs, H, generator=g, dtype=torch.float64)
-    log_f = -r * torch.exp(0.5 * z)
+    log_f = paper_like_log_gates(B * docs, L // docs, H, torch.Generator().manual_seed(seed), torch.float64)
     return log_f.cumsum(1).permute(0, 2, 1)
 
 

@@ -41,11 +41,19 @@ def paper_like_inputs(B, L, H, D, seed, device="cuda"):
     # QK-norm with unit weights: every row has RMS 1, so ||q|| = sqrt(D)
     q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
     k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
-    r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device))
-    z = torch.randn(B, L, H, device=device, generator=g)
-    log_f = -r * torch.exp(0.5 * z)
+    log_f = paper_like_log_gates(B, L, H, g)
     q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
     return q, k, v, log_f.float().requires_grad_()
+
+
+def paper_like_log_gates(B, L, H, generator, dtype=torch.float32):
+    """[B, L, H] log forget gates: head h forgets at -r_h * exp(0.5 z) per
+    token, z ~ N(0, 1), r_h log-uniform over [1e-4, 1] (on the generator's
+    device)."""
+    device = generator.device
+    r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device, dtype=dtype))
+    z = torch.randn(B, L, H, device=device, generator=generator, dtype=dtype)
+    return -r * torch.exp(0.5 * z)
 
 
 def flops(B, H, D, L):
