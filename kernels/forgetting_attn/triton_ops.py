@@ -30,6 +30,12 @@ passes agree exactly with the torch reference.
 Each kernel visits three ranges of tiles: tiles that may hold pruned pairs
 (element mask), fully kept tiles below the diagonal (no mask at all: the
 fast path), and diagonal / ragged-edge tiles (causal and bounds masks).
+With ACP the first and the last run in one masked loop: each loop pays its
+software pipeline's fill and drain, and a separate loop for one or two
+partial tiles made an ACP step 1.3-3.2% slower on an H200
+(benchmarks/results/attention_masked_loops_h200.json).  One loop for all
+three ranges, every tile masked, was 22-26% slower: the masks' element-wise
+work is most of a masked tile's extra cost.
 
 Sequences are described by a table of (row, start, length) for queries and
 keys, so packed documents, plain batches and context-parallel chunk pairs
@@ -380,6 +386,30 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
     return _segmented_scan(t(dc_q), t(dc_k), seqs, reverse=True).permute(0, 2, 1)
 
 
+@triton.jit
+def _range_count(n1, lo2, hi2, TWO_RANGES: tl.constexpr):
+    """Iterations of a tile loop over [lo, lo + n1) and, with TWO_RANGES,
+    [lo2, hi2) after it (both non-empty or empty, never reversed)."""
+    if TWO_RANGES:
+        n = n1 + (hi2 - lo2)
+    else:
+        n = n1
+    return n
+
+
+@triton.jit
+def _tile_index(i, n1, lo, lo2, TWO_RANGES: tl.constexpr):
+    # One loop over the masked tiles of both ends of a program's range
+    # (ACP's partial tiles, the diagonal / ragged-edge ones): a loop of its
+    # own pays its software pipeline's fill and drain, which a loop of one
+    # or two tiles does not amortise.
+    if TWO_RANGES:
+        idx = tl.where(i < n1, lo + i, lo2 + (i - n1))
+    else:
+        idx = lo + i
+    return idx
+
+
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -388,11 +418,15 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-    kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
+    kb_lo, kb_hi, kb_lo2, kb_hi2, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    TWO_RANGES: tl.constexpr, scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    for kb in range(kb_lo, kb_hi):
+    # TWO_RANGES: [kb_lo, kb_hi) then [kb_lo2, kb_hi2) in one loop (see
+    # _tile_index)
+    n1 = kb_hi - kb_lo
+    for i in range(0, _range_count(n1, kb_lo2, kb_hi2, TWO_RANGES)):
+        kb = _tile_index(i, n1, kb_lo, kb_lo2, TWO_RANGES)
         offs_k = kb * BLOCK_N + offs_n
         if MASK_KLEN:
             kmask = offs_k < klen
@@ -503,16 +537,20 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # With ACP: its partial tiles and the diagonal / ragged-edge ones in one
+    # masked loop, then the fully kept ones in an unmasked loop.  Without:
+    # the unmasked tiles, then the diagonal ones.
     if USE_ACP:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
-                                   stride_kt, stride_vt, lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                                   BLOCK_N, True, False, False, scale2, PRECISION, PRECISE)
+                                   stride_kt, stride_vt, lo, full_lo, mid, hi, klen, thr2, offs_n, offs_d,
+                                   BLOCK_N, True, CAUSAL, True, True, scale2, PRECISION, PRECISE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
-                               stride_kt, stride_vt, tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, False, False, False, scale2, PRECISION, PRECISE)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
-                               stride_kt, stride_vt, mid, hi, klen, thr2, offs_n, offs_d,
-                               BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION, PRECISE)
+                               stride_kt, stride_vt, full_lo, mid, 0, 0, klen, thr2, offs_n, offs_d,
+                               BLOCK_N, False, False, False, False, scale2, PRECISION, PRECISE)
+    if not USE_ACP:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, cq2, c_ref, offs_m, k_base, v_base, ck_base,
+                                   stride_kt, stride_vt, mid, hi, 0, 0, klen, thr2, offs_n, offs_d,
+                                   BLOCK_N, False, CAUSAL, True, False, scale2, PRECISION, PRECISE)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -576,11 +614,13 @@ def _row_delta(out, do):
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-    stride_qt, stride_dot, mb_lo, mb_hi, qlen, thr2, offs_d,
-    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2, PRECISION: tl.constexpr,
-    PRECISE: tl.constexpr,
+    stride_qt, stride_dot, mb_lo, mb_hi, mb_lo2, mb_hi2, qlen, thr2, offs_d,
+    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, TWO_RANGES: tl.constexpr,
+    scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    for mb in range(mb_lo, mb_hi):
+    n1 = mb_hi - mb_lo
+    for i in range(0, _range_count(n1, mb_lo2, mb_hi2, TWO_RANGES)):
+        mb = _tile_index(i, n1, mb_lo, mb_lo2, TWO_RANGES)
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         qmask = offs_m < qlen
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qmask[None, :], other=0.0)
@@ -686,18 +726,20 @@ def _dkdv_kernel(
             hi = num_m
             part_lo = num_m
         mid = tl.minimum(full_lo, hi)
-        # diagonal tiles: causal mask (and the ACP mask when on)
-        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                  stride_qt, stride_dot, lo, mid, qlen, thr2, offs_d,
-                                  BLOCK_M, USE_ACP, CAUSAL, scale2, PRECISION, PRECISE)
-        # fully kept tiles: no mask
-        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                  stride_qt, stride_dot, mid, tl.maximum(part_lo, mid), qlen, thr2, offs_d,
-                                  BLOCK_M, False, False, scale2, PRECISION, PRECISE)
+        part_lo = tl.maximum(part_lo, mid)
+        # the diagonal tiles (causal mask) and, with ACP, the tiles that may
+        # hold pruned pairs (ACP mask) in one masked loop; then the fully kept
         if USE_ACP:
-            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base,
-                                      lse_base, dlt_base, stride_qt, stride_dot, tl.maximum(part_lo, mid), hi, qlen,
-                                      thr2, offs_d, BLOCK_M, True, False, scale2, PRECISION, PRECISE)
+            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                      stride_qt, stride_dot, lo, mid, part_lo, hi, qlen, thr2, offs_d,
+                                      BLOCK_M, True, CAUSAL, True, scale2, PRECISION, PRECISE)
+        else:
+            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                      stride_qt, stride_dot, lo, mid, 0, 0, qlen, thr2, offs_d,
+                                      BLOCK_M, False, CAUSAL, False, scale2, PRECISION, PRECISE)
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                  stride_qt, stride_dot, mid, part_lo, 0, 0, qlen, thr2, offs_d,
+                                  BLOCK_M, False, False, False, scale2, PRECISION, PRECISE)
         tl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
     tl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_n)[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -708,11 +750,13 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base, stride_kt, stride_vt,
-    kb_lo, kb_hi, klen, thr2, offs_n, offs_d,
+    kb_lo, kb_hi, kb_lo2, kb_hi2, klen, thr2, offs_n, offs_d,
     BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_KLEN: tl.constexpr,
-    scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    TWO_RANGES: tl.constexpr, scale2, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    for kb in range(kb_lo, kb_hi):
+    n1 = kb_hi - kb_lo
+    for i in range(0, _range_count(n1, kb_lo2, kb_hi2, TWO_RANGES)):
+        kb = _tile_index(i, n1, kb_lo, kb_lo2, TWO_RANGES)
         offs_k = kb * BLOCK_N + offs_n
         if MASK_KLEN:
             kmask = offs_k < klen
@@ -812,16 +856,18 @@ def _dq_kernel(
     mid = tl.maximum(mid, lo)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # masked and unmasked tiles in the order of _fwd_kernel
     if USE_ACP:
         dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
-                            stride_kt, stride_vt, lo, tl.minimum(full_lo, mid), klen, thr2, offs_n, offs_d,
-                            BLOCK_N, True, False, False, scale2, PRECISION, PRECISE)
+                            stride_kt, stride_vt, lo, full_lo, mid, hi, klen, thr2, offs_n, offs_d,
+                            BLOCK_N, True, CAUSAL, True, True, scale2, PRECISION, PRECISE)
     dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
-                        stride_kt, stride_vt, tl.maximum(full_lo, lo), mid, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, False, False, False, scale2, PRECISION, PRECISE)
-    dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
-                        stride_kt, stride_vt, mid, hi, klen, thr2, offs_n, offs_d,
-                        BLOCK_N, USE_ACP, CAUSAL, True, scale2, PRECISION, PRECISE)
+                        stride_kt, stride_vt, full_lo, mid, 0, 0, klen, thr2, offs_n, offs_d,
+                        BLOCK_N, False, False, False, False, scale2, PRECISION, PRECISE)
+    if not USE_ACP:
+        dq, dcq = _dq_tiles(dq, dcq, q, do, cq2, c_ref, lse2, dlt, offs_m, k_base, v_base, ck_base,
+                            stride_kt, stride_vt, mid, hi, 0, 0, klen, thr2, offs_n, offs_d,
+                            BLOCK_N, False, CAUSAL, True, False, scale2, PRECISION, PRECISE)
     dq_ptrs = DQ + qrow * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :]
     dcq_ptrs = DCQ + qrow * stride_dcqb + h * stride_dcqh + q0 + offs_m
     dq = dq * scale
