@@ -15,7 +15,8 @@ that how far ACP's translation efficiency E can go without changing them.
 
 Runs on CPU:
 
-    python benchmarks/acp_work_model.py --out benchmarks/results/acp_work_model_h200.json
+    python benchmarks/acp_work_model.py --out benchmarks/results/acp_work_model_masked_loops_h200.json
+    python benchmarks/acp_work_model.py --profiles three_loops --out benchmarks/results/acp_work_model_h200.json
 """
 
 from __future__ import annotations
@@ -39,14 +40,23 @@ from fox_megatron.kernels.forgetting_attn.triton_ops import CONFIGS  # noqa: E40
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "dq": "_dq_kernel"}
-# per-kernel profiles of one kernel code (e08654c = 7dac155 for the attention
-# kernels; the default path's PTX has not changed since): file, profile key
-# path, L, documents per row, ACP
-PROFILES = [
-    ("attention_partial_counts_h200.json", ("profiles_16k", "profiles"), 16384, 1),
-    ("tune_attention_d128_h200.json", ("profiles",), 8192, 1),
-    ("profile_attention_4k_host_cached_h200.json", ("profiles",), 4096, 8),
-]
+# per-kernel profiles, one set per kernel code: file, profile key path, L,
+# documents per row
+PROFILE_SETS = {
+    # one masked loop for ACP's partial and the diagonal tiles (443aa4f)
+    "masked_loops": [
+        ("profile_attention_16384_masked_loops_h200.json", ("profiles",), 16384, 1),
+        ("profile_attention_8192_masked_loops_h200.json", ("profiles",), 8192, 1),
+        ("profile_attention_4096_masked_loops_h200.json", ("profiles",), 4096, 8),
+    ],
+    # a loop per tile range (e08654c = 7dac155 for the attention kernels; the
+    # default path's PTX did not change until 443aa4f)
+    "three_loops": [
+        ("attention_partial_counts_h200.json", ("profiles_16k", "profiles"), 16384, 1),
+        ("tune_attention_d128_h200.json", ("profiles",), 8192, 1),
+        ("profile_attention_4k_host_cached_h200.json", ("profiles",), 4096, 8),
+    ],
+}
 TOKENS = 32768
 
 
@@ -121,9 +131,9 @@ def counts_for(H, D, L, docs, acp, seed=1):
     return {kind: tile_counts(kind, c, thr, *CONFIGS[kind][key][:2], acp) for kind in KERNELS}
 
 
-def load_profiles():
+def load_profiles(profiles):
     rows = []
-    for fname, path, L, docs in PROFILES:
+    for fname, path, L, docs in profiles:
         data = json.load(open(os.path.join(RESULTS, fname)))
         for p in path:
             data = data[p]
@@ -140,8 +150,11 @@ def load_profiles():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profiles", choices=sorted(PROFILE_SETS), default="masked_loops",
+                    help="which kernel code's profiles to fit (the current code: masked_loops)")
     args = ap.parse_args()
-    rows = load_profiles()
+    profiles = PROFILE_SETS[args.profiles]
+    rows = load_profiles(profiles)
     for r in rows:
         r["counts"] = counts_for(r["H"], r["D"], r["L"], r["docs"], r["acp"])
     fits, skipped = {}, {}
@@ -157,6 +170,11 @@ def main():
             y = torch.tensor([r["ms"][kind] for r in mine], dtype=torch.float64)
             coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
             a, b, c = (float(v) for v in coef)
+            # how well the cases separate the three costs: the condition
+            # number of the counts with unit-norm columns (the benchmark
+            # keeps B * L fixed, so the program count hardly varies and
+            # acts as an intercept)
+            cond = float(torch.linalg.cond(X / X.norm(dim=0, keepdim=True)))
             pred = (X @ coef).tolist()
             # E = (1 - t_acp / t_full) / (1 - kept) at each single-document
             # length, by the model, and by the model without a program's
@@ -174,24 +192,28 @@ def main():
                                  masks_free=eff((a, b, b)))
             fits[f"{H}x{D}_{kind}"] = dict(
                 us_per_program=a * 1e3, us_per_plain_tile=b * 1e3, us_per_masked_tile=c * 1e3,
-                program_in_tiles=a / b, masked_tile_in_tiles=c / b, efficiency=e,
+                program_in_tiles=a / b, masked_tile_in_tiles=c / b, condition=round(cond, 1),
+                trustworthy=bool(min(a, b, c) > 0), efficiency=e,
                 cases=[dict(L=r["L"], docs=r["docs"], acp=r["acp"], counts=r["counts"][kind],
                             ms=r["ms"][kind], model_ms=round(p, 4)) for r, p in zip(mine, pred)])
-    print(f"{'kernel':>12} {'program':>8} {'masked':>7} {'max err':>8}   E by the model (no program cost, free masks)")
+    print(f"{'kernel':>12} {'program':>8} {'masked':>7} {'max err':>8} {'cond':>6}   "
+          "E by the model (no program cost, free masks)")
     for name, f in fits.items():
         err = max(abs(cse["model_ms"] - cse["ms"]) / cse["ms"] for cse in f["cases"])
         es = "  ".join(f"{L}: {v['model']:.2f} ({v['no_program_cost']:.2f}, {v['masks_free']:.2f})"
                        for L, v in f["efficiency"].items())
-        print(f"{name:>12} {f['program_in_tiles']:8.2f} {f['masked_tile_in_tiles']:7.2f} {err:8.1%}   {es}")
+        flag = "" if f["trustworthy"] else "   (a cost <= 0: the cases do not separate the costs)"
+        print(f"{name:>12} {f['program_in_tiles']:8.2f} {f['masked_tile_in_tiles']:7.2f} {err:8.1%} "
+              f"{f['condition']:6.1f}   {es}{flag}")
     for shape, why in skipped.items():
         print(f"{shape}: not fitted ({why})")
     if args.out:
         with open(args.out, "w") as fh:
-            gpus = sorted({json.load(open(os.path.join(RESULTS, p[0])))["gpu"] for p in PROFILES})
+            gpus = sorted({json.load(open(os.path.join(RESULTS, p[0])))["gpu"] for p in profiles})
             json.dump(dict(gpu=", ".join(gpus), torch=torch.__version__, date=datetime.date.today().isoformat(),
                            command="python " + " ".join(sys.argv),
                            model="t = a * programs + b * plain_tiles + c * masked_tiles, least squares per kernel",
-                           inputs=[p[0] for p in PROFILES], fits=fits, not_fitted=skipped), fh, indent=1)
+                           inputs=[p[0] for p in profiles], fits=fits, not_fitted=skipped), fh, indent=1)
 
 
 if __name__ == "__main__":
