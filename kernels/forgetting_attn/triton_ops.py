@@ -389,7 +389,7 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
 @triton.jit
 def _range_count(n1, lo2, hi2, TWO_RANGES: tl.constexpr):
     """Iterations of a tile loop over [lo, lo + n1) and, with TWO_RANGES,
-    [lo2, hi2) after it (both non-empty or empty, never reversed)."""
+    [lo2, hi2) after it (neither range reversed)."""
     if TWO_RANGES:
         n = n1 + (hi2 - lo2)
     else:
