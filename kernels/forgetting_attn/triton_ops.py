@@ -399,10 +399,8 @@ def _range_count(n1, lo2, hi2, TWO_RANGES: tl.constexpr):
 
 @triton.jit
 def _tile_index(i, n1, lo, lo2, TWO_RANGES: tl.constexpr):
-    # One loop over the masked tiles of both ends of a program's range
-    # (ACP's partial tiles, the diagonal / ragged-edge ones): a loop of its
-    # own pays its software pipeline's fill and drain, which a loop of one
-    # or two tiles does not amortise.
+    # the i-th tile of [lo, lo + n1) followed by [lo2, ...): ACP's partial
+    # tiles and the diagonal ones in one loop (module docstring: why)
     if TWO_RANGES:
         idx = tl.where(i < n1, lo + i, lo2 + (i - n1))
     else:
@@ -729,14 +727,9 @@ def _dkdv_kernel(
         part_lo = tl.maximum(part_lo, mid)
         # the diagonal tiles (causal mask) and, with ACP, the tiles that may
         # hold pruned pairs (ACP mask) in one masked loop; then the fully kept
-        if USE_ACP:
-            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                      stride_qt, stride_dot, lo, mid, part_lo, hi, qlen, thr2, offs_d,
-                                      BLOCK_M, True, CAUSAL, True, scale2, PRECISION, PRECISE)
-        else:
-            dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                      stride_qt, stride_dot, lo, mid, 0, 0, qlen, thr2, offs_d,
-                                      BLOCK_M, False, CAUSAL, False, scale2, PRECISION, PRECISE)
+        dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
+                                  stride_qt, stride_dot, lo, mid, part_lo, hi, qlen, thr2, offs_d,
+                                  BLOCK_M, USE_ACP, CAUSAL, USE_ACP, scale2, PRECISION, PRECISE)
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
                                   stride_qt, stride_dot, mid, part_lo, 0, 0, qlen, thr2, offs_d,
                                   BLOCK_M, False, False, False, scale2, PRECISION, PRECISE)
