@@ -87,15 +87,20 @@ def cases():
         for head_dim in (64, 128):
             bm, bn, warps, stages = t.kernel_config(kind, head_dim, torch.bfloat16)
             consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                          PRECISION="tf32", PRECISE=False)
+                          PRECISION="tf32")
             if kind in accumulates:
                 consts["ACCUMULATE"] = False
+            if kind == "dq":  # delta from o and do
+                consts["DELTA_FROM_O"] = True
             yield f"{kind}_d{head_dim}", kernel, consts, dict(num_warps=warps, num_stages=stages)
             # precise decays: float64 c
-            yield (f"{kind}_precise_d{head_dim}", kernel, {**consts, "PRECISE": True},
+            yield (f"{kind}_precise_d{head_dim}", kernel, consts,
                    dict(num_warps=warps, num_stages=stages, fp64_pointers=("CQ", "CK")))
             if kind in accumulates:
-                yield (f"{kind}_accumulate_d{head_dim}", kernel, {**consts, "CAUSAL": False, "ACCUMULATE": True},
+                acc_consts = {**consts, "CAUSAL": False, "ACCUMULATE": True}
+                if kind == "dq":  # the ring passes delta
+                    acc_consts["DELTA_FROM_O"] = False
+                yield (f"{kind}_accumulate_d{head_dim}", kernel, acc_consts,
                        dict(num_warps=warps, num_stages=stages, fp32_outputs=(accumulates[kind],)))
             if kind == "dkdv":  # the ring takes dK / dV in fp32
                 yield (f"dkdv_fp32_grads_d{head_dim}", kernel, {**consts, "CAUSAL": False},
