@@ -376,6 +376,17 @@ def test_acp_eps_negative():
     assert error_of(fox__acp_log_eps=1.0).key == "fox.acp_log_eps"
 
 
+def test_acp_min_seqlen():
+    from types import SimpleNamespace
+
+    from fox_megatron.train.model_factory import transformer_config
+
+    assert error_of(fox__acp_min_seqlen=-1).key == "fox.acp_min_seqlen"
+    cfg = make(fox__acp_min_seqlen=1024)
+    validate(cfg)
+    assert transformer_config(cfg, SimpleNamespace(is_cuda=False)).fox.acp_min_seqlen == 1024
+
+
 def test_min_lr_above_lr():
     assert error_of(lr=1e-4, min_lr=1e-3).key == "min_lr"
 

@@ -319,6 +319,30 @@ def test_stats_agree_between_backends(packed):
 # ------------------------------------------------------------- ACP guarantee
 
 
+def test_acp_min_seqlen_leaves_short_calls_unpruned():
+    """Below AcpConfig.min_seqlen (the longest sequence, or document when
+    packed) the call is exact attention with a kept fraction of 1; at it,
+    ACP prunes as usual."""
+    torch.manual_seed(11)
+    B, T, H, D = 2, 200, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) * 2 for _ in range(3))
+    log_f = -torch.logspace(0, 1, H, dtype=torch.float64) * torch.rand(B, T, H, dtype=torch.float64)
+    dense = forgetting_attention(q, k, v, log_f, backend="torch")
+    cu = torch.tensor([0, 120, 200, 330, 400], dtype=torch.int32)  # longest document: 130
+    dense_docs = forgetting_attention(q, k, v, log_f, backend="torch", cu_seqlens=cu)
+    for cu_, ref, longest in ((None, dense, T), (cu, dense_docs, 130)):
+        o, st = forgetting_attention(q, k, v, log_f, backend="torch", cu_seqlens=cu_, return_stats=True,
+                                     acp=AcpConfig(min_seqlen=longest + 1))
+        assert torch.equal(o, ref) and st.threshold is None and torch.equal(st.kept_tiles, torch.ones(H))
+        # a loose eps and bound, so that the pruned weights show in float64
+        o, st = forgetting_attention(q, k, v, log_f, backend="torch", cu_seqlens=cu_, return_stats=True,
+                                     acp=AcpConfig(min_seqlen=longest, log_eps=-1.0, logit_bound=0.5))
+        assert st.threshold is not None and st.kept_tiles.min() < 1 and not torch.equal(o, ref)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="min_seqlen"):
+            AcpConfig(min_seqlen=bad)
+
+
 @pytest.mark.parametrize("log_eps", [-10.0, -3.0])
 def test_acp_pruned_mass_is_at_most_eps(log_eps):
     """Measure the attention mass the rule removes, per query, on inputs

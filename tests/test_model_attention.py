@@ -187,6 +187,12 @@ def test_acp_uses_qk_norm_bound_and_changes_little():
     b, _ = off(x, None)
     assert on.acp_kept_fraction is not None and float(on.acp_kept_fraction) < 1.0
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # below acp_min_seqlen the layer runs unpruned: the result of ACP off
+    short = _module(FoxConfig(acp=True, acp_log_eps=-12.0, acp_min_seqlen=257))
+    short.load_state_dict(on.state_dict())
+    c, _ = short(x, None)
+    assert float(short.acp_kept_fraction) == 1.0
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
 
 
 def test_fused_elementwise_functions_compile_to_the_eager_math():

@@ -109,6 +109,12 @@ def test_environment_overrides_plain_config(monkeypatch):
     monkeypatch.setenv("FOX_QK_NORM", "maybe")
     with pytest.raises(ValueError, match="FOX_QK_NORM"):
         resolve_fox_config(small_config())
+    monkeypatch.delenv("FOX_QK_NORM")
+    monkeypatch.setenv("FOX_ACP_MIN_SEQLEN", "1024")
+    assert resolve_fox_config(small_config()).acp_min_seqlen == 1024
+    monkeypatch.setenv("FOX_ACP_MIN_SEQLEN", "1k")
+    with pytest.raises(ValueError, match="FOX_ACP_MIN_SEQLEN"):
+        resolve_fox_config(small_config())
 
 
 def test_fox_transformer_config_wins_over_environment(monkeypatch):

@@ -221,7 +221,7 @@ class FoxSelfAttention(MegatronModule):
             group = self.heads_local // self.groups_local
             kw = self.k_norm.weight.repeat_interleave(group, dim=0)
             bound = logit_bound_from_qk_norm(self.q_norm.weight, kw, self.softmax_scale)
-        return AcpConfig(log_eps=self.fox.acp_log_eps, logit_bound=bound)
+        return AcpConfig(log_eps=self.fox.acp_log_eps, logit_bound=bound, min_seqlen=self.fox.acp_min_seqlen)
 
     def _apply_rope(self, q, k, rotary_pos_emb, packed_seq_params):
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb

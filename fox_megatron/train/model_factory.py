@@ -49,6 +49,7 @@ def transformer_config(cfg, info):
     fox = FoxConfig(
         acp=cfg.fox.enabled and cfg.fox.acp,
         acp_log_eps=cfg.fox.acp_log_eps,
+        acp_min_seqlen=cfg.fox.acp_min_seqlen,
         qk_norm=cfg.fox.qk_norm,
         output_gate=cfg.fox.output_gate,
         output_norm=cfg.fox.output_norm,

@@ -53,12 +53,14 @@ class AcpStats:
     """What ACP did in one call.
 
     kept_tiles: [Hq] fraction of causal (query block, key block) tiles that
-    were computed, per head.  threshold: [S, Hq] the delta used.  Cheap: both
-    come from the block boundaries, never from the L x L matrix.
+    were computed, per head.  threshold: [S, Hq] the delta used, or None when
+    the call ran without pruning (sequences shorter than
+    ``AcpConfig.min_seqlen``; kept_tiles is then 1).  Cheap: both come from
+    the block boundaries, never from the L x L matrix.
     """
 
     kept_tiles: torch.Tensor
-    threshold: torch.Tensor
+    threshold: Optional[torch.Tensor]
 
     @property
     def kept_fraction(self) -> float:
@@ -472,9 +474,12 @@ def forgetting_attention(
             never waits for the device; without it they are read back once.
         softmax_scale: default 1 / sqrt(D).
         acp: ``AcpConfig`` to prune with Adaptive Computation Pruning, or None.
+            Calls whose longest sequence is shorter than ``acp.min_seqlen``
+            run without pruning.
         backend: "auto" (Triton on CUDA, torch reference on CPU), "triton",
             or "torch".
-        return_stats: also return ``AcpStats`` (None when ACP is off).
+        return_stats: also return ``AcpStats`` (None when ``acp`` is None;
+            kept fraction 1 when the call is below ``acp.min_seqlen``).
         precise_decay: keep the cumulative decay c in float64 on the Triton
             backend.  By default c is a float32 prefix sum, which holds a
             decay c_i - c_j only to about |c| * 2^-24: at |c| ~ 1e5 (a long
@@ -492,7 +497,8 @@ def forgetting_attention(
     B, T, Hq, D = qb.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     seqs = SequenceTable.build(B, T, cu_seqlens, q.device, max_seqlen)
-    thr = _threshold(acp, qb, kb, seqs, scale)
+    unpruned = acp is not None and isinstance(acp, AcpConfig) and seqs.max_len < acp.min_seqlen
+    thr = None if unpruned else _threshold(acp, qb, kb, seqs, scale)
 
     if backend == "torch":
         out = naive_forgetting_attention(
@@ -517,6 +523,8 @@ def forgetting_attention(
             per_head = tiles.sum(0, dtype=torch.int64)
             stats = AcpStats(per_head[:, 0].float() / per_head[:, 1].clamp_min(1).float(), thr)
 
+    if unpruned and return_stats:
+        stats = AcpStats(torch.ones(Hq, dtype=torch.float32, device=q.device), None)
     out = out if layout == "bshd" else out.transpose(0, 1)
     return (out, stats) if return_stats else out
 
