@@ -41,8 +41,8 @@ class FoxConfig:
                            of the call has at least this many tokens
                            (``AcpConfig.min_seqlen``; 0: always).  With
                            512-token documents ACP made the attention step
-                           up to 12% slower on an H200; 1024 is a safe
-                           setting for short-document data.  Not used by the
+                           up to 12% slower on an H200, with 1024-token ones
+                           1-8% faster (benchmark gates).  Not used by the
                            context-parallel ring, which prunes whole chunk
                            pairs.
     qk_norm:               per-head RMSNorm of q and k (also gives the ACP
