@@ -418,6 +418,32 @@ def _tile_index(i, n1, lo, lo2, TWO_RANGES: tl.constexpr):
 
 
 @triton.jit
+def _last_keys(offs_m, klen, CAUSAL: tl.constexpr):
+    """The last key each query row may see [BLOCK_M]: the causal and the
+    length mask as one bound."""
+    if CAUSAL:
+        last = tl.minimum(offs_m, klen - 1)
+    else:
+        last = tl.zeros_like(offs_m) + (klen - 1)
+    return last
+
+
+@triton.jit
+def _keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP: tl.constexpr, MASK_POS: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] pairs a (query row, key) tile keeps: MASK_POS, keys
+    up to the row's k_last (_last_keys); MASK_ACP, keys whose relative decay
+    ck2 (log2 units) is at most the row's ck_min2 (ACP: c_i - c_j >= delta).
+    One compare per mask."""
+    if MASK_POS:
+        keep = offs_k[None, :] <= k_last[:, None]
+        if MASK_ACP:
+            keep = keep & (ck2[None, :] <= ck_min2[:, None])
+    else:
+        keep = ck2[None, :] <= ck_min2[:, None]
+    return keep
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, kb_lo2, kb_hi2, klen, k_last, ck_min2, offs_n, offs_d,
@@ -426,10 +452,8 @@ def _fwd_tiles(
 ):
     # TWO_RANGES: [kb_lo, kb_hi) then [kb_lo2, kb_hi2) in one loop (see
     # _tile_index).  Scores are kept without the row's decay (t, see "precise
-    # decays" above), so m_i is a maximum of t.  MASK_POS: keys past k_last
-    # [BLOCK_M] are dropped (the causal and the length mask in one compare;
-    # loads masked at klen).  MASK_ACP: keys whose relative decay (log2
-    # units) is above ck_min2 [BLOCK_M] are dropped (ACP: c_i - c_j < delta).
+    # decays" above), so m_i is a maximum of t.  MASK_POS / MASK_ACP: the
+    # masks of _keep_keys (MASK_POS also masks the loads at klen).
     n1 = kb_hi - kb_lo
     for i in range(0, _range_count(n1, kb_lo2, kb_hi2, TWO_RANGES)):
         kb = _tile_index(i, n1, kb_lo, kb_lo2, TWO_RANGES)
@@ -445,13 +469,7 @@ def _fwd_tiles(
             ck2 = _decay_rel(ck_base, offs_k, offs_k, c_ref, False) * 1.4426950408889634
         t = tl.dot(q, k, input_precision=PRECISION) * scale2 - ck2[None, :]
         if MASK_ACP or MASK_POS:
-            if MASK_POS:
-                keep = offs_k[None, :] <= k_last[:, None]
-                if MASK_ACP:
-                    keep = keep & (ck2[None, :] <= ck_min2[:, None])
-            else:
-                keep = ck2[None, :] <= ck_min2[:, None]
-            t = tl.where(keep, t, float("-inf"))
+            t = tl.where(_keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP, MASK_POS), t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             # a row with nothing kept yet keeps m = -inf; shift by 0 instead
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -537,11 +555,7 @@ def _fwd_kernel(
         full_lo = 0
         ck_min2 = cq2
     mid = tl.maximum(mid, lo)
-    # the last key each row may see (causal and length masks)
-    if CAUSAL:
-        k_last = tl.minimum(offs_m, klen - 1)
-    else:
-        k_last = tl.zeros([BLOCK_M], dtype=tl.int32) + (klen - 1)
+    k_last = _last_keys(offs_m, klen, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -772,13 +786,7 @@ def _dq_tiles(
         t = tl.dot(q, kT, input_precision=PRECISION) * scale2 - ck2[None, :]
         p = tl.math.exp2(t + p_row2[:, None])
         if MASK_ACP or MASK_POS:
-            if MASK_POS:
-                keep = offs_k[None, :] <= k_last[:, None]
-                if MASK_ACP:
-                    keep = keep & (ck2[None, :] <= ck_min2[:, None])
-            else:
-                keep = ck2[None, :] <= ck_min2[:, None]
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP, MASK_POS), p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - dlt[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -872,10 +880,7 @@ def _dq_kernel(
         full_lo = 0
         ck_min2 = cq2
     mid = tl.maximum(mid, lo)
-    if CAUSAL:
-        k_last = tl.minimum(offs_m, klen - 1)
-    else:
-        k_last = tl.zeros([BLOCK_M], dtype=tl.int32) + (klen - 1)
+    k_last = _last_keys(offs_m, klen, CAUSAL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
     # masked and unmasked tiles in the order of _fwd_kernel
