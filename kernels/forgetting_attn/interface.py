@@ -390,11 +390,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _threshold(acp: Optional[AcpConfig], qb, kb, seqs: SequenceTable, scale: float) -> Optional[torch.Tensor]:
-    """delta per (sequence, query head), float32 [S, Hq]; None when ACP is off."""
+    """delta per (sequence, query head), float32 [S, Hq]; None when ACP is off
+    or the call's longest sequence is shorter than ``acp.min_seqlen``."""
     if acp is None:
         return None
     if not isinstance(acp, AcpConfig):
         raise TypeError(f"acp must be an AcpConfig or None, got {type(acp).__name__}")
+    if seqs.max_len < acp.min_seqlen:
+        return None
     S, Hq = seqs.num, qb.shape[2]
     if acp.logit_bound is None:
         seq_index = None
@@ -497,8 +500,7 @@ def forgetting_attention(
     B, T, Hq, D = qb.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     seqs = SequenceTable.build(B, T, cu_seqlens, q.device, max_seqlen)
-    unpruned = acp is not None and isinstance(acp, AcpConfig) and seqs.max_len < acp.min_seqlen
-    thr = None if unpruned else _threshold(acp, qb, kb, seqs, scale)
+    thr = _threshold(acp, qb, kb, seqs, scale)
 
     if backend == "torch":
         out = naive_forgetting_attention(
@@ -523,7 +525,7 @@ def forgetting_attention(
             per_head = tiles.sum(0, dtype=torch.int64)
             stats = AcpStats(per_head[:, 0].float() / per_head[:, 1].clamp_min(1).float(), thr)
 
-    if unpruned and return_stats:
+    if return_stats and acp is not None and thr is None:  # below acp.min_seqlen: nothing pruned
         stats = AcpStats(torch.ones(Hq, dtype=torch.float32, device=q.device), None)
     out = out if layout == "bshd" else out.transpose(0, 1)
     return (out, stats) if return_stats else out
