@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_fwd
+
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -82,6 +84,17 @@ def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16)
     if dtype == torch.float32:
         return FP32_CONFIGS[kind]
     return CONFIGS[kind][64 if head_dim <= 64 else 128]
+
+
+# ACP's boundaries and statistics are found in the Triton forward's tiles;
+# the Gluon forward's query blocks divide them and its key tiles are whole
+# numbers of them
+assert all(CONFIGS["fwd"][d][0] % gluon_fwd.GLUON_FWD_CONFIGS[d][0] == 0
+           and gluon_fwd.GLUON_FWD_CONFIGS[d][1] % CONFIGS["fwd"][d][1] == 0 for d in (64, 128))
+
+# The forward on Hopper: the Gluon kernel (gluon_fwd.py), whose MMAs overlap
+# the softmax; False keeps every forward on _fwd_kernel below (A/B runs).
+USE_GLUON_FWD = False
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
@@ -1000,6 +1013,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device) if count_tiles else None
         kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles,
                                       want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
+    if USE_GLUON_FWD and acc is None and gluon_fwd.supported(q, k, v, out):
+        gluon_fwd.launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, (BM, BN))
+        return out, lse, kblo, tiles, qbhi
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
