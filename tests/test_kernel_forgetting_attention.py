@@ -650,3 +650,62 @@ def test_gpu_step_never_waits_for_the_device(packed):
     torch.cuda.synchronize()
     assert torch.isfinite(q.grad.float()).all() and torch.isfinite(log_f.grad).all()
     assert 0.0 < kept.item() <= 1.0
+
+
+# ------------------------------------------------- Gluon forward (Hopper)
+
+
+def test_tma_rows_view_of_layouts():
+    """The Gluon forward reads K / V as 2-D rows of the token stride; every
+    (batch row, token, head) must land at its element, and a layout with no
+    such view must say so (the Triton forward then runs)."""
+    from fox_megatron.kernels.forgetting_attn.gluon_fwd import _tma_rows_view
+
+    B, T, H, D = 3, 5, 2, 8
+    store = torch.arange(B * T * 3 * H * D)
+    cases = {
+        "bshd": store[: B * T * H * D].view(B, T, H, D),
+        "sbhd": store[: B * T * H * D].view(T, B, H, D).transpose(0, 1),
+        "qkv slice": store.view(B, T, 3, H, D)[:, :, 1],
+        "one row": store[: T * H * D].view(1, T, H, D),
+    }
+    for name, t in cases.items():
+        rows, cols, rows_b, cols_b = _tma_rows_view(t)
+        for b in range(t.shape[0]):
+            for s in range(T):
+                assert b * rows_b + s < rows, name
+                for h in range(H):
+                    # element (row, col) of the descriptor starts at t's first element
+                    at = t.storage_offset() + (b * rows_b + s) * cols + b * cols_b + h * t.stride(2)
+                    assert torch.equal(store[at: at + D], t[b, s, h]), name
+    # batch rows further apart than a token row, but not a whole number of rows
+    odd = torch.as_strided(store, (2, T, H, D), (T * H * D + 8, H * D, D, 1))
+    assert _tma_rows_view(odd) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bshd", "sbhd"])
+@pytest.mark.parametrize("acp", [False, True])
+@pytest.mark.parametrize("docs", [False, True])
+def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, monkeypatch):
+    """On Hopper, head dim 128 runs the warp-specialised Gluon forward; its
+    output and log-sum-exp match the Triton forward's (summation order
+    aside), and so do the gradients computed from them."""
+    from fox_megatron.kernels.forgetting_attn import gluon_fwd, triton_ops
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is for Hopper (sm_90)")
+    B, T, Hq, Hkv, D = 2, 1531, 4, 2, 128
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, layout=layout, device="cuda", seed=17)
+    assert gluon_fwd.supported(q, k, v, q)
+    cu = torch.tensor([0, 300, 301, 1531, 2000, 3062], dtype=torch.int32, device="cuda") if docs else None
+    kw = dict(layout=layout, cu_seqlens=cu, acp=AcpConfig() if acp else None)
+    do = torch.randn_like(q)
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(triton_ops, "USE_GLUON_FWD", use)
+        results[use] = run(q, k, v, log_f, do, **kw)
+    (o_g, grads_g), (o_t, grads_t) = results[True], results[False]
+    assert rel_err(o_g, o_t) < 5e-3, "output"
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), grads_g, grads_t):
+        assert rel_err(a, b) < 1e-2, name

@@ -89,11 +89,13 @@ def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16)
 # ACP's boundaries and statistics are found in the Triton forward's tiles;
 # the Gluon forward's query blocks divide them and its key tiles are whole
 # numbers of them
-assert all(CONFIGS["fwd"][d][0] % gluon_fwd.GLUON_FWD_CONFIGS[d][0] == 0
-           and gluon_fwd.GLUON_FWD_CONFIGS[d][1] % CONFIGS["fwd"][d][1] == 0 for d in (64, 128))
+assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
+           for d, (bm, bn, _, _) in gluon_fwd.CONFIGS.items())
 
-# The forward on Hopper: the Gluon kernel (gluon_fwd.py), whose MMAs overlap
-# the softmax; False keeps every forward on _fwd_kernel below (A/B runs).
+# True: single-GPU forwards on Hopper at head dim 128 run the warp-specialised
+# Gluon kernel (gluon_fwd.py) instead of _fwd_kernel below.  Off by default:
+# it made the forward 0.5-6% faster on an H200 but not the fwd + bwd step
+# (benchmarks/results/attention_gluon_fwd_h200.json).
 USE_GLUON_FWD = False
 
 
@@ -981,7 +983,7 @@ def _check_unit_stride(*ts):
 
 
 def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=None, count_tiles=True,
-             for_backward=False):
+             for_backward=False, allow_gluon=False):
     """q/k/v: bshd views; c_q/c_k: [B, H, T] float32, or float64 for precise
     decays (``decay_precision``).  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
@@ -991,7 +993,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
     those keep out = 0, lse = -inf.
     acc: (out fp32, lse) shaped like q's output, a partial result that this
     one is merged into in place (context-parallel accumulation).
-    count_tiles=False: no statistics (tiles is None)."""
+    count_tiles=False: no statistics (tiles is None).
+    allow_gluon: the Gluon forward may run the call (gluon_fwd.supported)
+    instead of _fwd_kernel."""
     q, k, v = _check_unit_stride(q, k, v)
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -1013,7 +1017,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device) if count_tiles else None
         kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles,
                                       want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
-    if USE_GLUON_FWD and acc is None and gluon_fwd.supported(q, k, v, out):
+    if USE_GLUON_FWD and allow_gluon and acc is None and gluon_fwd.supported(q, k, v, out):
         gluon_fwd.launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, (BM, BN))
         return out, lse, kblo, tiles, qbhi
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
@@ -1136,7 +1140,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         c = cumulative_decay(log_fgate.detach(), seqs, precise_decay)
         pairs = _PairTable.self_attention(seqs)
         out, lse, kblo, tiles, qbhi = _forward(q, k, v, c, c, pairs, scale, thr, causal=True,
-                                               for_backward=any(ctx.needs_input_grad[:4]))
+                                               for_backward=any(ctx.needs_input_grad[:4]), allow_gluon=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo, qbhi)
         ctx.seqs, ctx.scale = seqs, scale
         ctx.mark_non_differentiable(tiles) if tiles is not None else None
