@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_fwd
+from . import gluon_bwd, gluon_fwd
 
 
 LOG2E = 1.4426950408889634
@@ -97,6 +97,9 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 # it made the forward 0.5-6% faster on an H200 but not the fwd + bwd step
 # (benchmarks/results/attention_gluon_fwd_h200.json).
 USE_GLUON_FWD = False
+# True: single-GPU backwards on Hopper at head dim 128 run the warp-specialised
+# Gluon dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below.
+USE_GLUON_DKDV = False
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
@@ -1041,7 +1044,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
 
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False,
-              delta=None, dq_acc=None, kv_grad_dtype=None, qbhi=None):
+              delta=None, dq_acc=None, kv_grad_dtype=None, qbhi=None, allow_gluon=False):
     """Returns dq, dk, dv, dc_q [B, Hq, Tq], dc_k [B, Hq, Tk] (fp32).
     partial: queries / keys the table leaves uncovered get zero gradients.
     delta: the rows' do . out [B, Hq, Tq] fp32, laid out like lse (then
@@ -1110,6 +1113,11 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     if use_acp and qbhi is None:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
+    if (USE_GLUON_DKDV and allow_gluon and not partial and kv_grad_dtype is None
+            and gluon_bwd.supported(q, k, v, do) and gluon_bwd.takes_boundaries(D, BM1, BN1)):
+        gluon_bwd.launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group,
+                              BM1)
+        return dq, dk, dv, dc_q, dc_k
     qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
         q, k, v, do, c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
@@ -1152,7 +1160,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
         dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo,
-                                           qbhi=qbhi)
+                                           qbhi=qbhi, allow_gluon=True)
         dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
         return dq, dk, dv, dlogf, None, None, None, None
 

@@ -1,0 +1,320 @@
+"""Hopper dK / dV kernel in Gluon: warp-specialised, with TMA loads and register-operand MMAs.
+
+The backward's dK / dV pass (triton_ops._dkdv_kernel) is about half of a
+forgetting-attention training step.  This kernel does the same work the way
+FlashAttention-3 (Shah et al., 2024) does it on Hopper:
+
+- a CTA owns BLOCK_N keys of one key/value head; K and V stay in shared
+  memory, dK and dV accumulate in the registers of one warpgroup (64 rows
+  of keys: wgmma's M);
+- one load warp streams the query blocks' Q and dO tiles by TMA into a
+  ring of STAGES shared buffers (ready / empty mbarriers, as in
+  gluon_fwd.py), for every query head of the GQA group in turn;
+- the MMA warpgroup computes S^T = K Q^T, builds P^T, then runs
+  dP^T = V dO^T and dV += P^T dO as asynchronous wgmma, builds dS^T as
+  soon as dP^T is in and adds dK += dS^T Q; P^T and dS^T are register
+  operands (no trip through shared memory);
+- it launches with few registers a thread so that two CTAs share an SM;
+  the MMA warps take the load warp's registers (setmaxnreg).
+
+Everything else follows triton_ops._dkdv_kernel: the pair table, the query
+block ranges ([lo, mid) diagonal, [mid, part_lo) fully kept, [part_lo, hi)
+ACP's partial tiles), decays relative to each query block's first query,
+lse = +inf for rows past the end (their p is exactly 0) and the one-compare
+masks.  ACP's boundaries (qbhi) come in the Triton kernel's query blocks
+(ACP_BLOCK_M) and are widened to this kernel's (a block is fully kept when
+all its parts are).
+
+Q and dO are read through the 2-D TMA view of gluon_fwd._tma_rows_view:
+a query block that runs past the end of a sequence reads the tokens after
+it, which get p = 0; a NaN or inf there would leak (0 * inf), which the
+Triton kernel's masked loads rule out.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import gluon_fwd
+from .gluon_fwd import HAVE_GLUON, _tma_rows_view
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+_LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
+
+# (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim
+CONFIGS = {128: (32, 64, 4, 2)}
+# registers a thread at launch: two CTAs per SM
+MAXNREG = 128
+
+
+def supported(q, k, v, do) -> bool:
+    """Whether the Gluon dK / dV kernel can run this call: what
+    gluon_fwd.supported asks of the forward's tensors, with Q and dO (the
+    tensors this kernel streams by TMA) in place of K and V."""
+    if not gluon_fwd.supported(q, k, v, do):
+        return False
+    return _tma_rows_view(q) is not None and _tma_rows_view(do) is not None
+
+
+def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
+    """Whether ACP boundaries found in (acp_block_m, acp_block_n) tiles
+    translate to this kernel's: the same key blocks, query blocks that are
+    whole numbers of theirs."""
+    cfg = CONFIGS.get(head_dim)
+    return cfg is not None and cfg[1] == acp_block_n and cfg[0] % acp_block_m == 0
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _query_blocks(QBHI, qb_off, stride_qbhi_r, pid_n, qlen, full_lo, USE_ACP: gl.constexpr,
+                      BLOCK_M: gl.constexpr, ACP_BLOCK_M: gl.constexpr):
+        # (mid, part_lo, hi) of one head's query blocks, triton_ops._dkdv_kernel's
+        # arithmetic in BLOCK_M blocks (qbhi is in ACP_BLOCK_M ones)
+        num_m = gl.cdiv(qlen, BLOCK_M)
+        if USE_ACP:
+            R: gl.constexpr = BLOCK_M // ACP_BLOCK_M
+            hi = gl.cdiv(gl.load(QBHI + qb_off + pid_n), R)
+            full_q = gl.load(QBHI + qb_off + stride_qbhi_r + pid_n) // R
+            part_lo = gl.minimum(gl.maximum(full_q, full_lo), hi)
+        else:
+            hi = num_m
+            part_lo = num_m
+        mid = gl.minimum(full_lo, hi)
+        part_lo = gl.maximum(part_lo, mid)
+        return mid, part_lo, hi
+
+    @gluon.jit
+    def _bwd_load_partition(q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen, lo,
+                            full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0, stride_doh, stride_qbhi_s,
+                            stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr, USE_ACP: gl.constexpr,
+                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, ACP_BLOCK_M: gl.constexpr):
+        # one warp: TMA loads of each query block's Q and dO tiles, head by
+        # head, each buffer refilled once the MMA warps have released it
+        nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes
+        it = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            _, _, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
+                                     full_lo, USE_ACP, BLOCK_M, ACP_BLOCK_M)
+            for mb in range(lo, hi):
+                b = it % STAGES
+                mbarrier.wait(empty.index(b), (it // STAGES) & 1)
+                mbarrier.expect(ready.index(b), nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q_r0 + mb * BLOCK_M, q_c0 + h * stride_qh], ready.index(b),
+                                                q_bufs.index(b))
+                tma.async_copy_global_to_shared(do_desc, [do_r0 + mb * BLOCK_M, do_c0 + h * stride_doh],
+                                                ready.index(b), do_bufs.index(b))
+                it += 1
+
+    @gluon.jit
+    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ready, empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV,
+                           s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
+                           stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
+                           stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                           stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
+                           GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
+                           STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = k_smem.dtype
+        # transposed tiles (keys x queries) and the [keys, head dim] gradients
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        G_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        OP_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_L, k_width=2)
+        KEYS: gl.constexpr = gl.SliceLayout(1, S_L)
+        QUERIES: gl.constexpr = gl.SliceLayout(0, S_L)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=KEYS)
+        kmask = offs_n < klen
+        offs_mt = gl.arange(0, BLOCK_M, layout=QUERIES)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
+        s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=S_L)
+        it = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            mid, part_lo, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n,
+                                             qlen, full_lo, USE_ACP, BLOCK_M, ACP_BLOCK_M)
+            ck_base = CK + row * stride_ckb + h * stride_ckh + k0
+            ck = gl.load(ck_base + offs_n, mask=kmask, other=0.0)
+            cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
+            lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
+            dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
+            if USE_ACP:
+                thr2 = gl.load(THR + s_id * stride_thr_s + h) * _LOG2E
+            else:
+                thr2 = 0.0
+            dck = gl.zeros([BLOCK_N], gl.float32, layout=KEYS)
+            for mb in range(lo, hi):
+                b = it % STAGES
+                # the block's row terms, loaded while its tiles may still be
+                # in flight; few live vectors (each is 16 registers a thread)
+                offs_m = mb * BLOCK_M + offs_mt
+                qmask = offs_m < qlen
+                c_ref = gl.load(cq_base + mb * BLOCK_M)
+                cq = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32)
+                # rows past the end: lse = +inf, p = 0
+                colp = (cq - gl.load(lse_base + offs_m, mask=qmask, other=float("inf"))) * _LOG2E
+                ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
+                mbarrier.wait(ready.index(b), (it // STAGES) & 1)
+                q_buf = q_bufs.index(b)
+                do_buf = do_bufs.index(b)
+                s_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+                p = gl.exp2(s * scale2 - ck2[:, None] + colp[None, :])
+                if (mb < mid) | (mb >= part_lo):
+                    if CAUSAL:
+                        keep = offs_m[None, :] >= offs_n[:, None]
+                        if USE_ACP:
+                            keep = keep & (ck2[:, None] <= (cq * _LOG2E - thr2)[None, :])
+                    else:
+                        keep = ck2[:, None] <= (cq * _LOG2E - thr2)[None, :]
+                    p = gl.where(keep, p, 0.0)
+                # dP^T only now: issued beside S^T, its 16 registers a thread
+                # made the kernel spill (and slower, on an H200)
+                dp_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), OP_L), do_buf, dv, is_async=True)
+                dlt = gl.load(dlt_base + offs_m, mask=qmask, other=0.0)
+                dp = warpgroup_mma_wait(1, deps=(dp_tok,))
+                ds = p * (dp - dlt[None, :])
+                dck += gl.sum(ds, 1)
+                dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), OP_L), q_buf, dk, is_async=True)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                mbarrier.arrive(empty.index(b), count=1)
+                it += 1
+            gl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
+        offs_ng = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, G_L))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, G_L))
+        gmask = (offs_ng < klen)[:, None]
+        gl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_ng)[:, None] * stride_dkt + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=gmask)
+        gl.store(DV + row * stride_dvb + hk * stride_dvh + (k0 + offs_ng)[:, None] * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=gmask)
+
+    @gluon.jit
+    def _dkdv_kernel_sm90(
+        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
+        q_rows_b, q_cols_b, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        do_rows_b, do_cols_b, stride_doh,
+        stride_dkb, stride_dkt, stride_dkh,
+        stride_dvb, stride_dvt, stride_dvh,
+        stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+        stride_lb, stride_lh,
+        stride_dckb, stride_dckh,
+        stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
+        scale, scale2,
+        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        # warp-specialised: num_warps warps of MMAs (the default partition)
+        # and one warp of TMA loads; Q / dO of (row, token t, head) at
+        # (row * rows_b + t, row * cols_b + head * stride_h) of the 2-D
+        # descriptors (see launch_dkdv)
+        dtype: gl.constexpr = K.dtype.element_ty
+        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
+        KV_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        gl.static_assert(BLOCK_N == 16 * num_warps)
+        gl.static_assert(BLOCK_M % ACP_BLOCK_M == 0)
+
+        pid_n = gl.program_id(0)
+        s_id = gl.program_id(1)
+        hk = gl.program_id(2)
+        klen = gl.load(KLEN + s_id)
+        if pid_n * BLOCK_N < klen:
+            qlen = gl.load(QLEN + s_id)
+            row = gl.load(ROW + s_id).to(gl.int64)
+            qrow = gl.load(QROW + s_id)
+            q0 = gl.load(QSTART + s_id)
+            k0 = gl.load(KSTART_POS + s_id).to(gl.int64)
+            offs_nl = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+            offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
+            lmask = (offs_nl < klen)[:, None]
+            k = gl.load(K + row * stride_kb + hk * stride_kh + (k0 + offs_nl)[:, None] * stride_kt + offs_dl[None, :],
+                        mask=lmask, other=0.0)
+            k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, k)
+            v = gl.load(V + row * stride_vb + hk * stride_vh + (k0 + offs_nl)[:, None] * stride_vt + offs_dl[None, :],
+                        mask=lmask, other=0.0)
+            v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, v)
+            q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+            do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for t in gl.static_range(STAGES):
+                mbarrier.init(ready.index(t), count=1)
+                mbarrier.init(empty.index(t), count=1)
+                mbarrier.arrive(empty.index(t), count=1)  # every buffer starts free
+            fence_async_shared()
+            num_m = gl.cdiv(qlen, BLOCK_M)
+            if CAUSAL:
+                lo = (pid_n * BLOCK_N) // BLOCK_M
+                # first query block whose every row is at or after every key here
+                full_lo = gl.minimum(gl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M), num_m)
+            else:
+                lo = 0
+                full_lo = 0
+            gl.warp_specialize(
+                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ready, empty, CQ, CK, LSE, DLT, THR, QBHI,
+                                       DCK, DK, DV, s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0,
+                                       qlen, klen, lo, full_lo, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+                                       stride_lb, stride_lh, stride_dckb, stride_dckh, stride_dkb, stride_dkt,
+                                       stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s,
+                                       stride_qbhi_h, stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M,
+                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, num_warps)),
+                 (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
+                                        lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
+                                        qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
+                                        stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M,
+                                        ACP_BLOCK_M))],
+                [1], [40])
+
+
+def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group,
+                acp_block_m):
+    """Launch the Gluon dK / dV kernel with triton_ops._backward's arguments
+    (``supported`` holds); acp_block_m: the query block of qbhi's tiles,
+    whose key block must be this kernel's."""
+    D = q.shape[-1]
+    BM, BN, warps, stages = CONFIGS[D]
+    views = [_tma_rows_view(t) for t in (q, do)]
+    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
+    descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [BM, D], layout) for t, (rows, cols, _, _) in zip((q, do), views)]
+    use_acp = thr is not None
+    S = pairs.row.numel()
+    grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
+    dummy_f = thr if use_acp else c_q
+    qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
+    _dkdv_kernel_sm90[grid](
+        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
+        pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        views[0][2], views[0][3], q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        views[1][2], views[1][3], do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+        lse.stride(0), lse.stride(1),
+        dc_k.stride(0), dc_k.stride(1),
+        dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
+        scale, scale * LOG2E,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
+        ACP_BLOCK_M=acp_block_m, num_warps=warps, maxnreg=MAXNREG,
+    )
