@@ -1,4 +1,4 @@
-"""A/B of an opt-in Gluon kernel against the Triton kernel it replaces, in one process.
+"""A/B of a Gluon kernel against the Triton kernel it replaces, in one process.
 
     python benchmarks/kernel_ab.py --switch USE_GLUON_DKDV --out benchmarks/results/<name>.json
 
@@ -8,8 +8,8 @@ and reports, per shape and length, the median fwd + bwd step (as
 benchmarks/attention.py times it) and the median backward alone (the
 kernels' ``_backward`` on the forward's saved tensors). ``--cfgs`` sweeps
 the Gluon kernel's (BLOCK_M, BLOCK_N, warps, STAGES); the first is the one
-checked.  The checks compare both paths' outputs and gradients with each
-other and with the float64 reference (random inputs: GQA, the [T, B]
+checked, at each head dim of ``--shapes``.  The checks compare both paths'
+outputs and gradients with each other and with the float64 reference (random inputs: GQA, the [T, B]
 layout, packed documents, odd and unit lengths).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,11 @@ MODULES = {"USE_GLUON_FWD": gluon_fwd, "USE_GLUON_DKDV": gluon_bwd}
 
 
 def set_cfg(module, D, cfg):
-    module.CONFIGS[D] = tuple(cfg)
+    """cfg: the module's CONFIGS entry, optionally followed by the launch's
+    registers a thread (MAXNREG)."""
+    module.CONFIGS[D] = tuple(cfg[:4])
+    if len(cfg) > 4:
+        module.MAXNREG = cfg[4]
 
 
 def backward_timer(q, k, v, log_f, acp):
@@ -62,8 +65,7 @@ def max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-def checks(switch):
-    from fox_megatron.kernels import naive_forgetting_attention  # noqa: F401  (the reference path)
+def checks(switch, D):
 
     cases = [
         dict(B=2, L=1531, Hq=4, Hkv=2, layout="bshd", docs=False),
@@ -77,7 +79,7 @@ def checks(switch):
     for case in cases:
         B, L, Hq, Hkv = case["B"], case["L"], case["Hq"], case["Hkv"]
         g = torch.Generator(device="cpu").manual_seed(B * 1000 + L)
-        shape = (lambda h: (B, L, h, 128)) if case["layout"] == "bshd" else (lambda h: (L, B, h, 128))
+        shape = (lambda h: (B, L, h, D)) if case["layout"] == "bshd" else (lambda h: (L, B, h, D))
         q = torch.randn(shape(Hq), generator=g).cuda().bfloat16().requires_grad_()
         k = torch.randn(shape(Hkv), generator=g).cuda().bfloat16().requires_grad_()
         v = torch.randn(shape(Hkv), generator=g).cuda().bfloat16().requires_grad_()
@@ -100,7 +102,7 @@ def checks(switch):
             o = forgetting_attention(*cast, backend="torch", **kw)
             ref = (o, *torch.autograd.grad(o, cast, do.double()))
             names = ("out", "dq", "dk", "dv", "dlog_f")
-            rows.append(dict(case, acp=acp,
+            rows.append(dict(case, D=D, acp=acp,
                              diff={n: round(max_rel(a, b), 5) for n, a, b in zip(names, res[True], res[False])},
                              vs_fp64_on={n: round(max_rel(a, r), 5) for n, a, r in zip(names, res[True], ref)},
                              vs_fp64_off={n: round(max_rel(a, r), 5) for n, a, r in zip(names, res[False], ref)}))
@@ -113,7 +115,8 @@ def main():
     ap.add_argument("--switch", default="USE_GLUON_DKDV", choices=sorted(MODULES))
     ap.add_argument("--lengths", default="8192,16384")
     ap.add_argument("--shapes", default="16x128")
-    ap.add_argument("--cfgs", default=None, help="Gluon configurations 'BM,BN,W,ST;...' (default: the module's)")
+    ap.add_argument("--cfgs", default=None,
+                    help="Gluon configurations 'BM,BN,W,ST[,MAXNREG];...' (default: the module's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=float, default=100)
     ap.add_argument("--rep-ms", type=float, default=500)
@@ -125,12 +128,20 @@ def main():
     result = dict(gpu=torch.cuda.get_device_name(), gpus=1, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv), records=[])
     default_cfg = dict(module.CONFIGS)
-    if not args.no_checks:
-        if cfgs[0] is not None:
-            set_cfg(module, 128, cfgs[0])
-        result["checks"] = checks(args.switch)
+    default_nreg = module.MAXNREG
+
+    def restore():
         module.CONFIGS.clear()
         module.CONFIGS.update(default_cfg)
+        module.MAXNREG = default_nreg
+
+    if not args.no_checks:
+        result["checks"] = []
+        for D in sorted({int(shape.split("x")[1]) for shape in args.shapes.split(",")}):
+            if cfgs[0] is not None:
+                set_cfg(module, D, cfgs[0])
+            result["checks"] += checks(args.switch, D)
+            restore()
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
         for L in (int(x) for x in args.lengths.split(",")):
@@ -152,7 +163,7 @@ def main():
                     setattr(triton_ops, args.switch, False)
                     med = {kind: {use: statistics.median(v) for use, v in d.items()} for kind, d in times.items()}
                     rec = dict(bench="kernel_ab", switch=args.switch, H=H, D=D, L=L, B=B, acp=acp is not None,
-                               gluon_cfg=list(cfg or module.CONFIGS[D]),
+                               gluon_cfg=list(cfg or module.CONFIGS[D]), maxnreg=module.MAXNREG,
                                step_ms_gluon=round(med["step"][True], 4), step_ms_triton=round(med["step"][False], 4),
                                bwd_ms_gluon=round(med["bwd"][True], 4), bwd_ms_triton=round(med["bwd"][False], 4),
                                rounds={k: {str(u): v for u, v in d.items()} for k, d in times.items()})
@@ -160,8 +171,7 @@ def main():
                     print(f"H={H} D={D} L={L} acp={acp is not None} cfg={rec['gluon_cfg']} "
                           f"step {rec['step_ms_gluon']:.3f} vs {rec['step_ms_triton']:.3f}  "
                           f"bwd {rec['bwd_ms_gluon']:.3f} vs {rec['bwd_ms_triton']:.3f}", flush=True)
-                    module.CONFIGS.clear()
-                    module.CONFIGS.update(default_cfg)
+                    restore()
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -1,11 +1,13 @@
-"""Every Triton kernel compiles for an H100 / H200 (sm_90) on a machine without a GPU.
+"""Every Triton and Gluon kernel compiles for an H100 / H200 (sm_90) on a machine without a GPU.
 
 TRITON_INTERPRET=1 runs the kernels' semantics on the CPU but not Triton's
 compiler, which is stricter (a name reused with another type inside a loop,
 for one, becomes a loop-carried variable and fails to compile).  A worker
 process without the interpreter takes every kernel through Triton's whole
 pipeline down to a cubin for sm_90, with the argument types and the tile
-shapes, warps and stages of the real launches.
+shapes, warps and stages of the real launches.  The Gluon kernels' API
+moves between Triton releases (the TMA load was renamed in 3.7): compiling
+them with the installed Triton catches that before a GPU does.
 """
 
 import json
@@ -22,7 +24,8 @@ CASES = ["boundary_causal=True", "boundary_causal=False", "boundary_precise", "d
          "decay_grad", "row_delta"] + [
     f"{kind}{precise}_d{d}" for kind in ("fwd", "dkdv", "dq") for precise in ("", "_precise") for d in (64, 128)] + [
     f"{kind}_accumulate_d{d}" for kind in ("fwd", "dq") for d in (64, 128)] + [
-    f"dkdv_fp32_grads_d{d}" for d in (64, 128)]
+    f"dkdv_fp32_grads_d{d}" for d in (64, 128)] + [
+    f"gluon_{kind}{precise}_d128" for kind in ("fwd", "dkdv") for precise in ("", "_precise")]
 
 
 @pytest.fixture(scope="module")

@@ -711,12 +711,32 @@ def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, monkeypatch
         assert rel_err(a, b) < 1e-2, name
 
 
+def test_gluon_kernel_that_does_not_compile_falls_back(monkeypatch):
+    """Gluon's API moves between Triton releases: a Gluon kernel that this
+    Triton cannot compile turns its switch off with a warning, and the caller
+    is told to run its Triton kernel."""
+    from triton.compiler.errors import CompilationError
+
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", True)
+
+    def launch(*args):
+        raise CompilationError(None, None, "async_copy_global_to_shared has been removed")
+
+    with pytest.warns(RuntimeWarning, match="does not compile"):
+        assert triton_ops._run_gluon("USE_GLUON_DKDV", launch, 1, 2) is False
+    assert triton_ops.USE_GLUON_DKDV is False
+    ran = []
+    assert triton_ops._run_gluon("USE_GLUON_FWD", lambda *a: ran.append(a), 1) is True and ran == [(1,)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
 def test_gpu_gluon_dkdv_matches_triton_dkdv(layout, acp, docs, monkeypatch):
-    """On Hopper, head dim 128 can run the warp-specialised Gluon dK / dV
+    """On Hopper, head dim 128 runs the warp-specialised Gluon dK / dV
     kernel; the gradients match the Triton kernel's (summation order
     aside) and the float64 reference's, with GQA, packed documents, ACP and
     a length that is no multiple of any block."""
@@ -737,8 +757,8 @@ def test_gpu_gluon_dkdv_matches_triton_dkdv(layout, acp, docs, monkeypatch):
         monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", use)
         results[use] = run(q, k, v, log_f, do, **kw)
     assert launches == [1], "the Gluon kernel did not run"
-    (o_g, grads_g), (o_t, grads_t) = results[True], results[False]
-    o_ref, grads_ref = reference(q, k, v, log_f, do, **kw)
+    (_, grads_g), (_, grads_t) = results[True], results[False]
+    _, grads_ref = reference(q, k, v, log_f, do, **kw)
     for name, a, b, r in zip(("dq", "dk", "dv", "dlog_f"), grads_g, grads_t, grads_ref):
         assert rel_err(a, b) < 1e-2, name
         assert rel_err(a, r) < TOL[torch.bfloat16], name

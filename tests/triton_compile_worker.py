@@ -1,4 +1,4 @@
-"""Compile the project's Triton kernels for sm_90 (H100 / H200) without a GPU.
+"""Compile the project's Triton and Gluon kernels for sm_90 (H100 / H200) without a GPU.
 
 Run as a script in a process without TRITON_INTERPRET (under the
 interpreter, @triton.jit and Triton's own library give interpreted functions
@@ -63,6 +63,48 @@ def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", f
     return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
 
+def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16", fp64_pointers=()):
+    """A Gluon kernel (gluon_fwd.py / gluon_bwd.py): its *_desc arguments
+    are TMA descriptors of desc_block tiles with the launch's shared layout."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    layout = gl.NVMMASharedLayout.get_default_for(list(desc_block), getattr(gl, {"bf16": "bfloat16"}[act]))
+    sig = {}
+    plain = signature(kernel, f"*{act}", fp64_pointers=fp64_pointers)
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            sig[name] = f"tensordesc<{act}{list(desc_block)},{layout!r}>"
+        else:
+            sig[name] = plain[name]
+    src = GluonASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "maxnreg": maxnreg})
+    if "cubin" not in out.asm:
+        raise RuntimeError(f"no cubin produced (stages: {sorted(out.asm)})")
+    return sum(".f64" in line for line in out.asm["ptx"].splitlines())
+
+
+def gluon_cases():
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd
+
+    for precise in ("", "_precise"):
+        f64 = dict(fp64_pointers=("CQ", "CK")) if precise else {}
+        for head_dim, (bm, bn, warps, stages) in gluon_fwd.CONFIGS.items():
+            abm, abn = triton_ops.fwd_blocks(head_dim, torch.bfloat16)
+            consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
+                          STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
+            yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90, consts,
+                   dict(num_warps=warps, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
+        for head_dim, (bm, bn, warps, stages) in gluon_bwd.CONFIGS.items():
+            abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
+            consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
+                          STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
+            yield (f"gluon_dkdv{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90, consts,
+                   dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim), **f64))
+
+
 def cases():
     t = triton_ops
     for causal in (True, False):
@@ -110,11 +152,12 @@ def cases():
 def main():
     only = set(sys.argv[1:])
     results = {"f64_instructions": {}}
-    for name, kernel, constexprs, launch in cases():
+    todo = [(*case, compile_kernel) for case in cases()] + [(*case, compile_gluon) for case in gluon_cases()]
+    for name, kernel, constexprs, launch, compile_fn in todo:
         if only and name not in only:
             continue
         try:
-            results["f64_instructions"][name] = compile_kernel(kernel, constexprs, **launch)
+            results["f64_instructions"][name] = compile_fn(kernel, constexprs, **launch)
             results[name] = "ok"
         except Exception as e:  # the compiler's message is the report
             results[name] = f"{type(e).__name__}: {str(e)[-1500:]}"

@@ -4,26 +4,35 @@ The backward's dK / dV pass (triton_ops._dkdv_kernel) is about half of a
 forgetting-attention training step.  This kernel does the same work the way
 FlashAttention-3 (Shah et al., 2024) does it on Hopper:
 
-- a CTA owns BLOCK_N keys of one key/value head; K and V stay in shared
-  memory, dK and dV accumulate in the registers of one warpgroup (64 rows
-  of keys: wgmma's M);
+- a CTA owns BLOCK_N = 128 keys of one key/value head; K and V stay in
+  shared memory, dK and dV accumulate in the registers of two MMA
+  warpgroups (64 keys each: wgmma's M), which share every Q / dO tile;
 - one load warp streams the query blocks' Q and dO tiles by TMA into a
   ring of STAGES shared buffers (ready / empty mbarriers, as in
   gluon_fwd.py), for every query head of the GQA group in turn;
-- the MMA warpgroup computes S^T = K Q^T, builds P^T, then runs
-  dP^T = V dO^T and dV += P^T dO as asynchronous wgmma, builds dS^T as
-  soon as dP^T is in and adds dK += dS^T Q; P^T and dS^T are register
-  operands (no trip through shared memory);
-- it launches with few registers a thread so that two CTAs share an SM;
-  the MMA warps take the load warp's registers (setmaxnreg).
+- the MMA warps compute S^T = K Q^T, build P^T, then run dP^T = V dO^T
+  and dV += P^T dO as asynchronous wgmma, build dS^T as soon as dP^T is
+  in and add dK += dS^T Q; P^T and dS^T are register operands (no trip
+  through shared memory).  Issuing dP^T beside S^T (to overlap it with
+  P^T) made the kernel spill; deferring dK += dS^T Q into the next tile
+  (FlashAttention-3's intra-warpgroup overlap) was slower;
+- it launches at 168 registers a thread, one CTA per SM; setmaxnreg gives
+  the MMA warps 240 and the load warps 24.
 
 Everything else follows triton_ops._dkdv_kernel: the pair table, the query
 block ranges ([lo, mid) diagonal, [mid, part_lo) fully kept, [part_lo, hi)
 ACP's partial tiles), decays relative to each query block's first query,
 lse = +inf for rows past the end (their p is exactly 0) and the one-compare
-masks.  ACP's boundaries (qbhi) come in the Triton kernel's query blocks
-(ACP_BLOCK_M) and are widened to this kernel's (a block is fully kept when
-all its parts are).
+masks.  ACP's boundaries (qbhi) come in the Triton kernel's tiles
+(ACP_BLOCK_M x ACP_BLOCK_N) and are widened to this kernel's: a key
+block's queries end where its last part's do, and a tile is fully kept
+only where all its parts are.
+
+Measured on an H200 (benchmarks/results/attention_gluon_dkdv_h200.json),
+head dim 128, against the Triton kernel: the fwd + bwd step 5.6-8.5% faster
+(8k and 16k, with and without ACP).
+At head dim 64 it was 3% slower without ACP, so the Triton kernel runs
+there (CONFIGS).
 
 Q and dO are read through the 2-D TMA view of gluon_fwd._tma_rows_view:
 a query block that runs past the end of a sequence reads the tokens after
@@ -36,8 +45,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import gluon_fwd
-from .gluon_fwd import HAVE_GLUON, _tma_rows_view
+from .gluon_fwd import HAVE_GLUON, _tma_rows_view, hopper_tma_ready
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -45,51 +53,63 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
-        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from .gluon_fwd import tma_load
+
 LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
-# (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim
-CONFIGS = {128: (32, 64, 4, 2)}
-# registers a thread at launch: two CTAs per SM
-MAXNREG = 128
+# (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim: two MMA warpgroups
+# of 64 keys each share the query blocks' tiles.  At head dim 64 the same
+# kernel made the fwd + bwd step 3% slower without ACP (2.5-3% faster with
+# it) on an H200: the Triton kernel stays there.
+CONFIGS = {128: (64, 128, 8, 2)}
+# registers a thread at launch (12 warps: one CTA per SM); setmaxnreg then
+# gives the MMA warps 240 and the load warps 24
+MAXNREG = 168
 
 
 def supported(q, k, v, do) -> bool:
-    """Whether the Gluon dK / dV kernel can run this call: what
-    gluon_fwd.supported asks of the forward's tensors, with Q and dO (the
-    tensors this kernel streams by TMA) in place of K and V."""
-    if not gluon_fwd.supported(q, k, v, do):
-        return False
-    return _tma_rows_view(q) is not None and _tma_rows_view(do) is not None
+    """Whether the Gluon dK / dV kernel can run this call: a head dim in
+    CONFIGS and gluon_fwd.hopper_tma_ready, Q and dO being the streamed
+    tensors."""
+    return q.shape[-1] in CONFIGS and hopper_tma_ready((q, k, v, do), (q, do))
 
 
 def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
     """Whether ACP boundaries found in (acp_block_m, acp_block_n) tiles
-    translate to this kernel's: the same key blocks, query blocks that are
-    whole numbers of theirs."""
+    translate to this kernel's: blocks that are whole numbers of theirs."""
     cfg = CONFIGS.get(head_dim)
-    return cfg is not None and cfg[1] == acp_block_n and cfg[0] % acp_block_m == 0
+    return cfg is not None and cfg[1] % acp_block_n == 0 and cfg[0] % acp_block_m == 0
 
 
 if HAVE_GLUON:
 
     @gluon.jit
-    def _query_blocks(QBHI, qb_off, stride_qbhi_r, pid_n, qlen, full_lo, USE_ACP: gl.constexpr,
-                      BLOCK_M: gl.constexpr, ACP_BLOCK_M: gl.constexpr):
+    def _query_blocks(QBHI, qb_off, stride_qbhi_r, pid_n, qlen, klen, full_lo, USE_ACP: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
+                      ACP_BLOCK_N: gl.constexpr):
         # (mid, part_lo, hi) of one head's query blocks, triton_ops._dkdv_kernel's
-        # arithmetic in BLOCK_M blocks (qbhi is in ACP_BLOCK_M ones)
+        # arithmetic in BLOCK_M blocks; qbhi is in ACP_BLOCK_M x ACP_BLOCK_N
+        # tiles: this key block's queries end where its last part's do, and
+        # its tiles are fully kept only where every part's are
         num_m = gl.cdiv(qlen, BLOCK_M)
         if USE_ACP:
-            R: gl.constexpr = BLOCK_M // ACP_BLOCK_M
-            hi = gl.cdiv(gl.load(QBHI + qb_off + pid_n), R)
-            full_q = gl.load(QBHI + qb_off + stride_qbhi_r + pid_n) // R
-            part_lo = gl.minimum(gl.maximum(full_q, full_lo), hi)
+            RM: gl.constexpr = BLOCK_M // ACP_BLOCK_M
+            RN: gl.constexpr = BLOCK_N // ACP_BLOCK_N
+            hi = gl.load(QBHI + qb_off + pid_n * RN)
+            full_q = gl.load(QBHI + qb_off + stride_qbhi_r + pid_n * RN)
+            for j in gl.static_range(1, RN):
+                n = pid_n * RN + j
+                if n * ACP_BLOCK_N < klen:
+                    hi = gl.maximum(hi, gl.load(QBHI + qb_off + n))
+                    full_q = gl.minimum(full_q, gl.load(QBHI + qb_off + stride_qbhi_r + n))
+            hi = gl.cdiv(hi, RM)
+            part_lo = gl.minimum(gl.maximum(full_q // RM, full_lo), hi)
         else:
             hi = num_m
             part_lo = num_m
@@ -98,10 +118,11 @@ if HAVE_GLUON:
         return mid, part_lo, hi
 
     @gluon.jit
-    def _bwd_load_partition(q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen, lo,
+    def _bwd_load_partition(q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen, klen, lo,
                             full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0, stride_doh, stride_qbhi_s,
                             stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr, USE_ACP: gl.constexpr,
-                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, ACP_BLOCK_M: gl.constexpr):
+                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr):
         # one warp: TMA loads of each query block's Q and dO tiles, head by
         # head, each buffer refilled once the MMA warps have released it
         nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes
@@ -109,14 +130,14 @@ if HAVE_GLUON:
         for g in range(GROUP):
             h = hk * GROUP + g
             _, _, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
-                                     full_lo, USE_ACP, BLOCK_M, ACP_BLOCK_M)
+                                     klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
             for mb in range(lo, hi):
                 b = it % STAGES
                 mbarrier.wait(empty.index(b), (it // STAGES) & 1)
                 mbarrier.expect(ready.index(b), nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_r0 + mb * BLOCK_M, q_c0 + h * stride_qh], ready.index(b),
+                tma_load(q_desc, [q_r0 + mb * BLOCK_M, q_c0 + h * stride_qh], ready.index(b),
                                                 q_bufs.index(b))
-                tma.async_copy_global_to_shared(do_desc, [do_r0 + mb * BLOCK_M, do_c0 + h * stride_doh],
+                tma_load(do_desc, [do_r0 + mb * BLOCK_M, do_c0 + h * stride_doh],
                                                 ready.index(b), do_bufs.index(b))
                 it += 1
 
@@ -128,7 +149,8 @@ if HAVE_GLUON:
                            stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
-                           STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+                           STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr,
+        num_warps: gl.constexpr):
         dtype: gl.constexpr = k_smem.dtype
         # transposed tiles (keys x queries) and the [keys, head dim] gradients
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -148,7 +170,8 @@ if HAVE_GLUON:
         for g in range(GROUP):
             h = hk * GROUP + g
             mid, part_lo, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n,
-                                             qlen, full_lo, USE_ACP, BLOCK_M, ACP_BLOCK_M)
+                                             qlen, klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
+                                             ACP_BLOCK_N)
             ck_base = CK + row * stride_ckb + h * stride_ckh + k0
             ck = gl.load(ck_base + offs_n, mask=kmask, other=0.0)
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
@@ -222,7 +245,7 @@ if HAVE_GLUON:
         scale, scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-        num_warps: gl.constexpr,
+        ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         # warp-specialised: num_warps warps of MMAs (the default partition)
         # and one warp of TMA loads; Q / dO of (row, token t, head) at
@@ -233,6 +256,7 @@ if HAVE_GLUON:
         KV_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         gl.static_assert(BLOCK_N == 16 * num_warps)
         gl.static_assert(BLOCK_M % ACP_BLOCK_M == 0)
+        gl.static_assert(BLOCK_N % ACP_BLOCK_N == 0)
 
         pid_n = gl.program_id(0)
         s_id = gl.program_id(1)
@@ -277,20 +301,19 @@ if HAVE_GLUON:
                                        stride_lb, stride_lh, stride_dckb, stride_dckh, stride_dkb, stride_dkt,
                                        stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s,
                                        stride_qbhi_h, stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M,
-                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, num_warps)),
+                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
-                                        lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
+                                        klen, lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
                                         qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
-                                        stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M,
-                                        ACP_BLOCK_M))],
+                                        stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,
+                                        ACP_BLOCK_M, ACP_BLOCK_N))],
                 [1], [40])
 
 
-def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group,
-                acp_block_m):
+def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group, acp_blocks):
     """Launch the Gluon dK / dV kernel with triton_ops._backward's arguments
-    (``supported`` holds); acp_block_m: the query block of qbhi's tiles,
-    whose key block must be this kernel's."""
+    (``supported`` holds); acp_blocks: the (BLOCK_M, BLOCK_N) of qbhi's
+    tiles (``takes_boundaries`` holds)."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     views = [_tma_rows_view(t) for t in (q, do)]
@@ -316,5 +339,5 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_block_m, num_warps=warps, maxnreg=MAXNREG,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=warps, maxnreg=MAXNREG,
     )

@@ -62,6 +62,8 @@ try:  # Gluon and its Hopper module exist from Triton 3.6 on
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # the TMA load's name: async_load from Triton 3.7 on (the old name raises)
+    tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -77,18 +79,23 @@ MAXNREG = 128
 
 
 def supported(q, k, v, out) -> bool:
-    """Whether the Gluon forward can run this call: Hopper (sm_90), bf16 /
-    fp16 inputs, a head dim in CONFIGS, 16-byte aligned tensors with strides
-    that are multiples of 16 elements (TMA boxes and Triton's alignment
-    proofs), and K / V that have a 2-D TMA view."""
-    if not HAVE_GLUON or not q.is_cuda:
+    """Whether the Gluon forward can run this call: a head dim in CONFIGS
+    and what ``hopper_tma_ready`` asks, K and V being the streamed tensors."""
+    return q.shape[-1] in CONFIGS and hopper_tma_ready((q, k, v, out), (k, v))
+
+
+def hopper_tma_ready(tensors, streamed) -> bool:
+    """Whether the Gluon kernels can take these bshd tensors: Hopper (sm_90),
+    bf16 / fp16, 16-byte aligned with strides that are multiples of 16
+    elements (TMA boxes and Triton's alignment proofs), and a 2-D TMA view
+    (``_tma_rows_view``) of each streamed tensor."""
+    q = tensors[0]
+    if not HAVE_GLUON or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in CONFIGS:
-        return False
-    for t in (q, k, v, out):
+    for t in tensors:
         if t.data_ptr() % 16 or any(st % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
             return False
-    if _tma_rows_view(k) is None or _tma_rows_view(v) is None:
+    if any(_tma_rows_view(t) is None for t in streamed):
         return False
     return torch.cuda.get_device_capability(q.device)[0] == 9
 
@@ -127,8 +134,8 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(b), (i // STAGES) & 1)
             mbarrier.expect(ready.index(b), nbytes)
             r = (lo + i) * BLOCK_N
-            tma.async_copy_global_to_shared(k_desc, [k_r0 + r, k_c0], ready.index(b), k_bufs.index(b))
-            tma.async_copy_global_to_shared(v_desc, [v_r0 + r, v_c0], ready.index(b), v_bufs.index(b))
+            tma_load(k_desc, [k_r0 + r, k_c0], ready.index(b), k_bufs.index(b))
+            tma_load(v_desc, [v_r0 + r, v_c0], ready.index(b), v_bufs.index(b))
 
     @gluon.jit
     def _mma_partition(q_smem, k_bufs, v_bufs, ready, empty, ck_base, c_ref, k_last, ck_min2, lo, full_lo, mid, n,
