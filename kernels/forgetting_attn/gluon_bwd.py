@@ -51,14 +51,13 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_fwd import tma_load
+    from .gluon_fwd import ring_barriers, tma_load
 
 LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
@@ -279,13 +278,7 @@ if HAVE_GLUON:
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, v)
             q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
             do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for t in gl.static_range(STAGES):
-                mbarrier.init(ready.index(t), count=1)
-                mbarrier.init(empty.index(t), count=1)
-                mbarrier.arrive(empty.index(t), count=1)  # every buffer starts free
-            fence_async_shared()
+            ready, empty = ring_barriers(STAGES)
             num_m = gl.cdiv(qlen, BLOCK_M)
             if CAUSAL:
                 lo = (pid_n * BLOCK_N) // BLOCK_M

@@ -124,6 +124,19 @@ if HAVE_GLUON:
         return p, alpha, l_i, m_new
 
     @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The (ready, empty) mbarriers of a ring of STAGES shared buffers
+        filled by a load warp: every buffer starts free (empty arrived)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for t in gl.static_range(STAGES):
+            mbarrier.init(ready.index(t), count=1)
+            mbarrier.init(empty.index(t), count=1)
+            mbarrier.arrive(empty.index(t), count=1)
+        fence_async_shared()
+        return ready, empty
+
+    @gluon.jit
     def _load_partition(k_desc, v_desc, k_bufs, v_bufs, ready, empty, k_r0, k_c0, v_r0, v_c0, lo, n,
                            STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
         # one warp: TMA loads of K and V tiles into the ring, each buffer
@@ -235,13 +248,7 @@ if HAVE_GLUON:
             q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for t in gl.static_range(STAGES):
-                mbarrier.init(ready.index(t), count=1)
-                mbarrier.init(empty.index(t), count=1)
-                mbarrier.arrive(empty.index(t), count=1)  # every buffer starts free
-            fence_async_shared()
+            ready, empty = ring_barriers(STAGES)
 
             offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
             qmask = offs_m < qlen
