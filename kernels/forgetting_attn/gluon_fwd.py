@@ -256,7 +256,7 @@ if HAVE_GLUON:
             c_ref = gl.load(cq_base + pid_m * BLOCK_M)
             cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
             ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
-            # tile ranges as in triton_ops._fwd_kernel (the same arithmetic in
+            # tile ranges as in triton_ops._key_tiles (the same arithmetic in
             # Gluon: [lo, full_lo) partial, [full_lo, mid) kept, [mid, hi) diagonal)
             if CAUSAL:
                 hi = (gl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
