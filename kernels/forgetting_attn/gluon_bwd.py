@@ -73,10 +73,12 @@ MAXNREG = 168
 
 
 def supported(q, k, v, do) -> bool:
-    """Whether the Gluon dK / dV kernel can run this call: a head dim in
+    """Whether the Gluon dK / dV kernel can run this call: bf16 (the dtype it
+    has been checked in on a GPU; fp16 runs the Triton kernel), a head dim in
     CONFIGS and gluon_fwd.hopper_tma_ready, Q and dO being the streamed
     tensors."""
-    return q.shape[-1] in CONFIGS and hopper_tma_ready((q, k, v, do), (q, do))
+    return (q.dtype == torch.bfloat16 and q.shape[-1] in CONFIGS
+            and hopper_tma_ready((q, k, v, do), (q, do)))
 
 
 def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
