@@ -99,7 +99,7 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 # it made the forward 0.5-6% faster on an H200 but not the fwd + bwd step
 # (benchmarks/results/attention_gluon_fwd_h200.json).
 USE_GLUON_FWD = False
-# True: single-GPU backwards on Hopper at head dim 128 run the warp-specialised
+# True: single-GPU bf16 backwards on Hopper at head dim 128 run the warp-specialised
 # Gluon dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below: on an
 # H200 it made the fwd + bwd step 5.6-8.5% faster
 # (benchmarks/results/attention_gluon_dkdv_h200.json).
