@@ -9,8 +9,9 @@ benchmarks/attention.py times it) and the median backward alone (the
 kernels' ``_backward`` on the forward's saved tensors). ``--cfgs`` sweeps
 the Gluon kernel's (BLOCK_M, BLOCK_N, warps, STAGES); the first is the one
 checked, at each head dim of ``--shapes``.  The checks compare both paths'
-outputs and gradients with each other and with the float64 reference (random inputs: GQA, the [T, B]
-layout, packed documents, odd and unit lengths).
+outputs and gradients with each other and with the float64 reference
+(random inputs: GQA, the [T, B] layout, packed documents, odd and unit
+lengths).
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ def max_rel(a, b):
 
 
 def checks(switch, D):
-
     cases = [
         dict(B=2, L=1531, Hq=4, Hkv=2, layout="bshd", docs=False),
         dict(B=2, L=1531, Hq=4, Hkv=2, layout="sbhd", docs=False),

@@ -20,8 +20,8 @@ FlashAttention-3 (Shah et al., 2024) does it on Hopper:
   the MMA warps 240 and the load warps 24.
 
 Everything else follows triton_ops._dkdv_kernel: the pair table, the query
-block ranges ([lo, mid) diagonal, [mid, part_lo) fully kept, [part_lo, hi)
-ACP's partial tiles), decays relative to each query block's first query,
+block ranges (tile_ranges.py, called by both kernels: [lo, mid) diagonal,
+[mid, part_lo) fully kept, [part_lo, hi) ACP's partial tiles), decays relative to each query block's first query,
 lse = +inf for rows past the end (their p is exactly 0) and the one-compare
 masks.  ACP's boundaries (qbhi) come in the Triton kernel's tiles
 (ACP_BLOCK_M x ACP_BLOCK_N) and are widened to this kernel's: a key
@@ -45,7 +45,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .gluon_fwd import HAVE_GLUON, _tma_rows_view, hopper_tma_ready
+from .gluon_fwd import _LOG2E, HAVE_GLUON, LOG2E, hopper_tma_ready, tma_descriptors
+from .tile_ranges import first_query_blocks, query_tiles
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -55,12 +56,8 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from .gluon_fwd import ring_barriers, tma_load
 
-LOG2E = 1.4426950408889634
-_LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim: two MMA warpgroups
 # of 64 keys each share the query blocks' tiles.  At head dim 64 the same
@@ -91,34 +88,6 @@ def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _query_blocks(QBHI, qb_off, stride_qbhi_r, pid_n, qlen, klen, full_lo, USE_ACP: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-                      ACP_BLOCK_N: gl.constexpr):
-        # (mid, part_lo, hi) of one head's query blocks, triton_ops._dkdv_kernel's
-        # arithmetic in BLOCK_M blocks; qbhi is in ACP_BLOCK_M x ACP_BLOCK_N
-        # tiles: this key block's queries end where its last part's do, and
-        # its tiles are fully kept only where every part's are
-        num_m = gl.cdiv(qlen, BLOCK_M)
-        if USE_ACP:
-            RM: gl.constexpr = BLOCK_M // ACP_BLOCK_M
-            RN: gl.constexpr = BLOCK_N // ACP_BLOCK_N
-            hi = gl.load(QBHI + qb_off + pid_n * RN)
-            full_q = gl.load(QBHI + qb_off + stride_qbhi_r + pid_n * RN)
-            for j in gl.static_range(1, RN):
-                n = pid_n * RN + j
-                if n * ACP_BLOCK_N < klen:
-                    hi = gl.maximum(hi, gl.load(QBHI + qb_off + n))
-                    full_q = gl.minimum(full_q, gl.load(QBHI + qb_off + stride_qbhi_r + n))
-            hi = gl.cdiv(hi, RM)
-            part_lo = gl.minimum(gl.maximum(full_q // RM, full_lo), hi)
-        else:
-            hi = num_m
-            part_lo = num_m
-        mid = gl.minimum(full_lo, hi)
-        part_lo = gl.maximum(part_lo, mid)
-        return mid, part_lo, hi
-
-    @gluon.jit
     def _bwd_load_partition(q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen, klen, lo,
                             full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0, stride_doh, stride_qbhi_s,
                             stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr, USE_ACP: gl.constexpr,
@@ -130,16 +99,14 @@ if HAVE_GLUON:
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            _, _, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
+            _, _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
                                      klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
             for mb in range(lo, hi):
                 b = it % STAGES
                 mbarrier.wait(empty.index(b), (it // STAGES) & 1)
                 mbarrier.expect(ready.index(b), nbytes)
-                tma_load(q_desc, [q_r0 + mb * BLOCK_M, q_c0 + h * stride_qh], ready.index(b),
-                                                q_bufs.index(b))
-                tma_load(do_desc, [do_r0 + mb * BLOCK_M, do_c0 + h * stride_doh],
-                                                ready.index(b), do_bufs.index(b))
+                tma_load(q_desc, [q_r0 + mb * BLOCK_M, q_c0 + h * stride_qh], ready.index(b), q_bufs.index(b))
+                tma_load(do_desc, [do_r0 + mb * BLOCK_M, do_c0 + h * stride_doh], ready.index(b), do_bufs.index(b))
                 it += 1
 
     @gluon.jit
@@ -151,7 +118,7 @@ if HAVE_GLUON:
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
                            STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr,
-        num_warps: gl.constexpr):
+                           num_warps: gl.constexpr):
         dtype: gl.constexpr = k_smem.dtype
         # transposed tiles (keys x queries) and the [keys, head dim] gradients
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -170,7 +137,7 @@ if HAVE_GLUON:
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            mid, part_lo, hi = _query_blocks(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n,
+            mid, part_lo, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n,
                                              qlen, klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
                                              ACP_BLOCK_N)
             ck_base = CK + row * stride_ckb + h * stride_ckh + k0
@@ -186,7 +153,8 @@ if HAVE_GLUON:
             for mb in range(lo, hi):
                 b = it % STAGES
                 # the block's row terms, loaded while its tiles may still be
-                # in flight; few live vectors (each is 16 registers a thread)
+                # in flight; few live vectors (each is BLOCK_M / 4 registers a
+                # thread)
                 offs_m = mb * BLOCK_M + offs_mt
                 qmask = offs_m < qlen
                 c_ref = gl.load(cq_base + mb * BLOCK_M)
@@ -208,8 +176,8 @@ if HAVE_GLUON:
                     else:
                         keep = ck2[:, None] <= (cq * _LOG2E - thr2)[None, :]
                     p = gl.where(keep, p, 0.0)
-                # dP^T only now: issued beside S^T, its 16 registers a thread
-                # made the kernel spill (and slower, on an H200)
+                # dP^T only now: issued beside S^T, its registers made the
+                # kernel spill (and slower, on an H200)
                 dp_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), OP_L), do_buf, dv, is_async=True)
                 dlt = gl.load(dlt_base + offs_m, mask=qmask, other=0.0)
@@ -281,14 +249,7 @@ if HAVE_GLUON:
             q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
             do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
             ready, empty = ring_barriers(STAGES)
-            num_m = gl.cdiv(qlen, BLOCK_M)
-            if CAUSAL:
-                lo = (pid_n * BLOCK_N) // BLOCK_M
-                # first query block whose every row is at or after every key here
-                full_lo = gl.minimum(gl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M), num_m)
-            else:
-                lo = 0
-                full_lo = 0
+            lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
             gl.warp_specialize(
                 [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ready, empty, CQ, CK, LSE, DLT, THR, QBHI,
                                        DCK, DK, DV, s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0,
@@ -311,9 +272,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     tiles (``takes_boundaries`` holds)."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
-    views = [_tma_rows_view(t) for t in (q, do)]
-    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [BM, D], layout) for t, (rows, cols, _, _) in zip((q, do), views)]
+    descs, views = tma_descriptors((q, do), BM)
     use_acp = thr is not None
     S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])

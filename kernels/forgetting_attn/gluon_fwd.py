@@ -317,15 +317,25 @@ def _tma_rows_view(t):
     return None
 
 
+def tma_descriptors(tensors, block_rows):
+    """2-D TMA descriptors of bshd tensors through their ``_tma_rows_view``
+    (boxes of block_rows x head dim), and the views."""
+    D = tensors[0].shape[-1]
+    dtype = gl.bfloat16 if tensors[0].dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], dtype)
+    views = [_tma_rows_view(t) for t in tensors]
+    descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [block_rows, D], layout)
+             for t, (rows, cols, _, _) in zip(tensors, views)]
+    return descs, views
+
+
 def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks):
     """Launch the Gluon forward with triton_ops._forward's arguments (no
     partial result to merge into; ``supported`` holds); acp_blocks: the
     (BLOCK_M, BLOCK_N) of kblo's tiles."""
-    kv = [_tma_rows_view(t) for t in (k, v)]
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
-    layout = gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [BN, D], layout) for t, (rows, cols, _, _) in zip((k, v), kv)]
+    descs, kv = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])

@@ -58,6 +58,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 from . import gluon_bwd, gluon_fwd
+from .tile_ranges import first_query_blocks, query_tiles
 
 
 LOG2E = 1.4426950408889634
@@ -761,14 +762,7 @@ def _dkdv_kernel(
                 mask=kmask[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    num_m = tl.cdiv(qlen, BLOCK_M)
-    if CAUSAL:
-        lo = (pid_n * BLOCK_N) // BLOCK_M
-        # first query block whose every row is at or after every key here
-        full_lo = tl.minimum(tl.cdiv((pid_n + 1) * BLOCK_N, BLOCK_M), num_m)
-    else:
-        lo = 0
-        full_lo = 0
+    lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         ck_base = CK + row * stride_ckb + h * stride_ckh + k0
@@ -781,20 +775,11 @@ def _dkdv_kernel(
         dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
         dck = tl.zeros([BLOCK_N], dtype=tl.float32)
         if USE_ACP:
-            thr = tl.load(THR + s_id * stride_thr_s + h)
-            thr2 = thr * 1.4426950408889634
-            hi = tl.load(QBHI + s_id * stride_qbhi_s + h * stride_qbhi_h + pid_n)
-            # tiles at the end of the kept range may hold pruned pairs (the
-            # smallest decay of tile (m, n) is at (last query, first key)):
-            # those past the fully kept query blocks
-            full_q = tl.load(QBHI + s_id * stride_qbhi_s + h * stride_qbhi_h + stride_qbhi_r + pid_n)
-            part_lo = tl.minimum(tl.maximum(full_q, full_lo), hi)
+            thr2 = tl.load(THR + s_id * stride_thr_s + h) * 1.4426950408889634
         else:
             thr2 = 0.0
-            hi = num_m
-            part_lo = num_m
-        mid = tl.minimum(full_lo, hi)
-        part_lo = tl.maximum(part_lo, mid)
+        mid, part_lo, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
+                                       klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
         # the diagonal tiles (causal mask) and, with ACP, the tiles that may
         # hold pruned pairs (ACP mask) in one masked loop; then the fully kept
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
