@@ -18,9 +18,10 @@ FlashAttention-3 does (Shah et al., 2024):
   CTAs' warpgroups take turns on the tensor cores.
 
 Everything else follows triton_ops._fwd_kernel: the same pair table, tile
-ranges, ACP boundaries, relative decays (t = scale * q.k - (c_j - ref),
-log2 units) and one-compare masks, so both kernels give the same result up
-to float32 summation order.  A query block visits its tiles in one pass over
+ranges (tile_ranges.key_tiles, called by both), ACP boundaries, relative
+decays (t = scale * q.k - (c_j - ref), log2 units) and one-compare masks,
+so both kernels give the same result up to float32 summation order.  A
+query block visits its tiles in one pass over
 [lo, hi); a tile takes the element masks only when it lies in ACP's partial
 range [lo, full_lo) or the diagonal range [mid, hi) (a branch per tile:
 the pipelined MMAs want one loop).
@@ -49,6 +50,8 @@ from __future__ import annotations
 
 import torch
 import triton
+
+from .tile_ranges import key_tiles
 
 try:  # Gluon and its Hopper module exist from Triton 3.6 on
     from triton.experimental import gluon
@@ -256,27 +259,9 @@ if HAVE_GLUON:
             c_ref = gl.load(cq_base + pid_m * BLOCK_M)
             cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
             ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
-            # tile ranges as in triton_ops._key_tiles (the same arithmetic in
-            # Gluon: [lo, full_lo) partial, [full_lo, mid) kept, [mid, hi) diagonal)
-            if CAUSAL:
-                hi = (gl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
-                mid = (pid_m * BLOCK_M) // BLOCK_N
-            else:
-                hi = gl.cdiv(klen, BLOCK_N)
-                mid = klen // BLOCK_N
-            if USE_ACP:
-                thr = gl.load(THR + s_id * stride_thr_s + h)
-                R: gl.constexpr = BLOCK_N // ACP_BLOCK_N
-                pm = pid_m // (ACP_BLOCK_M // BLOCK_M)
-                lo = gl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pm) // R
-                part = gl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + stride_kblo_r + pm)
-                full_lo = gl.maximum(gl.minimum((part + R - 1) // R, mid), lo)
-                ck_min2 = cq2 - thr * _LOG2E
-            else:
-                lo = 0
-                full_lo = 0
-                ck_min2 = cq2
-            mid = gl.maximum(mid, lo)
+            lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
+                                                      stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
+                                                      ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
             if CAUSAL:
                 k_last = gl.minimum(offs_m, klen - 1)
             else:

@@ -1,6 +1,9 @@
-"""Which query blocks a dK / dV key block visits: the arithmetic shared by
-triton_ops._dkdv_kernel and the Gluon kernel of gluon_bwd.py (both call
-these @triton.jit helpers, so that the two cannot drift apart)."""
+"""Which tiles a program visits: the key tiles of a query block (forward and
+dQ pass) and the query blocks of a key block (dK / dV pass).  The Triton
+kernels of triton_ops.py and the Gluon kernels of gluon_fwd.py /
+gluon_bwd.py all call these @triton.jit helpers, so that they cannot drift
+apart; the Gluon kernels' tiles are whole numbers of the Triton tiles in
+which ACP's boundaries are found (ACP_BLOCK_M x ACP_BLOCK_N)."""
 
 import triton
 import triton.language as tl
@@ -49,3 +52,39 @@ def query_tiles(QBHI, qb_off, stride_qbhi_r, pid_n, qlen, klen, full_lo, USE_ACP
     mid = tl.minimum(full_lo, hi)
     part_lo = tl.maximum(part_lo, mid)
     return mid, part_lo, hi
+
+
+@triton.jit
+def key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s, stride_kblo_s, stride_kblo_h,
+              stride_kblo_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACP_BLOCK_M: tl.constexpr,
+              ACP_BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_ACP: tl.constexpr):
+    """The key tiles of query block pid_m: [lo, full_lo) may hold pruned
+    pairs, [full_lo, mid) is fully kept and unmasked, [mid, hi) needs the
+    causal / bounds masks.  Also ck_min2, the largest relative key decay a
+    row keeps (log2 units).  kblo holds each query block's first kept and
+    first fully kept key tile in ACP_BLOCK_M x ACP_BLOCK_N tiles; BLOCK_M
+    divides ACP_BLOCK_M and BLOCK_N is a whole number of ACP_BLOCK_N."""
+    if CAUSAL:
+        hi = (tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
+        mid = (pid_m * BLOCK_M) // BLOCK_N
+    else:
+        hi = tl.cdiv(klen, BLOCK_N)
+        mid = klen // BLOCK_N
+    if USE_ACP:
+        R: tl.constexpr = BLOCK_N // ACP_BLOCK_N
+        pm = pid_m // (ACP_BLOCK_M // BLOCK_M)
+        thr = tl.load(THR + s_id * stride_thr_s + h)
+        lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pm) // R
+        # past the tiles whose smallest decay (last query, first key) is
+        # below the threshold (usually a handful, found by the boundary
+        # kernel: a walk here waited on one dependent load per tile)
+        part = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + stride_kblo_r + pm)
+        full_lo = tl.maximum(tl.minimum(tl.cdiv(part, R), mid), lo)
+        # kept: c_i - c_j >= delta, i.e. the key's relative decay at most this
+        ck_min2 = cq2 - thr * 1.4426950408889634
+    else:
+        lo = 0
+        full_lo = 0
+        ck_min2 = cq2
+    mid = tl.maximum(mid, lo)
+    return lo, full_lo, mid, hi, ck_min2

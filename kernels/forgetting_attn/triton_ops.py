@@ -58,7 +58,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 from . import gluon_bwd, gluon_fwd
-from .tile_ranges import first_query_blocks, query_tiles
+from .tile_ranges import first_query_blocks, key_tiles, query_tiles
 
 
 LOG2E = 1.4426950408889634
@@ -482,38 +482,6 @@ def _keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP: tl.constexpr, MASK_POS: t
 
 
 @triton.jit
-def _key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s, stride_kblo_s, stride_kblo_h,
-               stride_kblo_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               USE_ACP: tl.constexpr):
-    """The key tiles of query block pid_m (the forward's and the dQ pass's):
-    [lo, full_lo) may hold pruned pairs, [full_lo, mid) is fully kept and
-    unmasked, [mid, hi) needs the causal / bounds masks.  Also ck_min2, the
-    largest relative key decay a row keeps (log2 units)."""
-    if CAUSAL:
-        hi = (tl.minimum((pid_m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
-        mid = (pid_m * BLOCK_M) // BLOCK_N
-    else:
-        hi = tl.cdiv(klen, BLOCK_N)
-        mid = klen // BLOCK_N
-    if USE_ACP:
-        thr = tl.load(THR + s_id * stride_thr_s + h)
-        lo = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + pid_m)
-        # past the tiles whose smallest decay (last query, first key) is
-        # below the threshold (usually a handful, found by the boundary
-        # kernel: a walk here waited on one dependent load per tile)
-        part = tl.load(KBLO + s_id * stride_kblo_s + h * stride_kblo_h + stride_kblo_r + pid_m)
-        full_lo = tl.maximum(tl.minimum(part, mid), lo)
-        # kept: c_i - c_j >= delta, i.e. the key's relative decay at most this
-        ck_min2 = cq2 - thr * 1.4426950408889634
-    else:
-        lo = 0
-        full_lo = 0
-        ck_min2 = cq2
-    mid = tl.maximum(mid, lo)
-    return lo, full_lo, mid, hi, ck_min2
-
-
-@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base, stride_kt, stride_vt,
     kb_lo, kb_hi, kb_lo2, kb_hi2, klen, k_last, ck_min2, offs_n, offs_d,
@@ -602,9 +570,9 @@ def _fwd_kernel(
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
 
-    lo, full_lo, mid, hi, ck_min2 = _key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
-                                               stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                               CAUSAL, USE_ACP)
+    lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
+                                              stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
+                                              BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -897,9 +865,9 @@ def _dq_kernel(
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
-    lo, full_lo, mid, hi, ck_min2 = _key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
-                                               stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                               CAUSAL, USE_ACP)
+    lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
+                                              stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
+                                              BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
