@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_ab.py --switch USE_GLUON_DKDV --out benchmarks/results/<name>.json
 
-Switches a ``triton_ops`` flag (USE_GLUON_FWD, USE_GLUON_DKDV) on and off in
+Switches a ``triton_ops`` flag (USE_GLUON_FWD, USE_GLUON_DKDV, USE_GLUON_FUSED_DQ) on and off in
 interleaved rounds on BENCH.md's inputs (paper-like gates, B = 32768 / L)
 and reports, per shape and length, the median fwd + bwd step (as
 benchmarks/attention.py times it) and the median backward alone (the
@@ -33,7 +33,7 @@ from benchmarks.attention import TOKENS, paper_like_inputs, time_step  # noqa: E
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops  # noqa: E402
 
-MODULES = {"USE_GLUON_FWD": gluon_fwd, "USE_GLUON_DKDV": gluon_bwd}
+MODULES = {"USE_GLUON_FWD": gluon_fwd, "USE_GLUON_DKDV": gluon_bwd, "USE_GLUON_FUSED_DQ": gluon_bwd}
 
 
 def set_cfg(module, D, cfg):

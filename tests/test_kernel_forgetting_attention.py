@@ -735,30 +735,64 @@ def test_gluon_kernel_that_does_not_compile_falls_back(monkeypatch):
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
-def test_gpu_gluon_dkdv_matches_triton_dkdv(layout, acp, docs, monkeypatch):
-    """On Hopper, head dim 128 runs the warp-specialised Gluon dK / dV
-    kernel; the gradients match the Triton kernel's (summation order
-    aside) and the float64 reference's, with GQA, packed documents, ACP and
-    a length that is no multiple of any block."""
+@pytest.mark.parametrize("fused_dq", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_dkdv_matches_triton_dkdv(layout, acp, docs, fused_dq, head_dim, monkeypatch):
+    """On Hopper the warp-specialised Gluon dK / dV kernel (fused_dq: it also
+    computes dQ and dc_q), at either head dim, gives gradients
+    that match the Triton kernels' (summation order aside) and the float64
+    reference's, with GQA, packed documents, ACP and a length that is no
+    multiple of any block."""
     from fox_megatron.kernels.forgetting_attn import gluon_bwd, triton_ops
 
+    monkeypatch.setattr(triton_ops, "USE_GLUON_FUSED_DQ", True)
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are for Hopper (sm_90)")
-    B, T, Hq, Hkv, D = 2, 1531, 4, 2, 128
+    B, T, Hq, Hkv, D = 2, 1531, 4, 2, head_dim
     q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, layout=layout, device="cuda", seed=19)
     do = torch.randn_like(q)
-    assert gluon_bwd.supported(*(t if layout == "bshd" else t.transpose(0, 1) for t in (q, k, v, do)))
+    # what runs by default is a row of DISPATCH: each case forces its own
+    monkeypatch.setitem(gluon_bwd.DISPATCH, D, ("fused", "fused") if fused_dq else ("dkdv", "dkdv"))
+    runs = gluon_bwd.mode(*(t if layout == "bshd" else t.transpose(0, 1) for t in (q, k, v, do)), acp=acp)
     cu = torch.tensor([0, 300, 301, 1531, 2000, 3062], dtype=torch.int32, device="cuda") if docs else None
     kw = dict(layout=layout, cu_seqlens=cu, acp=AcpConfig() if acp else None)
     launches = []
-    monkeypatch.setattr(gluon_bwd, "launch_dkdv", lambda *a, _f=gluon_bwd.launch_dkdv: launches.append(1) or _f(*a))
+    monkeypatch.setattr(gluon_bwd, "launch_dkdv",
+                        lambda *a, _f=gluon_bwd.launch_dkdv: launches.append(len(a) > 18) or _f(*a))
     results = {}
     for use in (True, False):
         monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", use)
         results[use] = run(q, k, v, log_f, do, **kw)
-    assert launches == [1], "the Gluon kernel did not run"
+    assert launches == [runs == "fused"], "the Gluon kernel did not run as asked"
     (_, grads_g), (_, grads_t) = results[True], results[False]
     _, grads_ref = reference(q, k, v, log_f, do, **kw)
     for name, a, b, r in zip(("dq", "dk", "dv", "dlog_f"), grads_g, grads_t, grads_ref):
         assert rel_err(a, b) < 1e-2, name
         assert rel_err(a, r) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_keeps_dq_reproducible(monkeypatch):
+    """The fused dQ adds by atomics; under torch.use_deterministic_algorithms
+    the dQ kernel runs instead and two backwards agree bit for bit."""
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    q, k, v, log_f = make_inputs(1, 2048, 4, 4, 128, torch.bfloat16, device="cuda", seed=23)
+    do = torch.randn_like(q)
+    launches = []
+    monkeypatch.setattr(gluon_bwd, "launch_dkdv",
+                        lambda *a, _f=gluon_bwd.launch_dkdv: launches.append(len(a) > 18) or _f(*a))
+    monkeypatch.setitem(gluon_bwd.DISPATCH, 128, ("fused", "fused"))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        grads = [run(q, k, v, log_f, do)[1] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert launches == [False, False]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    run(q, k, v, log_f, do)
+    assert launches[-1] is True  # the fused dQ outside deterministic mode

@@ -25,7 +25,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 # pointer element types by argument name; other upper-case names are int32
 # tables, lower-case ones int32 scalars except the softmax scales
-FP32_POINTERS = {"CQ", "CK", "LSE", "DLT", "THR", "DCQ", "DCK", "X", "Y", "OUT"}
+FP32_POINTERS = {"CQ", "CK", "LSE", "DLT", "THR", "DCQ", "DCK", "DQA", "X", "Y", "OUT"}
 ACTIVATIONS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 INT_SCALARS_UPPER = {"T", "H", "SEARCH_STEPS_N", "SEARCH_STEPS_M"}
 FLOAT_SCALARS = {"scale", "scale2"}
@@ -63,20 +63,24 @@ def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", f
     return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
 
-def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16", fp64_pointers=()):
+def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16", fp64_pointers=(),
+                  desc_dtypes=None):
     """A Gluon kernel (gluon_fwd.py / gluon_bwd.py): its *_desc arguments
-    are TMA descriptors of desc_block tiles with the launch's shared layout."""
+    are TMA descriptors of desc_block tiles with the launch's shared layout,
+    of act elements unless desc_dtypes names another."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    layout = gl.NVMMASharedLayout.get_default_for(list(desc_block), getattr(gl, {"bf16": "bfloat16"}[act]))
     sig = {}
     plain = signature(kernel, f"*{act}", fp64_pointers=fp64_pointers)
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
-            sig[name] = f"tensordesc<{act}{list(desc_block)},{layout!r}>"
+            dt = (desc_dtypes or {}).get(name, act)
+            layout = gl.NVMMASharedLayout.get_default_for(
+                list(desc_block), getattr(gl, {"bf16": "bfloat16", "fp32": "float32"}[dt]))
+            sig[name] = f"tensordesc<{dt}{list(desc_block)},{layout!r}>"
         else:
             sig[name] = plain[name]
     src = GluonASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
@@ -99,10 +103,12 @@ def gluon_cases():
                    dict(num_warps=warps, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
         for head_dim, (bm, bn, warps, stages) in gluon_bwd.CONFIGS.items():
             abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
-            consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                          STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
-            yield (f"gluon_dkdv{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90, consts,
-                   dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim), **f64))
+            for fused in (False, True):  # with the dQ pass fused in
+                consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
+                              STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
+                yield (f"gluon_dkdv{'_dq' if fused else ''}{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90,
+                       consts, dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim),
+                                    desc_dtypes={"dqa_desc": "fp32" if fused else "bf16"}, **f64))
 
 
 def cases():

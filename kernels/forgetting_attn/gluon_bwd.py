@@ -1,4 +1,4 @@
-"""Hopper dK / dV kernel in Gluon: warp-specialised, with TMA loads and register-operand MMAs.
+"""Hopper backward kernel in Gluon: warp-specialised, with TMA loads and register-operand MMAs.
 
 The backward's dK / dV pass (triton_ops._dkdv_kernel) is about half of a
 forgetting-attention training step.  This kernel does the same work the way
@@ -19,6 +19,18 @@ FlashAttention-3 (Shah et al., 2024) does it on Hopper:
 - it launches at 168 registers a thread, one CTA per SM; setmaxnreg gives
   the MMA warps 240 and the load warps 24.
 
+With FUSED_DQ it computes dQ too, so that the dQ kernel (which recomputes
+S and dP) does not run: dS^T goes to shared memory, where it is the A
+operand of dK += dS^T Q, of dQ = dS K (each warpgroup half of the head
+dim over all 128 keys) and of dS times a block of ones, whose first column
+is dc_q's row sums of dS (taken in registers, by a reduction across the
+warps, they made the kernel spill and the backward twice as slow).
+dQ is staged in shared memory and added to a float32 buffer by a TMA
+reduce-add, as in FlashAttention-3 (scalar atomics were slower); dc_q by
+atomics.  dc_k's column sums are then taken from the same bf16 dS, so
+that dL/dlog f sums dS over the pairs that cross each token in one
+rounding (the rest cancels).
+
 Everything else follows triton_ops._dkdv_kernel: the pair table, the query
 block ranges (tile_ranges.py, called by both kernels: [lo, mid) diagonal,
 [mid, part_lo) fully kept, [part_lo, hi) ACP's partial tiles), decays relative to each query block's first query,
@@ -28,16 +40,20 @@ masks.  ACP's boundaries (qbhi) come in the Triton kernel's tiles
 block's queries end where its last part's do, and a tile is fully kept
 only where all its parts are.
 
-Measured on an H200 (benchmarks/results/attention_gluon_dkdv_h200.json),
-head dim 128, against the Triton kernel: the fwd + bwd step 5.6-8.5% faster
-(8k and 16k, with and without ACP).
-At head dim 64 it was 3% slower without ACP, so the Triton kernel runs
-there (CONFIGS).
+Measured on an H200 against the Triton kernels (DISPATCH says what runs):
+at head dim 128 the fwd + bwd step 5.6-8.5% faster (8k and 16k, with and
+without ACP; benchmarks/results/attention_gluon_dkdv_h200.json), and with
+ACP the fused dQ 3.5-3.8% faster again (attention_fused_dq_h200.json).
+Without ACP the fused dQ made the step 28-30% slower: the ablations in that
+file put the cost in the per-tile writes (dQ's staging and reduce-add,
+dc_q's atomics), not in the extra MMAs.  At head dim 64 this kernel made the step 3% slower
+without ACP and 3.9-4.5% faster with it
+(attention_gluon_dkdv_d64_h200.json); the fused dQ was slower there.
 
 Q and dO are read through the 2-D TMA view of gluon_fwd._tma_rows_view:
 a query block that runs past the end of a sequence reads the tokens after
-it, which get p = 0; a NaN or inf there would leak (0 * inf), which the
-Triton kernel's masked loads rule out.
+it, which get p = 0 (and add exact zeros to dQ); a NaN or inf there would
+leak (0 * inf), which the Triton kernel's masked loads rule out.
 """
 
 from __future__ import annotations
@@ -52,30 +68,38 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_fwd import ring_barriers, tma_load
+    from .gluon_fwd import cta_barrier, ring_barriers, tma_load, tma_reduce_add
 
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim: two MMA warpgroups
-# of 64 keys each share the query blocks' tiles.  At head dim 64 the same
-# kernel made the fwd + bwd step 3% slower without ACP (2.5-3% faster with
-# it) on an H200: the Triton kernel stays there.
-CONFIGS = {128: (64, 128, 8, 2)}
+# of 64 keys each share the query blocks' tiles.
+CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
+# What runs, by head dim, without and with ACP: None (the Triton kernels),
+# "dkdv" (this kernel for dK / dV after Triton's dQ kernel) or "fused" (this
+# kernel for all three gradients); measured as the module docstring says.
+DISPATCH = {64: (None, "dkdv"), 128: ("dkdv", "fused")}
 # registers a thread at launch (12 warps: one CTA per SM); setmaxnreg then
 # gives the MMA warps 240 and the load warps 24
 MAXNREG = 168
 
 
-def supported(q, k, v, do) -> bool:
-    """Whether the Gluon dK / dV kernel can run this call: bf16 (the dtype it
-    has been checked in on a GPU; fp16 runs the Triton kernel), a head dim in
-    CONFIGS and gluon_fwd.hopper_tma_ready, Q and dO being the streamed
-    tensors."""
-    return (q.dtype == torch.bfloat16 and q.shape[-1] in CONFIGS
-            and hopper_tma_ready((q, k, v, do), (q, do)))
+def mode(q, k, v, do, acp=False):
+    """What the Gluon kernel does for this call (acp: ACP prunes it): None,
+    "dkdv" or "fused" as DISPATCH says for its head dim, for bf16 (the
+    dtype it has been checked in on a GPU; fp16 runs the Triton kernels)
+    tensors that gluon_fwd.hopper_tma_ready takes, Q and dO being the
+    streamed ones."""
+    D = q.shape[-1]
+    if q.dtype != torch.bfloat16 or D not in CONFIGS or D not in DISPATCH:
+        return None
+    what = DISPATCH[D][bool(acp)]
+    return what if what is not None and hopper_tma_ready((q, k, v, do), (q, do)) else None
 
 
 def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
@@ -110,15 +134,16 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ready, empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV,
-                           s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
+    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE, DLT, THR,
+                           QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                           dqa_r0, dqa_c0, stride_dqah, stride_dcqb, stride_dcqh,
                            stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
                            STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr,
-                           num_warps: gl.constexpr):
+                           FUSED_DQ: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = k_smem.dtype
         # transposed tiles (keys x queries) and the [keys, head dim] gradients
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -126,6 +151,10 @@ if HAVE_GLUON:
         G_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         OP_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_L, k_width=2)
+        # dQ = dS K of a query block: [queries, head dim], the head dim split
+        # between the two warpgroups (each reads all 128 keys' dS from shared)
+        DQ_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                       instr_shape=[16, HEAD_DIM * 4 // num_warps, 16])
         KEYS: gl.constexpr = gl.SliceLayout(1, S_L)
         QUERIES: gl.constexpr = gl.SliceLayout(0, S_L)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=KEYS)
@@ -134,6 +163,15 @@ if HAVE_GLUON:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
         s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=S_L)
+        if FUSED_DQ:
+            dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=DQ_L)
+            # dc_q's row sums of dS: dS [queries, keys] times a [keys, 16]
+            # block of ones (the smallest wgmma), its first column kept
+            RS_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                           instr_shape=[16, 64 // num_warps, 16])
+            rs_zero = gl.zeros([BLOCK_M, 16], gl.float32, layout=RS_L)
+            offs_mr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, RS_L))
+            first_col = (gl.arange(0, 16, layout=gl.SliceLayout(0, RS_L)) == 0)[None, :]
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
@@ -145,6 +183,8 @@ if HAVE_GLUON:
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
+            if FUSED_DQ:
+                dcq_base = DCQ + qrow * stride_dcqb + h * stride_dcqh + q0
             if USE_ACP:
                 thr2 = gl.load(THR + s_id * stride_thr_s + h) * _LOG2E
             else:
@@ -183,12 +223,42 @@ if HAVE_GLUON:
                 dlt = gl.load(dlt_base + offs_m, mask=qmask, other=0.0)
                 dp = warpgroup_mma_wait(1, deps=(dp_tok,))
                 ds = p * (dp - dlt[None, :])
-                dck += gl.sum(ds, 1)
-                dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), OP_L), q_buf, dk, is_async=True)
-                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-                mbarrier.arrive(empty.index(b), count=1)
+                if FUSED_DQ:
+                    # dS^T through shared memory (module docstring): both
+                    # warpgroups read all of it, hence the barrier, and two
+                    # buffers so that one may write the next tile's half
+                    # while the other still reads this one
+                    ds16 = ds.to(dtype)
+                    dck += gl.sum(ds16.to(gl.float32), 1)
+                    ds_buf = ds_bufs.index(it % 2)
+                    ds_buf.store(ds16)
+                    fence_async_shared()
+                    # the previous tile's reduce-add has read dq_smem
+                    tma.store_wait(0)
+                    cta_barrier()
+                    dk_tok = warpgroup_mma(ds_buf, q_buf, dk, is_async=True)
+                    dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
+                    rs_tok = warpgroup_mma(ds_buf.permute((1, 0)), ones_smem, rs_zero, use_acc=False, is_async=True)
+                    dv, dk, dq, rs = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, rs_tok))
+                    mbarrier.arrive(empty.index(b), count=1)
+                    dq_smem.store(dq * scale)
+                    fence_async_shared()
+                    cta_barrier()
+                    # rows past the sequence's end (the 2-D view's next
+                    # tokens) get dS = 0 exactly: they add zeros
+                    tma_reduce_add(dqa_desc, [dqa_r0 + mb * BLOCK_M, dqa_c0 + h * stride_dqah], dq_smem)
+                    rows = mb * BLOCK_M + offs_mr
+                    gl.atomic_add(dcq_base + rows[:, None] + 0 * first_col, rs,
+                                  mask=(rows < qlen)[:, None] & first_col, sem="relaxed")
+                else:
+                    dck += gl.sum(ds, 1)
+                    dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), OP_L), q_buf, dk, is_async=True)
+                    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                    mbarrier.arrive(empty.index(b), count=1)
                 it += 1
             gl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
+        if FUSED_DQ:
+            tma.store_wait(0)
         offs_ng = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, G_L))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, G_L))
         gmask = (offs_ng < klen)[:, None]
@@ -199,7 +269,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_kernel_sm90(
-        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK,
+        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, DCQ,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -210,11 +280,12 @@ if HAVE_GLUON:
         stride_cqb, stride_cqh, stride_ckb, stride_ckh,
         stride_lb, stride_lh,
         stride_dckb, stride_dckh,
+        dqa_rows_b, dqa_cols_b, stride_dqah, stride_dcqb, stride_dcqh,
         stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
         scale, scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-        ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+        ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr, num_warps: gl.constexpr,
     ):
         # warp-specialised: num_warps warps of MMAs (the default partition)
         # and one warp of TMA loads; Q / dO of (row, token t, head) at
@@ -248,16 +319,30 @@ if HAVE_GLUON:
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, v)
             q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
             do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+            if FUSED_DQ:
+                ds_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
+                                                    gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+                dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dqa_desc.layout)
+                ONES_L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+                ones_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 16],
+                                                      gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], dtype),
+                                                      gl.full([BLOCK_N, 16], 1.0, dtype, layout=ONES_L))
+            else:  # not used
+                ds_bufs = q_bufs
+                dq_smem = q_bufs
+                ones_smem = q_bufs
             ready, empty = ring_barriers(STAGES)
             lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
             gl.warp_specialize(
-                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ready, empty, CQ, CK, LSE, DLT, THR, QBHI,
-                                       DCK, DK, DV, s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0,
+                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE,
+                                       DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0,
                                        qlen, klen, lo, full_lo, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
                                        stride_lb, stride_lh, stride_dckb, stride_dckh, stride_dkb, stride_dkt,
-                                       stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s,
+                                       stride_dkh, stride_dvb, stride_dvt, stride_dvh, qrow * dqa_rows_b + q0,
+                                       qrow * dqa_cols_b, stride_dqah, stride_dcqb, stride_dcqh, stride_thr_s, stride_qbhi_s,
                                        stride_qbhi_h, stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M,
-                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, num_warps)),
+                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ,
+                                       num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
                                         klen, lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
                                         qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
@@ -266,10 +351,14 @@ if HAVE_GLUON:
                 [1], [40])
 
 
-def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group, acp_blocks):
+def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group, acp_blocks,
+                dq_acc=None):
     """Launch the Gluon dK / dV kernel with triton_ops._backward's arguments
-    (``supported`` holds); acp_blocks: the (BLOCK_M, BLOCK_N) of qbhi's
-    tiles (``takes_boundaries`` holds)."""
+    (``mode`` is not None); acp_blocks: the (BLOCK_M, BLOCK_N) of qbhi's
+    tiles (``takes_boundaries`` holds).  dq_acc: (dq [B, Tq, Hq, D] float32,
+    dc_q [B, Hq, Tq] float32), zeroed: the kernel also adds each tile's
+    dQ (scaled) and row sums of dS there (the fused dQ), and dlt holds the
+    rows' delta already."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, views = tma_descriptors((q, do), BM)
@@ -278,8 +367,16 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
     dummy_f = thr if use_acp else c_q
     qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
+    fused = dq_acc is not None
+    if fused:
+        dqa, dcq = dq_acc
+        # the reduce-add's 2-D view of dq (float32, [B, Tq, Hq, D])
+        (dqa_desc,), (dqa_view,) = tma_descriptors((dqa,), BM)
+    else:  # not read
+        dqa_desc, dqa_view, dcq = descs[0], views[0], dc_k
+        dqa = q
     _dkdv_kernel_sm90[grid](
-        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
+        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         views[0][2], views[0][3], q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -290,8 +387,9 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_k.stride(0), dc_k.stride(1),
+        dqa_view[2], dqa_view[3], dqa.stride(2), dcq.stride(0), dcq.stride(1),
         dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=warps, maxnreg=MAXNREG,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, num_warps=warps, maxnreg=MAXNREG,
     )

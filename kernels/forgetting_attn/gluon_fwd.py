@@ -67,6 +67,21 @@ try:  # Gluon and its Hopper module exist from Triton 3.6 on
 
     # the TMA load's name: async_load from Triton 3.7 on (the old name raises)
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    # the CTA-wide barrier: gl.barrier from Triton 3.7 on
+    cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    if hasattr(tma, "async_atomic_add"):  # Triton >= 3.7
+        tma_reduce_add = tma.async_atomic_add
+    else:
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            """TMA reduce-add of a shared tile into global memory: Triton 3.6
+            has the operation but no Gluon function for it."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -306,7 +321,7 @@ def tma_descriptors(tensors, block_rows):
     """2-D TMA descriptors of bshd tensors through their ``_tma_rows_view``
     (boxes of block_rows x head dim), and the views."""
     D = tensors[0].shape[-1]
-    dtype = gl.bfloat16 if tensors[0].dtype == torch.bfloat16 else gl.float16
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[tensors[0].dtype]
     layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], dtype)
     views = [_tma_rows_view(t) for t in tensors]
     descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [block_rows, D], layout)

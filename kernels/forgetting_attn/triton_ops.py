@@ -100,11 +100,20 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 # it made the forward 0.5-6% faster on an H200 but not the fwd + bwd step
 # (benchmarks/results/attention_gluon_fwd_h200.json).
 USE_GLUON_FWD = False
-# True: single-GPU bf16 backwards on Hopper at head dim 128 run the warp-specialised
-# Gluon dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below: on an
-# H200 it made the fwd + bwd step 5.6-8.5% faster
+# True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
+# dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
+# gluon_bwd.DISPATCH says so (head dim 128; 64 with ACP): on an H200 it made
+# the fwd + bwd step 5.6-8.5% faster at head dim 128
 # (benchmarks/results/attention_gluon_dkdv_h200.json).
 USE_GLUON_DKDV = True
+# True (with USE_GLUON_DKDV): where gluon_bwd.DISPATCH says "fused" (head dim
+# 128 with ACP), that kernel also computes dQ and dc_q, from dS kept in
+# shared memory, and adds them to float32 buffers (dQ by TMA reduce-adds, as
+# FlashAttention-3 does; dc_q by atomics), so the dQ kernel, which
+# recomputes S and dP, does not run.  The adds' order varies, so dq is not
+# bitwise reproducible: the dQ kernel runs whenever
+# torch.use_deterministic_algorithms is on.
+USE_GLUON_FUSED_DQ = True
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
@@ -1058,6 +1067,20 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         return dq, dk, dv, dc_q, dc_k
     scale2 = scale * LOG2E
     dummy_f = thr if use_acp else c_q
+    BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
+    gluon_mode = (gluon_bwd.mode(q, k, v, do, use_acp) if USE_GLUON_DKDV and allow_gluon and not partial
+                  and kv_grad_dtype is None and gluon_bwd.takes_boundaries(D, BM1, BN1) else None)
+    if use_acp and qbhi is None and gluon_mode:
+        _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
+    if (gluon_mode == "fused" and USE_GLUON_FUSED_DQ and dq_acc is None
+            and not torch.are_deterministic_algorithms_enabled()):
+        # one kernel for all three gradients (gluon_bwd.py): delta first
+        dlt_f = _row_delta(o_arg, do) if delta is None else dlt
+        dq32 = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
+        if _run_gluon("USE_GLUON_FUSED_DQ", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt_f, thr, qbhi, dk,
+                      dv, dc_k, pairs, scale, causal, group, (BM1, BN1), (dq32, dc_q)):
+            dq.copy_(dq32)
+            return dq, dk, dv, dc_q, dc_k
 
     # dQ first: it computes delta (when not given), which dK / dV reads
     BM2, BN2, w2, st2 = kernel_config("dq", D, q.dtype)
@@ -1081,13 +1104,10 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, num_warps=w2, num_stages=st2,
     )
-    BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     if use_acp and qbhi is None:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
-    if (USE_GLUON_DKDV and allow_gluon and not partial and kv_grad_dtype is None
-            and gluon_bwd.supported(q, k, v, do) and gluon_bwd.takes_boundaries(D, BM1, BN1)
-            and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk,
-                           dv, dc_k, pairs, scale, causal, group, (BM1, BN1))):
+    if gluon_mode and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr,
+                                 qbhi, dk, dv, dc_k, pairs, scale, causal, group, (BM1, BN1)):
         return dq, dk, dv, dc_q, dc_k
     qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
