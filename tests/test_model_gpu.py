@@ -82,8 +82,11 @@ def test_125m_bf16_triton_matches_reference(heads, monkeypatch):
             assert cos > min_cos, (name, cos)
 
     assert_agree(fast, ref, 1e-2, 0.98)
-    # head dim 128 on Hopper: the model's q / k / v layout reaches the Gluon dK / dV kernel
-    assert bool(gluon_launches) == (heads == 6 and torch.cuda.get_device_capability()[0] == 9)
+    # on Hopper the model's q / k / v layout reaches the Gluon backward where
+    # it runs with ACP (as this model does): dK / dV at head dim 64, all
+    # three gradients at 128
+    runs = gluon_bwd.DISPATCH.get(768 // heads, (None, None))[1] is not None
+    assert bool(gluon_launches) == (runs and torch.cuda.get_device_capability()[0] == 9)
     kept = collect_acp_kept_fraction(fast)
     assert kept is not None and 0.0 < float(kept) <= 1.0
 
