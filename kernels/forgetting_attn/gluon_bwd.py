@@ -134,8 +134,9 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE, DLT, THR,
-                           QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
+    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE,
+                           DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen,
+                           lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                            dqa_r0, dqa_c0, stride_dqah, stride_dcqb, stride_dcqh,
@@ -334,15 +335,15 @@ if HAVE_GLUON:
             ready, empty = ring_barriers(STAGES)
             lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
             gl.warp_specialize(
-                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE,
-                                       DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0,
-                                       qlen, klen, lo, full_lo, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-                                       stride_lb, stride_lh, stride_dckb, stride_dckh, stride_dkb, stride_dkt,
-                                       stride_dkh, stride_dvb, stride_dvt, stride_dvh, qrow * dqa_rows_b + q0,
-                                       qrow * dqa_cols_b, stride_dqah, stride_dcqb, stride_dcqh, stride_thr_s, stride_qbhi_s,
-                                       stride_qbhi_h, stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M,
-                                       BLOCK_N, CAUSAL, USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ,
-                                       num_warps)),
+                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty,
+                                       CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row,
+                                       qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo, stride_cqb,
+                                       stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
+                                       stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
+                                       stride_dvh, qrow * dqa_rows_b + q0, qrow * dqa_cols_b, stride_dqah,
+                                       stride_dcqb, stride_dcqh, stride_thr_s, stride_qbhi_s, stride_qbhi_h,
+                                       stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                                       USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
                                         klen, lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
                                         qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
