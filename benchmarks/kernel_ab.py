@@ -1,6 +1,7 @@
 """A/B of a Gluon kernel against the Triton kernel it replaces, in one process.
 
     python benchmarks/kernel_ab.py --switch USE_GLUON_DKDV --out benchmarks/results/<name>.json
+    python benchmarks/kernel_ab.py --switch USE_GLUON_FUSED_DQ --dispatch 128=fused,fused --lengths 2048,8192
 
 Switches a ``triton_ops`` flag (USE_GLUON_FWD, USE_GLUON_DKDV, USE_GLUON_FUSED_DQ) on and off in
 interleaved rounds on BENCH.md's inputs (paper-like gates, B = 32768 / L)
@@ -8,10 +9,12 @@ and reports, per shape and length, the median fwd + bwd step (as
 benchmarks/attention.py times it) and the median backward alone (the
 kernels' ``_backward`` on the forward's saved tensors). ``--cfgs`` sweeps
 the Gluon kernel's (BLOCK_M, BLOCK_N, warps, STAGES); the first is the one
-checked, at each head dim of ``--shapes``.  The checks compare both paths'
-outputs and gradients with each other and with the float64 reference
-(random inputs: GQA, the [T, B] layout, packed documents, odd and unit
-lengths).
+checked, at each head dim of ``--shapes``.  ``--dispatch`` overrides rows of
+gluon_bwd.DISPATCH for the run (the second line above times the fused dQ
+without ACP too, at a length where a head's float32 dQ buffer is small and
+at one where it is not).  The checks compare both paths' outputs and
+gradients with each other and with the float64 reference (random inputs:
+GQA, the [T, B] layout, packed documents, odd and unit lengths).
 """
 
 from __future__ import annotations
@@ -110,6 +113,19 @@ def checks(switch, D):
     return rows
 
 
+def parse_dispatch(text):
+    """'D=WITHOUT_ACP,WITH_ACP;...' -> {D: (mode, mode)} for gluon_bwd.DISPATCH."""
+    modes = {"none": None, "dkdv": "dkdv", "fused": "fused"}
+    table = {}
+    for item in text.split(";"):
+        d, _, pair = item.partition("=")
+        parts = pair.split(",")
+        if not d.strip().isdigit() or len(parts) != 2 or any(p.strip() not in modes for p in parts):
+            raise SystemExit(f"--dispatch: expected 'D=MODE,MODE' with modes {sorted(modes)}, got {item!r}")
+        table[int(d)] = tuple(modes[p.strip()] for p in parts)
+    return table
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--switch", default="USE_GLUON_DKDV", choices=sorted(MODULES))
@@ -120,10 +136,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=float, default=100)
     ap.add_argument("--rep-ms", type=float, default=500)
+    ap.add_argument("--dispatch", default=None,
+                    help="gluon_bwd.DISPATCH entries for this run, 'D=WITHOUT_ACP,WITH_ACP;...' with 'none', "
+                         "'dkdv' or 'fused' (e.g. '128=fused,fused' to time the fused dQ without ACP too)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     module = MODULES[args.switch]
+    if args.dispatch:
+        gluon_bwd.DISPATCH.update(parse_dispatch(args.dispatch))
     cfgs = [tuple(int(x) for x in c.split(",")) for c in args.cfgs.split(";")] if args.cfgs else [None]
     result = dict(gpu=torch.cuda.get_device_name(), gpus=1, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv), records=[])
@@ -164,6 +185,7 @@ def main():
                     med = {kind: {use: statistics.median(v) for use, v in d.items()} for kind, d in times.items()}
                     rec = dict(bench="kernel_ab", switch=args.switch, H=H, D=D, L=L, B=B, acp=acp is not None,
                                gluon_cfg=list(cfg or module.CONFIGS[D]), maxnreg=module.MAXNREG,
+                               dispatch=list(gluon_bwd.DISPATCH.get(D, (None, None))),
                                step_ms_gluon=round(med["step"][True], 4), step_ms_triton=round(med["step"][False], 4),
                                bwd_ms_gluon=round(med["bwd"][True], 4), bwd_ms_triton=round(med["bwd"][False], 4),
                                rounds={k: {str(u): v for u, v in d.items()} for k, d in times.items()})

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("bench", "model", "size", "L", "gpus", "dp", "tp", "pp", "cp", "acp", "tokens_per_s", "efficiency")
 
@@ -71,3 +73,16 @@ def test_work_model_counts_the_kernels_kept_tiles():
         diag_first = (torch.arange(qbhi.shape[-1]) * bn) // bm
         _, plain, masked = tile_counts("dkdv", c, thr, bm, bn, acp=True)
         assert plain + masked == int((qbhi[:, :, 0] - diag_first).clamp_min(0).sum())
+
+
+def test_kernel_ab_dispatch_option():
+    """kernel_ab.py --dispatch sets gluon_bwd.DISPATCH rows for a run (to time
+    a mode the defaults do not run, such as the fused dQ without ACP);
+    anything but 'D=MODE,MODE' with known modes is refused."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.kernel_ab import parse_dispatch
+
+    assert parse_dispatch("128=fused,fused;64=none,dkdv") == {128: ("fused", "fused"), 64: (None, "dkdv")}
+    for bad in ("128=fast,dkdv", "128=dkdv", "x=dkdv,dkdv"):
+        with pytest.raises(SystemExit, match="--dispatch"):
+            parse_dispatch(bad)
