@@ -11,8 +11,7 @@ kernels' ``_backward`` on the forward's saved tensors). ``--cfgs`` sweeps
 the Gluon kernel's (BLOCK_M, BLOCK_N, warps, STAGES); the first is the one
 checked, at each head dim of ``--shapes``.  ``--dispatch`` overrides rows of
 gluon_bwd.DISPATCH for the run (the second line above times the fused dQ
-without ACP too, at a length where a head's float32 dQ buffer is small and
-at one where it is not).  The checks compare both paths' outputs and
+without ACP too).  The checks compare both paths' outputs and
 gradients with each other and with the float64 reference (random inputs:
 GQA, the [T, B] layout, packed documents, odd and unit lengths).
 """
