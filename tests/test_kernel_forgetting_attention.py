@@ -731,6 +731,37 @@ def test_gluon_kernel_that_does_not_compile_falls_back(monkeypatch):
     assert triton_ops._run_gluon("USE_GLUON_FWD", lambda *a: ran.append(a), 1) is True and ran == [(1,)]
 
 
+def test_backward_runs_the_triton_kernels_when_the_gluon_backward_does_not_compile(monkeypatch):
+    """Where gluon_bwd.DISPATCH asks for the fused dQ and this Triton cannot
+    compile the Gluon kernel, both of its switches turn off with warnings
+    and the Triton dQ and dK / dV kernels give the same gradients as when
+    the Gluon kernel was never asked for (interpreted on a CPU)."""
+    from triton.compiler.errors import CompilationError
+
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, triton_ops
+
+    q, k, v, log_f = make_inputs(1, 77, 2, 1, 64, torch.float32, seed=5)
+    do = torch.randn_like(q)
+    kw = dict(backend="triton", acp=AcpConfig())
+    _, expected = run(q, k, v, log_f, do, **kw)
+    launches = []
+
+    def launch(*args):
+        launches.append(len(args) > 18)  # with the fused dQ's buffers
+        raise CompilationError(None, None, "no such Gluon function in this Triton")
+
+    monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", True)
+    monkeypatch.setattr(triton_ops, "USE_GLUON_FUSED_DQ", True)
+    monkeypatch.setattr(gluon_bwd, "mode", lambda *a, **kw: "fused")
+    monkeypatch.setattr(gluon_bwd, "launch_dkdv", launch)
+    with pytest.warns(RuntimeWarning, match="does not compile"):
+        _, got = run(q, k, v, log_f, do, **kw)
+    assert launches == [True, False]
+    assert triton_ops.USE_GLUON_FUSED_DQ is False and triton_ops.USE_GLUON_DKDV is False
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), got, expected):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
