@@ -1070,7 +1070,8 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     gluon_mode = (gluon_bwd.mode(q, k, v, do, use_acp) if USE_GLUON_DKDV and allow_gluon and not partial
                   and kv_grad_dtype is None and gluon_bwd.takes_boundaries(D, BM1, BN1) else None)
-    if use_acp and qbhi is None and gluon_mode:
+    # the dK / dV pass's boundaries (every path below has one)
+    if use_acp and qbhi is None:
         _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
     if (gluon_mode == "fused" and USE_GLUON_FUSED_DQ and dq_acc is None
             and not torch.are_deterministic_algorithms_enabled()):
@@ -1104,8 +1105,6 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, num_warps=w2, num_stages=st2,
     )
-    if use_acp and qbhi is None:
-        _, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM1, BN1, causal, want_kblo=False, want_qbhi=True)
     if gluon_mode and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr,
                                  qbhi, dk, dv, dc_k, pairs, scale, causal, group, (BM1, BN1)):
         return dq, dk, dv, dc_q, dc_k
