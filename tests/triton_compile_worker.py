@@ -64,10 +64,11 @@ def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", f
 
 
 def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16", fp64_pointers=(),
-                  desc_dtypes=None):
+                  desc_dtypes=None, desc_blocks=None):
     """A Gluon kernel (gluon_fwd.py / gluon_bwd.py): its *_desc arguments
-    are TMA descriptors of desc_block tiles with the launch's shared layout,
-    of act elements unless desc_dtypes names another."""
+    are TMA descriptors of desc_block tiles (desc_blocks: others by name)
+    with the launch's shared layout, of act elements unless desc_dtypes
+    names another."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -78,9 +79,10 @@ def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16"
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
             dt = (desc_dtypes or {}).get(name, act)
+            block = list((desc_blocks or {}).get(name, desc_block))
             layout = gl.NVMMASharedLayout.get_default_for(
-                list(desc_block), getattr(gl, {"bf16": "bfloat16", "fp32": "float32"}[dt]))
-            sig[name] = f"tensordesc<{dt}{list(desc_block)},{layout!r}>"
+                block, getattr(gl, {"bf16": "bfloat16", "fp32": "float32"}[dt]))
+            sig[name] = f"tensordesc<{dt}{block},{layout!r}>"
         else:
             sig[name] = plain[name]
     src = GluonASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
@@ -108,7 +110,8 @@ def gluon_cases():
                               STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
                 yield (f"gluon_dkdv{'_dq' if fused else ''}{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90,
                        consts, dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim),
-                                    desc_dtypes={"dqa_desc": "fp32" if fused else "bf16"}, **f64))
+                                    desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
+                                    desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim)}, **f64))
 
 
 def cases():

@@ -17,7 +17,9 @@ FlashAttention-3 (Shah et al., 2024) does it on Hopper:
   P^T) made the kernel spill; deferring dK += dS^T Q into the next tile
   (FlashAttention-3's intra-warpgroup overlap) was slower;
 - it launches at 168 registers a thread, one CTA per SM; setmaxnreg gives
-  the MMA warps 240 and the load warps 24.
+  the MMA warps 240 and the load and write warps 24 each (with 40 for the
+  load warp, the MMA warps spilled twice as much and the kernel without
+  FUSED_DQ was 11% slower at 8k without ACP).
 
 With FUSED_DQ it computes dQ too, so that the dQ kernel (which recomputes
 S and dP) does not run: dS^T goes to shared memory, where it is the A
@@ -25,11 +27,14 @@ operand of dK += dS^T Q, of dQ = dS K (each warpgroup half of the head
 dim over all 128 keys) and of dS times a block of ones, whose first column
 is dc_q's row sums of dS (taken in registers, by a reduction across the
 warps, they made the kernel spill and the backward twice as slow).
-dQ is staged in shared memory and added to a float32 buffer by a TMA
-reduce-add, as in FlashAttention-3 (scalar atomics were slower); dc_q by
-atomics.  dc_k's column sums are then taken from the same bf16 dS, so
-that dL/dlog f sums dS over the pairs that cross each token in one
-rounding (the rest cancels).
+dQ and the row sums go to shared memory while dK's MMA runs, and a write
+warp adds them to float32 buffers by TMA reduce-adds, as FlashAttention-3's
+dQ writer does: the MMA warps wait for the write warp only if it is still
+sending the last tile's.  (Scalar dQ atomics were slower; the row sums'
+atomics from the MMA warps cost 4 of the kernel's 11.6 ms at 8k without
+ACP, where the write warp's reduce-adds cost nothing measurable.)  dc_k's
+column sums are then taken from the same bf16 dS, so that dL/dlog f sums
+dS over the pairs that cross each token in one rounding (the rest cancels).
 
 Everything else follows triton_ops._dkdv_kernel: the pair table, the query
 block ranges (tile_ranges.py, called by both kernels: [lo, mid) diagonal,
@@ -44,9 +49,10 @@ Measured on an H200 against the Triton kernels (DISPATCH says what runs):
 at head dim 128 the fwd + bwd step 5.6-8.5% faster (8k and 16k, with and
 without ACP; benchmarks/results/attention_gluon_dkdv_h200.json), and with
 ACP the fused dQ 3.5-3.8% faster again (attention_fused_dq_h200.json).
-Without ACP the fused dQ made the step 28-30% slower: the ablations in that
-file put the cost in the per-tile writes (dQ's staging and reduce-add,
-dc_q's atomics), not in the extra MMAs.  At head dim 64 this kernel made the step 3% slower
+With the write warp (attention_dq_writer_h200.json) the fused dQ makes the
+ACP step 8.4-9.3% faster than this kernel after the dQ kernel, and without
+ACP 4.5-4.8% slower (the extra MMA and the writes outweigh the dQ kernel's
+recomputation there).  At head dim 64 this kernel made the step 3% slower
 without ACP and 3.9-4.5% faster with it
 (attention_gluon_dkdv_d64_h200.json); the fused dQ was slower there.
 
@@ -134,12 +140,37 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty, CQ, CK, LSE,
-                           DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen,
-                           lo, full_lo,
+    def _bwd_dq_write_partition(dqa_desc, dcq_desc, dq_smem, rs_smem, dq_full, dq_empty, QBHI, s_id, hk, pid_n, qlen,
+                                klen, lo, full_lo, dqa_r0, dqa_c0, stride_dqah, dcq_r0, dcq_c0, stride_dcqh,
+                                stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr,
+                                USE_ACP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr):
+        # one warp (fused dQ): each tile's dQ and dc_q row sums, staged by the
+        # MMA warps, go out by TMA reduce-adds while those warps go on with
+        # the next tile (FlashAttention-3's dQ writer); rows past the
+        # sequence's end (the 2-D views' next tokens) get dS = 0 exactly, so
+        # they add zeros
+        if FUSED_DQ:
+            it = 0
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                _, _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
+                                         klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
+                for mb in range(lo, hi):
+                    mbarrier.wait(dq_full, it & 1)
+                    tma_reduce_add(dqa_desc, [dqa_r0 + mb * BLOCK_M, dqa_c0 + h * stride_dqah], dq_smem)
+                    tma_reduce_add(dcq_desc, [dcq_r0 + mb * BLOCK_M, dcq_c0 + h * stride_dcqh], rs_smem)
+                    # both have been read out of shared memory
+                    tma.store_wait(0)
+                    mbarrier.arrive(dq_empty, count=1)
+                    it += 1
+
+    @gluon.jit
+    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready, empty,
+                           dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n, row, qrow, q0,
+                           k0, qlen, klen, lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                           dqa_r0, dqa_c0, stride_dqah, stride_dcqb, stride_dcqh,
                            stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
@@ -171,8 +202,6 @@ if HAVE_GLUON:
             RS_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                                            instr_shape=[16, 64 // num_warps, 16])
             rs_zero = gl.zeros([BLOCK_M, 16], gl.float32, layout=RS_L)
-            offs_mr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, RS_L))
-            first_col = (gl.arange(0, 16, layout=gl.SliceLayout(0, RS_L)) == 0)[None, :]
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
@@ -184,8 +213,6 @@ if HAVE_GLUON:
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
-            if FUSED_DQ:
-                dcq_base = DCQ + qrow * stride_dcqb + h * stride_dcqh + q0
             if USE_ACP:
                 thr2 = gl.load(THR + s_id * stride_thr_s + h) * _LOG2E
             else:
@@ -234,23 +261,21 @@ if HAVE_GLUON:
                     ds_buf = ds_bufs.index(it % 2)
                     ds_buf.store(ds16)
                     fence_async_shared()
-                    # the previous tile's reduce-add has read dq_smem
-                    tma.store_wait(0)
                     cta_barrier()
-                    dk_tok = warpgroup_mma(ds_buf, q_buf, dk, is_async=True)
                     dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
                     rs_tok = warpgroup_mma(ds_buf.permute((1, 0)), ones_smem, rs_zero, use_acc=False, is_async=True)
-                    dv, dk, dq, rs = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, rs_tok))
-                    mbarrier.arrive(empty.index(b), count=1)
+                    dk_tok = warpgroup_mma(ds_buf, q_buf, dk, is_async=True)
+                    # dQ and the row sums go to shared memory while dK's MMA
+                    # runs (issued last: waits count groups in order)
+                    dv, dq, rs = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, rs_tok))
+                    # the write warp has sent the last tile's dQ and row sums
+                    mbarrier.wait(dq_empty, it & 1)
                     dq_smem.store(dq * scale)
+                    rs_smem.store(rs)
                     fence_async_shared()
-                    cta_barrier()
-                    # rows past the sequence's end (the 2-D view's next
-                    # tokens) get dS = 0 exactly: they add zeros
-                    tma_reduce_add(dqa_desc, [dqa_r0 + mb * BLOCK_M, dqa_c0 + h * stride_dqah], dq_smem)
-                    rows = mb * BLOCK_M + offs_mr
-                    gl.atomic_add(dcq_base + rows[:, None] + 0 * first_col, rs,
-                                  mask=(rows < qlen)[:, None] & first_col, sem="relaxed")
+                    mbarrier.arrive(dq_full, count=1)
+                    dk = warpgroup_mma_wait(0, deps=(dk_tok,))
+                    mbarrier.arrive(empty.index(b), count=1)
                 else:
                     dck += gl.sum(ds, 1)
                     dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), OP_L), q_buf, dk, is_async=True)
@@ -258,8 +283,6 @@ if HAVE_GLUON:
                     mbarrier.arrive(empty.index(b), count=1)
                 it += 1
             gl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
-        if FUSED_DQ:
-            tma.store_wait(0)
         offs_ng = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, G_L))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, G_L))
         gmask = (offs_ng < klen)[:, None]
@@ -270,7 +293,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_kernel_sm90(
-        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, DCQ,
+        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -281,7 +304,7 @@ if HAVE_GLUON:
         stride_cqb, stride_cqh, stride_ckb, stride_ckh,
         stride_lb, stride_lh,
         stride_dckb, stride_dckh,
-        dqa_rows_b, dqa_cols_b, stride_dqah, stride_dcqb, stride_dcqh,
+        dqa_rows_b, dqa_cols_b, stride_dqah, dcq_rows_b, dcq_cols_b, stride_dcqh,
         stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
         scale, scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -324,6 +347,7 @@ if HAVE_GLUON:
                 ds_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
                                                     gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
                 dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dqa_desc.layout)
+                rs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, 16], dcq_desc.layout)
                 ONES_L: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
                 ones_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 16],
                                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], dtype),
@@ -331,25 +355,37 @@ if HAVE_GLUON:
             else:  # not used
                 ds_bufs = q_bufs
                 dq_smem = q_bufs
+                rs_smem = q_bufs
                 ones_smem = q_bufs
             ready, empty = ring_barriers(STAGES)
+            # dQ's staging buffers: full (MMA warps -> write warp), empty
+            # (back; starts free)
+            dq_full, dq_empty = ring_barriers(1)
+            dq_full = dq_full.index(0)
+            dq_empty = dq_empty.index(0)
             lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
+            # the write warp idles without FUSED_DQ
             gl.warp_specialize(
-                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, ones_smem, ready, empty,
-                                       CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, dqa_desc, DCQ, s_id, hk, pid_n, row,
-                                       qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo, stride_cqb,
-                                       stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
-                                       stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
-                                       stride_dvh, qrow * dqa_rows_b + q0, qrow * dqa_cols_b, stride_dqah,
-                                       stride_dcqb, stride_dcqh, stride_thr_s, stride_qbhi_s, stride_qbhi_h,
+                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready,
+                                       empty, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk,
+                                       pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo,
+                                       stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh,
+                                       stride_dckb, stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb,
+                                       stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s, stride_qbhi_h,
                                        stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
                                        USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
                                         klen, lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
                                         qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
                                         stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,
-                                        ACP_BLOCK_M, ACP_BLOCK_N))],
-                [1], [40])
+                                        ACP_BLOCK_M, ACP_BLOCK_N)),
+                 (_bwd_dq_write_partition, (dqa_desc, dcq_desc, dq_smem, rs_smem, dq_full, dq_empty, QBHI, s_id, hk,
+                                            pid_n, qlen, klen, lo, full_lo, qrow * dqa_rows_b + q0,
+                                            qrow * dqa_cols_b, stride_dqah, qrow * dcq_rows_b + q0,
+                                            qrow * dcq_cols_b, stride_dcqh, stride_qbhi_s, stride_qbhi_h,
+                                            stride_qbhi_r, GROUP, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
+                                            ACP_BLOCK_N, FUSED_DQ))],
+                [1, 1], [24, 24])
 
 
 def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group, acp_blocks,
@@ -357,9 +393,10 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     """Launch the Gluon dK / dV kernel with triton_ops._backward's arguments
     (``mode`` is not None); acp_blocks: the (BLOCK_M, BLOCK_N) of qbhi's
     tiles (``takes_boundaries`` holds).  dq_acc: (dq [B, Tq, Hq, D] float32,
-    dc_q [B, Hq, Tq] float32), zeroed: the kernel also adds each tile's
-    dQ (scaled) and row sums of dS there (the fused dQ), and dlt holds the
-    rows' delta already."""
+    dc_q16 [B, Tq, Hq, 16] float32), zeroed: the kernel also adds each
+    tile's dQ (scaled) and row sums of dS there (the fused dQ; dc_q16's 16
+    columns get the same sums, the smallest MMA being 16 wide), and dlt
+    holds the rows' delta already."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, views = tma_descriptors((q, do), BM)
@@ -371,13 +408,14 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     fused = dq_acc is not None
     if fused:
         dqa, dcq = dq_acc
-        # the reduce-add's 2-D view of dq (float32, [B, Tq, Hq, D])
+        # the reduce-adds' 2-D views of dq and dc_q16 (float32, bshd)
         (dqa_desc,), (dqa_view,) = tma_descriptors((dqa,), BM)
+        (dcq_desc,), (dcq_view,) = tma_descriptors((dcq,), BM)
     else:  # not read
-        dqa_desc, dqa_view, dcq = descs[0], views[0], dc_k
-        dqa = q
+        dqa_desc, dcq_desc, dqa_view, dcq_view = descs[0], descs[0], views[0], views[0]
+        dqa = dcq = q
     _dkdv_kernel_sm90[grid](
-        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq,
+        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         views[0][2], views[0][3], q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -388,7 +426,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_k.stride(0), dc_k.stride(1),
-        dqa_view[2], dqa_view[3], dqa.stride(2), dcq.stride(0), dcq.stride(1),
+        dqa_view[2], dqa_view[3], dqa.stride(2), dcq_view[2], dcq_view[3], dcq.stride(2),
         dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,

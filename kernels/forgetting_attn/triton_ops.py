@@ -108,8 +108,8 @@ USE_GLUON_FWD = False
 USE_GLUON_DKDV = True
 # True (with USE_GLUON_DKDV): where gluon_bwd.DISPATCH says "fused" (head dim
 # 128 with ACP), that kernel also computes dQ and dc_q, from dS kept in
-# shared memory, and adds them to float32 buffers (dQ by TMA reduce-adds, as
-# FlashAttention-3 does; dc_q by atomics), so the dQ kernel, which
+# shared memory, and adds them to float32 buffers (by TMA reduce-adds that a
+# write warp issues, as FlashAttention-3 does), so the dQ kernel, which
 # recomputes S and dP, does not run.  The adds' order varies, so dq is not
 # bitwise reproducible: the dQ kernel runs whenever
 # torch.use_deterministic_algorithms is on.
@@ -1078,9 +1078,11 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         # one kernel for all three gradients (gluon_bwd.py): delta first
         dlt_f = _row_delta(o_arg, do) if delta is None else dlt
         dq32 = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
+        dcq16 = torch.zeros(B, Tq, Hq, 16, dtype=torch.float32, device=q.device)
         if _run_gluon("USE_GLUON_FUSED_DQ", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt_f, thr, qbhi, dk,
-                      dv, dc_k, pairs, scale, causal, group, (BM1, BN1), (dq32, dc_q)):
+                      dv, dc_k, pairs, scale, causal, group, (BM1, BN1), (dq32, dcq16)):
             dq.copy_(dq32)
+            dc_q.copy_(dcq16[..., 0].permute(0, 2, 1))
             return dq, dk, dv, dc_q, dc_k
 
     # dQ first: it computes delta (when not given), which dK / dV reads
