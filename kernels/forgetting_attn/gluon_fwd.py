@@ -9,13 +9,13 @@ FlashAttention-3 does (Shah et al., 2024):
 - one load warp streams K and V tiles by TMA into a ring of STAGES shared
   buffers; a "ready" mbarrier per buffer says its tiles have landed, an
   "empty" one that the MMA warps are done with it;
-- four MMA warps (one warpgroup, 64 query rows) issue S_j = Q K_j^T and
+- the MMA warps (at head dim 128 two warpgroups of 64 query rows each,
+  over key tiles of 128, FlashAttention-3's tiles) issue S_j = Q K_j^T and
   O += P_{j-1} V_{j-1} as two asynchronous wgmma, wait only for the
   first, and compute tile j's softmax while the second still runs (the
   intra-warpgroup overlap of FlashAttention-3, section 3.2);
-- it launches with 128 registers a thread so that two CTAs share an SM;
-  the MMA warps then take 232 from the load warps (setmaxnreg), so the two
-  CTAs' warpgroups take turns on the tensor cores.
+- it launches with 168 registers a thread, one CTA per SM; setmaxnreg
+  gives the MMA warps 240 and the load warp 24 (at 40 they spilled).
 
 Everything else follows triton_ops._fwd_kernel: the same pair table, tile
 ranges (tile_ranges.key_tiles, called by both), ACP boundaries, relative
@@ -33,17 +33,19 @@ The masks give them zero weight, so finite values there do not matter;
 a NaN or inf value in V there would (0 * inf), which the Triton kernel's
 masked loads rule out.
 
-Measured on an H200 (benchmarks/results/attention_gluon_fwd_h200.json), at
-head dim 128 against the Triton forward: 3-5% faster at 8k (dense), 4-6%
-with ACP, 0.5% / 2.4% at 16k; the fwd + bwd step did not change measurably
-(-0.3% to +0.2%).  At head dim 64 it was slower.  Without warp
-specialisation (cp.async loads issued by the MMA warps, the overlap alone)
-every configuration was slower than the Triton forward.  Hence opt-in
-(triton_ops.USE_GLUON_FWD): it is the base for a warp-specialised
-backward, where most of the step's time is.
+Measured on an H200 against the Triton forward, in fwd + bwd steps at head
+dim 128 (benchmarks/results/attention_gluon_fwd_128_h200.json): 3.0% (8k)
+and 1.6% (16k) faster without ACP, 1.4% / 0.8% with it.  The earlier
+configuration, 64 x 64 tiles and two CTAs per SM, made the forward alone
+0.5-6% faster but not the step (attention_gluon_fwd_h200.json); key tiles
+of 128 were 1.8-1.9x slower at that register budget.  At head dim 64 it
+was slower than the Triton forward.  Without warp specialisation
+(cp.async loads issued by the MMA warps, the overlap alone) every
+configuration was slower than the Triton forward.
 
 Runs single-GPU / Ulysses calls on sm_90 at head dim 128 (``supported``)
-when switched on; context-parallel chunk calls stay on the Triton kernel.
+while triton_ops.USE_GLUON_FWD is on (the default); context-parallel chunk
+calls stay on the Triton kernel.
 """
 
 from __future__ import annotations
@@ -90,16 +92,19 @@ LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim.  Two stages ran as fast
-# as three on an H200 and leave shared memory for two CTAs per SM.
-CONFIGS = {128: (64, 64, 4, 2)}
-# registers a thread at launch: two CTAs per SM
-MAXNREG = 128
+# as three on an H200 (attention_gluon_fwd_128_h200.json).
+CONFIGS = {128: (128, 128, 8, 2)}
+# registers a thread at launch: one CTA per SM
+MAXNREG = 168
 
 
 def supported(q, k, v, out) -> bool:
-    """Whether the Gluon forward can run this call: a head dim in CONFIGS
-    and what ``hopper_tma_ready`` asks, K and V being the streamed tensors."""
-    return q.shape[-1] in CONFIGS and hopper_tma_ready((q, k, v, out), (k, v))
+    """Whether the Gluon forward can run this call: bf16 (the dtype it has
+    been checked in on a GPU; fp16 runs the Triton kernel), a head dim in
+    CONFIGS and what ``hopper_tma_ready`` asks, K and V being the streamed
+    tensors."""
+    return (q.dtype == torch.bfloat16 and q.shape[-1] in CONFIGS
+            and hopper_tma_ready((q, k, v, out), (k, v)))
 
 
 def hopper_tma_ready(tensors, streamed) -> bool:
@@ -289,7 +294,7 @@ if HAVE_GLUON:
                  (_load_partition, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, row * k_rows_b + k0,
                                        row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
                                        row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
-                [1], [40])
+                [1], [24])
             empty_row = l_i == 0.0
             l_safe = gl.where(empty_row, 1.0, l_i)
             lse = gl.where(empty_row, float("-inf"), ((m_i + cq2) + gl.log2(l_safe)) * 0.6931471805599453)

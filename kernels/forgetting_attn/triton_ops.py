@@ -95,11 +95,11 @@ def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16)
 assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
            for d, (bm, bn, _, _) in gluon_fwd.CONFIGS.items())
 
-# True: single-GPU forwards on Hopper at head dim 128 run the warp-specialised
-# Gluon kernel (gluon_fwd.py) instead of _fwd_kernel below.  Off by default:
-# it made the forward 0.5-6% faster on an H200 but not the fwd + bwd step
-# (benchmarks/results/attention_gluon_fwd_h200.json).
-USE_GLUON_FWD = False
+# True: single-GPU bf16 forwards on Hopper at head dim 128 run the
+# warp-specialised Gluon kernel (gluon_fwd.py) instead of _fwd_kernel below:
+# on an H200 it made the fwd + bwd step 0.8-3.0% faster
+# (benchmarks/results/attention_gluon_fwd_128_h200.json).
+USE_GLUON_FWD = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
 # gluon_bwd.DISPATCH says so (head dim 128; 64 with ACP): on an H200 it made
