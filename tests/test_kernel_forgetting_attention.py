@@ -804,8 +804,9 @@ def test_gpu_gluon_dkdv_matches_triton_dkdv(layout, acp, docs, fused_dq, head_di
 
 @pytest.mark.gpu
 def test_gpu_deterministic_mode_keeps_dq_reproducible(monkeypatch):
-    """The fused dQ adds by atomics; under torch.use_deterministic_algorithms
-    the dQ kernel runs instead and two backwards agree bit for bit."""
+    """The fused dQ's reduce-adds land in no fixed order; under
+    torch.use_deterministic_algorithms the dQ kernel runs instead and two
+    backwards agree bit for bit."""
     from fox_megatron.kernels.forgetting_attn import gluon_bwd
 
     if torch.cuda.get_device_capability()[0] != 9:
