@@ -8,6 +8,8 @@
 - The ACP work model (benchmarks/acp_work_model.py) counts tiles by its own
   copy of the kernels' tile rule: its kept tiles must be the boundary
   kernel's.
+- The gate-gradient rounding emulation (benchmarks/gate_grad_rounding.py)
+  tells the row sums of dS from none.
 """
 
 import json
@@ -86,3 +88,18 @@ def test_kernel_ab_dispatch_option():
     for bad in ("128=fast,dkdv", "128=dkdv", "x=dkdv,dkdv"):
         with pytest.raises(SystemExit, match="--dispatch"):
             parse_dispatch(bad)
+
+
+def test_gate_gradient_needs_the_row_sums_of_ds():
+    """benchmarks/gate_grad_rounding.py: in an emulation of the kernels'
+    rounding, the gate gradient taken from dS's row and column sums stays
+    near float64, and dropping the row sums (zero in exact arithmetic) costs
+    accuracy for a fast-forgetting head."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from benchmarks.gate_grad_rounding import one_head
+
+    row = one_head(256, 64, 1.0, torch.Generator().manual_seed(0))
+    assert row["rows_cols_fp32"]["max_rel"] < 1e-2 and row["rows_cols_bf16"]["max_rel"] < 1e-2
+    assert row["cols_only_bf16"]["rms_rel"] > 3 * row["rows_cols_bf16"]["rms_rel"]
