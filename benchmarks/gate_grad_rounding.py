@@ -13,7 +13,10 @@ one head of paper-like gates and compares dL/dlog f against float64 for:
 - rows_cols_fp32: row and column sums of the float32 dS (the Triton kernels),
 - rows_cols_bf16: both from the bf16 dS the tensor cores see (the fused
   Gluon backward),
-- cols_only_bf16 / cols_only_fp32: row sums dropped.
+- cols_only_bf16 / cols_only_fp32: row sums dropped,
+- cols_only_fp32_out: row sums dropped, delta taken from the forward's
+  float32 output before its bf16 rounding (which the forward could keep
+  as a residual): what is left is the forward's rounding of P.
 
     python benchmarks/gate_grad_rounding.py --length 2048 --out benchmarks/results/gate_grad_rounding_cpu.json
 """
@@ -62,16 +65,19 @@ def one_head(L, D, rate, generator):
     m = s.max(-1).values
     p = torch.exp(s - m[:, None])
     l_sum = p.sum(-1)
-    out = bf16((bf16(p) @ v) / l_sum[:, None])
+    out32 = (bf16(p) @ v) / l_sum[:, None]
+    out = bf16(out32)
     lse = m + torch.log(l_sum)
     delta = (do * out).sum(-1)
     ds = torch.exp(s - lse[:, None]) * (do @ v.T - delta[:, None])
     ds16 = bf16(ds)
+    ds16_out32 = bf16(torch.exp(s - lse[:, None]) * (do @ v.T - (do * out32).sum(-1)[:, None]))
     variants = {
         "rows_cols_fp32": ds.double().sum(1) - ds.double().sum(0),
         "rows_cols_bf16": ds16.double().sum(1) - ds16.double().sum(0),
         "cols_only_bf16": -ds16.double().sum(0),
         "cols_only_fp32": -ds.double().sum(0),
+        "cols_only_fp32_out": -ds16_out32.double().sum(0),
     }
     row = {}
     for name, dc in variants.items():
