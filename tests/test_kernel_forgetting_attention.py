@@ -762,6 +762,45 @@ def test_backward_runs_the_triton_kernels_when_the_gluon_backward_does_not_compi
         assert torch.equal(a, b), name
 
 
+
+@pytest.mark.parametrize("acp", [False, True])
+def test_fused_backward_reads_its_buffers_as_the_kernel_writes_them(acp, monkeypatch):
+    """The fused Gluon backward leaves dQ in a float32 [B, T, H, D] buffer and
+    dc_q's row sums in every column of a float32 [B, T, H, 16] one; a stand-in
+    kernel that fills them (and dK, dV, dc_k) with the Triton kernels'
+    results gives the gradients of the Triton path (interpreted on a CPU:
+    the buffers' host side, GQA and packed documents)."""
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, triton_ops
+
+    q, k, v, log_f = make_inputs(1, 93, 4, 2, 64, torch.float32, seed=7)
+    do = torch.randn_like(q)
+    cu = torch.tensor([0, 40, 93], dtype=torch.int32)
+    kw = dict(backend="triton", cu_seqlens=cu, acp=AcpConfig() if acp else None)
+    _, expected = run(q, k, v, log_f, do, **kw)
+    shapes = []
+
+    def launch(q_, k_, v_, do_, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs, scale, causal, group, blocks,
+               dq_acc=None):
+        dq32, dcq16 = dq_acc
+        shapes.append((tuple(dq32.shape), tuple(dcq16.shape)))
+        dq_t, dk_t, dv_t, dcq_t, dck_t = triton_ops._backward(do_, q_, k_, v_, c_q, c_k, None, lse, pairs, scale, thr,
+                                                              causal, delta=dlt, qbhi=qbhi)
+        dq32.copy_(dq_t)
+        dcq16.copy_(dcq_t.permute(0, 2, 1)[..., None].expand_as(dcq16))
+        dk.copy_(dk_t)
+        dv.copy_(dv_t)
+        dc_k.copy_(dck_t)
+
+    monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", True)
+    monkeypatch.setattr(triton_ops, "USE_GLUON_FUSED_DQ", True)
+    monkeypatch.setattr(gluon_bwd, "mode", lambda *a, **kw: "fused")
+    monkeypatch.setattr(gluon_bwd, "takes_boundaries", lambda *a: True)
+    monkeypatch.setattr(gluon_bwd, "launch_dkdv", launch)
+    _, got = run(q, k, v, log_f, do, **kw)
+    assert shapes == [((1, 93, 4, 64), (1, 93, 4, 16))]
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
