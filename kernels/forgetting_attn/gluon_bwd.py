@@ -91,7 +91,7 @@ CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
 # kernel for all three gradients); measured as the module docstring says.
 DISPATCH = {64: (None, "dkdv"), 128: ("dkdv", "fused")}
 # registers a thread at launch (12 warps: one CTA per SM); setmaxnreg then
-# gives the MMA warps 240 and the load warps 24
+# gives the MMA warps 240 and the load and write warps 24
 MAXNREG = 168
 
 
