@@ -147,15 +147,16 @@ if HAVE_GLUON:
         return p, alpha, l_i, m_new
 
     @gluon.jit
-    def ring_barriers(STAGES: gl.constexpr):
+    def ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1):
         """The (ready, empty) mbarriers of a ring of STAGES shared buffers
-        filled by a load warp: every buffer starts free (empty arrived)."""
+        filled by a load warp: every buffer starts free (empty arrived);
+        CONSUMERS partitions release each buffer."""
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for t in gl.static_range(STAGES):
             mbarrier.init(ready.index(t), count=1)
-            mbarrier.init(empty.index(t), count=1)
-            mbarrier.arrive(empty.index(t), count=1)
+            mbarrier.init(empty.index(t), count=CONSUMERS)
+            mbarrier.arrive(empty.index(t), count=CONSUMERS)
         fence_async_shared()
         return ready, empty
 
@@ -306,6 +307,170 @@ if HAVE_GLUON:
             gl.store(LSE + qrow * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=qmask)
 
 
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
+                                c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2, o_base, stride_ot,
+                                lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                num_warps: gl.constexpr):
+        # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
+        # CTA's query block, the same key tiles as the other warpgroup.
+        # The two take turns to issue their MMAs (FlashAttention-3's
+        # ping-pong, section 3.1): while one computes a tile's softmax the
+        # other's MMAs run.  Each issues n + 1 times: S_0, then S_i with
+        # P_{i-1} V_{i-1}, then P_{n-1} V_{n-1}.
+        dtype: gl.constexpr = q_smem.dtype
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        q_rows = q_smem.slice(WG * BLOCK_M, BLOCK_M)
+        my_turn = turns.index(WG)
+        their_turn = turns.index(1 - WG)
+        offs_m = pid_m * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
+        qmask = offs_m < qlen
+        cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
+        if USE_ACP:
+            ck_min2 = cq2 - thr2
+        else:
+            ck_min2 = cq2
+        if CAUSAL:
+            k_last = gl.minimum(offs_m, klen - 1)
+        else:
+            k_last = gl.zeros_like(offs_m) + (klen - 1)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_L)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
+        if n > 0:
+            offs_k = lo * BLOCK_N + offs_n
+            ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
+            mbarrier.wait(ready.index(0), 0)
+            mbarrier.wait(my_turn, 0)
+            s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))
+            masked = (lo < full_lo) | (lo >= mid)
+            p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP)
+            p_op = gl.convert_layout(p.to(dtype), P_L)
+            for i in range(1, n):
+                kb = lo + i
+                b = i % STAGES
+                pb = (i - 1) % STAGES
+                offs_k = kb * BLOCK_N + offs_n
+                ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
+                mbarrier.wait(ready.index(b), (i // STAGES) & 1)
+                mbarrier.wait(my_turn, i & 1)
+                s_tok = warpgroup_mma(q_rows, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p_op, v_bufs.index(pb), acc, is_async=True)
+                mbarrier.arrive(their_turn, count=1)
+                s = warpgroup_mma_wait(1, deps=(s_tok,))
+                masked = (kb < full_lo) | (kb >= mid)
+                p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked,
+                                                   USE_ACP)
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+                mbarrier.arrive(empty.index(pb), count=1)
+                acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), P_L)
+            mbarrier.wait(my_turn, n & 1)
+            o_tok = warpgroup_mma(p_op, v_bufs.index((n - 1) % STAGES), acc, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        lse = gl.where(empty_row, float("-inf"), ((m_i + cq2) + gl.log2(l_safe)) * 0.6931471805599453)
+        out = acc / gl.convert_layout(l_safe, ROW_O)[:, None]
+        offs_mo = pid_m * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
+        offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
+        gl.store(o_base + offs_mo[:, None] * stride_ot + offs_do[None, :], out.to(dtype),
+                 mask=(offs_mo < qlen)[:, None])
+        gl.store(lse_base + offs_m, lse, mask=qmask)
+
+    @gluon.jit
+    def _fwd_kernel_sm90_pingpong(
+        Q, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
+        stride_qb, stride_qt, stride_qh,
+        k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
+        stride_ob, stride_ot, stride_oh,
+        stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+        stride_lb, stride_lh,
+        stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
+        scale2,
+        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
+        ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        # _fwd_kernel_sm90 with the query block's two warpgroups in separate
+        # partitions that take turns on the tensor cores: the default
+        # partition (num_warps = 4) and a worker of 4 warps each own
+        # BLOCK_M / 2 rows; one load warp feeds both (each buffer is
+        # released by both warpgroups)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        HALF: gl.constexpr = BLOCK_M // 2
+        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
+        Q_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        gl.static_assert(HALF == 16 * num_warps)
+
+        s_id = gl.program_id(1)
+        h = gl.program_id(2)
+        qlen = gl.load(QLEN + s_id)
+        if CAUSAL:
+            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - gl.program_id(0)
+        else:
+            pid_m = gl.program_id(0)
+        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):
+            klen = gl.load(KLEN + s_id)
+            row = gl.load(ROW + s_id)
+            qrow = gl.load(QROW + s_id).to(gl.int64)
+            q0 = gl.load(QSTART + s_id).to(gl.int64)
+            k0 = gl.load(KSTART_POS + s_id)
+            hk = h // GROUP
+            offs_ml = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
+            offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
+            q = gl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_ml)[:, None] * stride_qt + offs_dl[None, :],
+                        mask=(offs_ml < qlen)[:, None], other=0.0)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
+            k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+            ready, empty = ring_barriers(STAGES, 2)
+            # whose turn it is to issue MMAs: warpgroup 0 first
+            turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(turns.index(0), count=1)
+            mbarrier.init(turns.index(1), count=1)
+            mbarrier.arrive(turns.index(0), count=1)
+            fence_async_shared()
+
+            cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
+            c_ref = gl.load(cq_base + pid_m * BLOCK_M)
+            ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
+            lo, full_lo, mid, hi, thr_shift = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, 0.0, stride_thr_s,
+                                                        stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M,
+                                                        BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+            n = hi - lo
+            o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
+            lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
+            gl.warp_specialize(
+                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
+                                            c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
+                                            o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF, BLOCK_N,
+                                            HEAD_DIM, num_warps)),
+                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
+                                            c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
+                                            o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF, BLOCK_N,
+                                            HEAD_DIM, 4)),
+                 (_load_partition, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, row * k_rows_b + k0,
+                                    row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
+                                    row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
+                [4, 1], [240, 24])
+
+
 def _tma_rows_view(t):
     """A 2-D TMA descriptor view of a [B, T, H, D] tensor (unit last stride):
     rows of stride_t elements.  Returns (rows, cols, rows_per_batch,
@@ -334,10 +499,11 @@ def tma_descriptors(tensors, block_rows):
     return descs, views
 
 
-def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks):
+def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks, pingpong=False):
     """Launch the Gluon forward with triton_ops._forward's arguments (no
     partial result to merge into; ``supported`` holds); acp_blocks: the
-    (BLOCK_M, BLOCK_N) of kblo's tiles."""
+    (BLOCK_M, BLOCK_N) of kblo's tiles; pingpong: the two MMA warpgroups
+    as partitions that take turns (needs 8 MMA warps in CONFIGS)."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, kv = tma_descriptors((k, v), BN)
@@ -346,7 +512,10 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
-    _fwd_kernel_sm90[grid](
+    kernel = _fwd_kernel_sm90
+    if pingpong and warps == 8:
+        kernel, warps = _fwd_kernel_sm90_pingpong, 4
+    kernel[grid](
         q, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
