@@ -102,8 +102,11 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 USE_GLUON_FWD = True
 # True (with USE_GLUON_FWD): the Gluon forward's two MMA warpgroups run as
 # separate partitions that take turns on the tensor cores (FlashAttention-3's
-# ping-pong; gluon_fwd._fwd_kernel_sm90_pingpong).  Not measured yet.
-USE_GLUON_FWD_PINGPONG = False
+# ping-pong; gluon_fwd._fwd_kernel_sm90_pingpong).  On an H200 it made the
+# fwd + bwd step 1.5-2.0% faster at head dim 128 (8k and 16k, with and
+# without ACP; same outputs bit for bit;
+# benchmarks/results/attention_gluon_fwd_pingpong_h200.json).
+USE_GLUON_FWD_PINGPONG = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
 # gluon_bwd.DISPATCH says so (head dim 128; 64 with ACP): on an H200 it made
