@@ -19,7 +19,13 @@ FlashAttention-3 does (Shah et al., 2024):
   (two mbarriers pass the turn), so that one's softmax runs while the
   other's MMAs do (FlashAttention-3's inter-warpgroup ping-pong, section
   3.1): the step 1.5-2.0% faster again, bit for bit the same outputs
-  (attention_gluon_fwd_pingpong_h200.json);
+  (attention_gluon_fwd_pingpong_h200.json).  There K and V have rings
+  of their own (a K buffer is free once S has been computed from it, a V
+  buffer a tile later), and each key tile's decays are loaded a tile
+  ahead, one value a thread, then spread over the MMA layout's columns:
+  loaded in that layout (32 loads a thread) their latency stalled every
+  tile, and the kernel alone was 11-16% slower
+  (gluon_fwd_ck_prefetch_h200.json, benchmarks/kernel_versions.py);
 - it launches with 168 registers a thread, one CTA per SM; setmaxnreg
   gives the MMA warps 240 and the load warp 24 (at 40 they spilled).
 
@@ -181,6 +187,28 @@ if HAVE_GLUON:
             tma_load(v_desc, [v_r0 + r, v_c0], ready.index(b), v_bufs.index(b))
 
     @gluon.jit
+    def _load_partition_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, k_r0, k_c0, v_r0,
+                           v_c0, lo, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        # one warp: K and V tiles in rings of their own, in the order the
+        # MMA warps use them (K_0, then K_i beside V_{i-1}): a K buffer is
+        # free once S has been computed from it, a V buffer only once P V
+        # has, a tile later
+        k_bytes: gl.constexpr = k_desc.block_type.nbytes
+        v_bytes: gl.constexpr = v_desc.block_type.nbytes
+        for i in range(n + 1):
+            if i < n:
+                b = i % STAGES
+                mbarrier.wait(k_empty.index(b), (i // STAGES) & 1)
+                mbarrier.expect(k_ready.index(b), k_bytes)
+                tma_load(k_desc, [k_r0 + (lo + i) * BLOCK_N, k_c0], k_ready.index(b), k_bufs.index(b))
+            if i > 0:
+                j = i - 1
+                b = j % STAGES
+                mbarrier.wait(v_empty.index(b), (j // STAGES) & 1)
+                mbarrier.expect(v_ready.index(b), v_bytes)
+                tma_load(v_desc, [v_r0 + (lo + j) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
+
+    @gluon.jit
     def _mma_partition(q_smem, k_bufs, v_bufs, ready, empty, ck_base, c_ref, k_last, ck_min2, lo, full_lo, mid, n,
                           klen, scale2, USE_ACP: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
@@ -316,9 +344,9 @@ if HAVE_GLUON:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
-                                c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2, o_base, stride_ot,
-                                lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
+                                cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2, o_base,
+                                stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                                 num_warps: gl.constexpr):
         # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
@@ -350,18 +378,27 @@ if HAVE_GLUON:
         else:
             k_last = gl.zeros_like(offs_m) + (klen - 1)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+        # the key tiles' decays: one value a thread, loaded a tile ahead
+        # (the columns' layout would take 32 loads a thread, and their
+        # latency stalled the tile loop), then spread over the columns
+        CK_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        offs_c = gl.arange(0, BLOCK_N, layout=CK_L)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_L)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
         if n > 0:
             offs_k = lo * BLOCK_N + offs_n
-            ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-            mbarrier.wait(ready.index(0), 0)
+            ck_next = gl.load(ck_base + lo * BLOCK_N + offs_c, mask=lo * BLOCK_N + offs_c < klen, other=0.0)
+            ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
+            ck_next = gl.load(ck_base + (lo + 1) * BLOCK_N + offs_c, mask=(lo + 1) * BLOCK_N + offs_c < klen,
+                              other=0.0)
+            mbarrier.wait(k_ready.index(0), 0)
             mbarrier.wait(my_turn, 0)
             s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(0), count=1)
             masked = (lo < full_lo) | (lo >= mid)
             p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP)
             p_op = gl.convert_layout(p.to(dtype), P_L)
@@ -370,20 +407,25 @@ if HAVE_GLUON:
                 b = i % STAGES
                 pb = (i - 1) % STAGES
                 offs_k = kb * BLOCK_N + offs_n
-                ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-                mbarrier.wait(ready.index(b), (i // STAGES) & 1)
+                ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
+                ck_next = gl.load(ck_base + (kb + 1) * BLOCK_N + offs_c, mask=(kb + 1) * BLOCK_N + offs_c < klen,
+                                  other=0.0)
+                mbarrier.wait(k_ready.index(b), (i // STAGES) & 1)
+                mbarrier.wait(v_ready.index(pb), ((i - 1) // STAGES) & 1)
                 mbarrier.wait(my_turn, i & 1)
                 s_tok = warpgroup_mma(q_rows, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 o_tok = warpgroup_mma(p_op, v_bufs.index(pb), acc, is_async=True)
                 mbarrier.arrive(their_turn, count=1)
                 s = warpgroup_mma_wait(1, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(b), count=1)
                 masked = (kb < full_lo) | (kb >= mid)
                 p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked,
                                                    USE_ACP)
                 acc = warpgroup_mma_wait(0, deps=(o_tok,))
-                mbarrier.arrive(empty.index(pb), count=1)
+                mbarrier.arrive(v_empty.index(pb), count=1)
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), P_L)
+            mbarrier.wait(v_ready.index((n - 1) % STAGES), ((n - 1) // STAGES) & 1)
             mbarrier.wait(my_turn, n & 1)
             o_tok = warpgroup_mma(p_op, v_bufs.index((n - 1) % STAGES), acc, is_async=True)
             mbarrier.arrive(their_turn, count=1)
@@ -445,7 +487,8 @@ if HAVE_GLUON:
             q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-            ready, empty = ring_barriers(STAGES, 2)
+            k_ready, k_empty = ring_barriers(STAGES, 2)
+            v_ready, v_empty = ring_barriers(STAGES, 2)
             # whose turn it is to issue MMAs: warpgroup 0 first
             turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             mbarrier.init(turns.index(0), count=1)
@@ -463,17 +506,17 @@ if HAVE_GLUON:
             o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             gl.warp_specialize(
-                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
-                                            c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
-                                            o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF, BLOCK_N,
-                                            HEAD_DIM, num_warps)),
-                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, ready, empty, turns, cq_base, ck_base,
-                                            c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
-                                            o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF, BLOCK_N,
-                                            HEAD_DIM, 4)),
-                 (_load_partition, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, row * k_rows_b + k0,
-                                    row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
-                                    row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
+                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
+                                            cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid,
+                                            n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF,
+                                            BLOCK_N, HEAD_DIM, num_warps)),
+                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
+                                            cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid,
+                                            n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF,
+                                            BLOCK_N, HEAD_DIM, 4)),
+                 (_load_partition_kv, (k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
+                                       row * k_rows_b + k0, row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
+                                       row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
                 [4, 1], [240, 24])
 
 
