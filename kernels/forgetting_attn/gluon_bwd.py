@@ -13,13 +13,20 @@ FlashAttention-3 (Shah et al., 2024) does it on Hopper:
 - the MMA warps compute S^T = K Q^T, build P^T, then run dP^T = V dO^T
   and dV += P^T dO as asynchronous wgmma, build dS^T as soon as dP^T is
   in and add dK += dS^T Q; P^T and dS^T are register operands (no trip
-  through shared memory).  Issuing dP^T beside S^T (to overlap it with
+  through shared memory).  The query blocks' row terms (decays,
+  log-sum-exps, deltas) are loaded a block ahead, one value a thread, and
+  spread over the MMA layout's columns when used: loaded in that layout
+  (16 loads a thread each) their latency stalled every tile, and the
+  kernel alone was 5-6% slower without ACP, 3% with it
+  (gluon_dkdv_row_prefetch_h200.json; outputs within one bf16 rounding:
+  the terms no longer fold into the exponent's arithmetic the same way).
+  Issuing dP^T beside S^T (to overlap it with
   P^T) made the kernel spill; deferring dK += dS^T Q into the next tile
   (FlashAttention-3's intra-warpgroup overlap) was slower;
 - it launches at 168 registers a thread, one CTA per SM; setmaxnreg gives
-  the MMA warps 240 and the load and write warps 24 each (with 40 for the
-  load warp the kernel spilled 88 bytes instead of 36, and without FUSED_DQ
-  it was 11% slower at 8k without ACP).
+  the MMA warps 240 and the load and write warps 24 each (when measured,
+  40 for the load warp made the kernel spill 88 bytes instead of 36 and,
+  without FUSED_DQ, 11% slower at 8k without ACP).
 
 With FUSED_DQ it computes dQ too, so that the dQ kernel (which recomputes
 S and dP) does not run: dS^T goes to shared memory, where it is the A
@@ -166,6 +173,18 @@ if HAVE_GLUON:
                     it += 1
 
     @gluon.jit
+    def _row_terms(cq_base, lse_base, dlt_base, mb, qlen, offs_v, BLOCK_M: gl.constexpr):
+        # query block mb's first decay, decays, log-sum-exps and deltas
+        # (rows past the end: lse = +inf)
+        offs = mb * BLOCK_M + offs_v
+        vmask = offs < qlen
+        c_ref = gl.load(cq_base + mb * BLOCK_M, mask=mb * BLOCK_M < qlen, other=0.0)
+        cq = gl.load(cq_base + offs, mask=vmask, other=0.0)
+        lse = gl.load(lse_base + offs, mask=vmask, other=float("inf"))
+        dlt = gl.load(dlt_base + offs, mask=vmask, other=0.0)
+        return c_ref, cq, lse, dlt
+
+    @gluon.jit
     def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready, empty,
                            dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n, row, qrow, q0,
                            k0, qlen, klen, lo, full_lo,
@@ -192,6 +211,11 @@ if HAVE_GLUON:
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=KEYS)
         kmask = offs_n < klen
         offs_mt = gl.arange(0, BLOCK_M, layout=QUERIES)
+        # the query blocks' row terms: loaded a block ahead, one value a
+        # thread, then spread over the MMA layout's columns (loaded in that
+        # layout, 16 loads a thread each, their latency stalled every tile)
+        VEC_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        offs_v = gl.arange(0, BLOCK_M, layout=VEC_L)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
         s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=S_L)
@@ -218,17 +242,17 @@ if HAVE_GLUON:
             else:
                 thr2 = 0.0
             dck = gl.zeros([BLOCK_N], gl.float32, layout=KEYS)
+            c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, lo, qlen, offs_v, BLOCK_M)
             for mb in range(lo, hi):
                 b = it % STAGES
-                # the block's row terms, loaded while its tiles may still be
-                # in flight; few live vectors (each is BLOCK_M / 4 registers a
-                # thread)
                 offs_m = mb * BLOCK_M + offs_mt
-                qmask = offs_m < qlen
-                c_ref = gl.load(cq_base + mb * BLOCK_M)
-                cq = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32)
+                c_ref = c_ref_n
+                cq_v = (cq_n - c_ref).to(gl.float32)
                 # rows past the end: lse = +inf, p = 0
-                colp = (cq - gl.load(lse_base + offs_m, mask=qmask, other=float("inf"))) * _LOG2E
+                colp = gl.convert_layout((cq_v - lse_n) * _LOG2E, QUERIES)
+                cq = gl.convert_layout(cq_v, QUERIES)
+                dlt = gl.convert_layout(dlt_n, QUERIES)
+                c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v, BLOCK_M)
                 ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
                 mbarrier.wait(ready.index(b), (it // STAGES) & 1)
                 q_buf = q_bufs.index(b)
@@ -248,7 +272,6 @@ if HAVE_GLUON:
                 # kernel spill (and slower, on an H200)
                 dp_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), OP_L), do_buf, dv, is_async=True)
-                dlt = gl.load(dlt_base + offs_m, mask=qmask, other=0.0)
                 dp = warpgroup_mma_wait(1, deps=(dp_tok,))
                 ds = p * (dp - dlt[None, :])
                 if FUSED_DQ:
