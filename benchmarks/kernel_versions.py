@@ -11,9 +11,10 @@ as a module of the same package).  It captures the launch arguments of
 ``gluon_fwd.launch_fwd`` (``--kernel fwd``) or ``gluon_bwd.launch_dkdv``
 (``--kernel dkdv``, as the backward calls it: with or without the fused
 dQ) in one forward + backward on BENCH.md's inputs (paper-like gates,
-B = 32768 / L), launches both versions on fresh output buffers and reports
-the largest difference of their outputs, then times that launch alone,
-both versions in interleaved rounds (median of triton.testing.do_bench).
+B = 32768 / L; ``--docs 8``: 8 packed documents per row), launches both
+versions on fresh output buffers and reports the largest difference of
+their outputs, then times that launch alone, both versions in
+interleaved rounds (median of triton.testing.do_bench).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.attention import TOKENS, paper_like_inputs  # noqa: E402
+from benchmarks.attention import TOKENS, doc_cu_seqlens, paper_like_inputs  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd  # noqa: E402
 
@@ -97,6 +98,7 @@ def main():
     ap.add_argument("--base-label", default=None, help="what --base is (e.g. the git revision it came from)")
     ap.add_argument("--lengths", default="8192,16384")
     ap.add_argument("--shapes", default="16x128")
+    ap.add_argument("--docs", default="1", help="documents per row, a list (packed through cu_seqlens when above 1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=float, default=100)
     ap.add_argument("--rep-ms", type=float, default=300)
@@ -109,41 +111,45 @@ def main():
     records = []
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
-        for L in (int(x) for x in args.lengths.split(",")):
+        for L, docs, acp in ((L, d, a) for L in (int(x) for x in args.lengths.split(","))
+                             for d in (int(x) for x in args.docs.split(",")) for a in (False, True)):
             B = max(1, TOKENS // L)
-            for acp in (False, True):
-                q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
-                for t in (q, k, v, log_f):
-                    t.requires_grad_()
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
+            for t in (q, k, v, log_f):
+                t.requires_grad_()
+            # packed documents come as a trainer gives them: cu_seqlens on the GPU and max_seqlen
+            cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 else None
+            mx = L // docs if docs > 1 else None
 
-                def step():
-                    out = forgetting_attention(q, k, v, log_f, acp=AcpConfig() if acp else None)
-                    out.backward(torch.ones_like(out))
+            def step():
+                out = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, max_seqlen=mx,
+                                           acp=AcpConfig() if acp else None)
+                out.backward(torch.ones_like(out))
 
-                call = capture(tree, fn_name, step)
-                results = {}
+            call = capture(tree, fn_name, step)
+            results = {}
+            for name, launch in versions.items():
+                a, written = fresh(call, outputs, accumulators)
+                launch(*a)
+                torch.cuda.synchronize()
+                results[name] = written
+            diff = max((x.double() - y.double()).abs().max().item()
+                       for x, y in zip(results["tree"], results["base"]))
+            rounds = {name: [] for name in versions}
+            for _ in range(args.rounds):
                 for name, launch in versions.items():
-                    a, written = fresh(call, outputs, accumulators)
-                    launch(*a)
-                    torch.cuda.synchronize()
-                    results[name] = written
-                diff = max((x.double() - y.double()).abs().max().item()
-                           for x, y in zip(results["tree"], results["base"]))
-                rounds = {name: [] for name in versions}
-                for _ in range(args.rounds):
-                    for name, launch in versions.items():
-                        a, _ = fresh(call, outputs, accumulators)
-                        rounds[name].append(triton.testing.do_bench(lambda: launch(*a),
-                                                                    warmup=args.warmup_ms, rep=args.rep_ms))
-                rec = dict(bench="kernel_versions", kernel=args.kernel, H=H, D=D, L=L, B=B, acp=acp,
-                           ms_tree=round(statistics.median(rounds["tree"]), 4),
-                           ms_base=round(statistics.median(rounds["base"]), 4),
-                           max_abs_diff=diff, rounds={n: [round(x, 4) for x in r] for n, r in rounds.items()})
-                rec["change"] = round(rec["ms_tree"] / rec["ms_base"] - 1, 4)
-                records.append(rec)
-                print(f"{args.kernel} H={H} D={D} L={L} acp={acp}: tree {rec['ms_tree']:.3f} ms, "
-                      f"base {rec['ms_base']:.3f} ms ({100 * rec['change']:+.1f}%), max |diff| {diff:.3g}",
-                      flush=True)
+                    a, _ = fresh(call, outputs, accumulators)
+                    rounds[name].append(triton.testing.do_bench(lambda: launch(*a),
+                                                                warmup=args.warmup_ms, rep=args.rep_ms))
+            rec = dict(bench="kernel_versions", kernel=args.kernel, H=H, D=D, L=L, B=B, docs=docs, acp=acp,
+                       ms_tree=round(statistics.median(rounds["tree"]), 4),
+                       ms_base=round(statistics.median(rounds["base"]), 4),
+                       max_abs_diff=diff, rounds={n: [round(x, 4) for x in r] for n, r in rounds.items()})
+            rec["change"] = round(rec["ms_tree"] / rec["ms_base"] - 1, 4)
+            records.append(rec)
+            print(f"{args.kernel} H={H} D={D} L={L} docs={docs} acp={acp}: tree {rec['ms_tree']:.3f} ms, "
+                  f"base {rec['ms_base']:.3f} ms ({100 * rec['change']:+.1f}%), max |diff| {diff:.3g}",
+                  flush=True)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
                   base_label=args.base_label, records=records)
