@@ -35,8 +35,7 @@ from benchmarks.attention import TOKENS, paper_like_inputs, time_step  # noqa: E
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops  # noqa: E402
 
-MODULES = {"USE_GLUON_FWD": gluon_fwd, "USE_GLUON_FWD_PINGPONG": gluon_fwd, "USE_GLUON_DKDV": gluon_bwd,
-           "USE_GLUON_FUSED_DQ": gluon_bwd}
+MODULES = {"USE_GLUON_FWD": gluon_fwd, "USE_GLUON_DKDV": gluon_bwd, "USE_GLUON_FUSED_DQ": gluon_bwd}
 
 
 def set_cfg(module, D, cfg):

@@ -687,15 +687,11 @@ def test_tma_rows_view_of_layouts():
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, pingpong, monkeypatch):
-    """On Hopper, head dim 128 runs the warp-specialised Gluon forward (with
-    pingpong, its two MMA warpgroups as partitions that take turns); its
+def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, monkeypatch):
+    """On Hopper, head dim 128 runs the warp-specialised Gluon forward; its
     output and log-sum-exp match the Triton forward's (summation order
     aside), and so do the gradients computed from them."""
     from fox_megatron.kernels.forgetting_attn import gluon_fwd, triton_ops
-
-    monkeypatch.setattr(triton_ops, "USE_GLUON_FWD_PINGPONG", pingpong)
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is for Hopper (sm_90)")

@@ -101,12 +101,9 @@ def gluon_cases():
             abm, abn = triton_ops.fwd_blocks(head_dim, torch.bfloat16)
             consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
                           STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
-            yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90, consts,
-                   dict(num_warps=warps, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
-            if warps == 8:  # the ping-pong variant: two partitions of 4 MMA warps
-                yield (f"gluon_fwd_pingpong{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong,
-                       dict(consts, num_warps=4),
-                       dict(num_warps=4, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
+            # two partitions of 4 MMA warps (ping-pong) and the load warp
+            yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong, dict(consts, num_warps=4),
+                   dict(num_warps=4, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
         for head_dim, (bm, bn, warps, stages) in gluon_bwd.CONFIGS.items():
             abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
             for fused in (False, True):  # with the dQ pass fused in

@@ -6,26 +6,26 @@ warp specialisation, TMA copies tracked by mbarriers, and asynchronous
 warpgroup MMAs with explicit waits.  This kernel uses them as
 FlashAttention-3 does (Shah et al., 2024):
 
-- one load warp streams K and V tiles by TMA into a ring of STAGES shared
-  buffers; a "ready" mbarrier per buffer says its tiles have landed, an
-  "empty" one that the MMA warps are done with it;
-- the MMA warps (at head dim 128 two warpgroups of 64 query rows each,
-  over key tiles of 128, FlashAttention-3's tiles) issue S_j = Q K_j^T and
-  O += P_{j-1} V_{j-1} as two asynchronous wgmma, wait only for the
-  first, and compute tile j's softmax while the second still runs (the
-  intra-warpgroup overlap of FlashAttention-3, section 3.2);
-- with triton_ops.USE_GLUON_FWD_PINGPONG (the default) the two
-  warpgroups are separate partitions that take turns issuing their MMAs
+- one load warp streams K and V tiles by TMA into two rings of STAGES
+  shared buffers, one for K and one for V; a "ready" mbarrier per buffer
+  says its tile has landed, an "empty" one that the MMA warps are done
+  with it (a K buffer once S has been computed from it, a V buffer a tile
+  later, once P V has);
+- the MMA warps are two warpgroups of 64 query rows each (at head dim
+  128, over key tiles of 128: FlashAttention-3's tiles), each a partition
+  of its own.  Each issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} as two
+  asynchronous wgmma, waits only for the first, and computes tile j's
+  softmax while the second still runs (the intra-warpgroup overlap of
+  FlashAttention-3, section 3.2); the two take turns issuing their MMAs
   (two mbarriers pass the turn), so that one's softmax runs while the
-  other's MMAs do (FlashAttention-3's inter-warpgroup ping-pong, section
-  3.1): the step 1.5-2.0% faster again, bit for bit the same outputs
-  (attention_gluon_fwd_pingpong_h200.json).  There K and V have rings
-  of their own (a K buffer is free once S has been computed from it, a V
-  buffer a tile later), and each key tile's decays are loaded a tile
-  ahead, one value a thread, then spread over the MMA layout's columns:
-  loaded in that layout (32 loads a thread) their latency stalled every
-  tile, and the kernel alone was 11-16% slower
-  (gluon_fwd_ck_prefetch_h200.json, benchmarks/kernel_versions.py);
+  other's MMAs do (the inter-warpgroup ping-pong, section 3.1).  As one
+  partition of eight MMA warps the kernel made the step 1.5-2.0% slower
+  (attention_gluon_fwd_pingpong_h200.json, same outputs bit for bit);
+- each key tile's decays are loaded a tile ahead, one value a thread,
+  then spread over the MMA layout's columns: loaded in that layout (32
+  loads a thread) their latency stalled every tile, and the kernel alone
+  was 11-16% slower (gluon_fwd_ck_prefetch_h200.json, from
+  benchmarks/kernel_versions.py);
 - it launches with 168 registers a thread, one CTA per SM; setmaxnreg
   gives the MMA warps 240 and the load warp 24 (at 40 they spilled).
 
@@ -173,20 +173,6 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
-    def _load_partition(k_desc, v_desc, k_bufs, v_bufs, ready, empty, k_r0, k_c0, v_r0, v_c0, lo, n,
-                           STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-        # one warp: TMA loads of K and V tiles into the ring, each buffer
-        # refilled once the consumer has released it
-        nbytes: gl.constexpr = 2 * k_desc.block_type.nbytes
-        for i in range(n):
-            b = i % STAGES
-            mbarrier.wait(empty.index(b), (i // STAGES) & 1)
-            mbarrier.expect(ready.index(b), nbytes)
-            r = (lo + i) * BLOCK_N
-            tma_load(k_desc, [k_r0 + r, k_c0], ready.index(b), k_bufs.index(b))
-            tma_load(v_desc, [v_r0 + r, v_c0], ready.index(b), v_bufs.index(b))
-
-    @gluon.jit
     def _load_partition_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, k_r0, k_c0, v_r0,
                            v_c0, lo, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
         # one warp: K and V tiles in rings of their own, in the order the
@@ -207,141 +193,6 @@ if HAVE_GLUON:
                 mbarrier.wait(v_empty.index(b), (j // STAGES) & 1)
                 mbarrier.expect(v_ready.index(b), v_bytes)
                 tma_load(v_desc, [v_r0 + (lo + j) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
-
-    @gluon.jit
-    def _mma_partition(q_smem, k_bufs, v_bufs, ready, empty, ck_base, c_ref, k_last, ck_min2, lo, full_lo, mid, n,
-                          klen, scale2, USE_ACP: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        dtype: gl.constexpr = q_smem.dtype
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
-        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_L)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
-        if n > 0:
-            offs_k = lo * BLOCK_N + offs_n
-            ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-            mbarrier.wait(ready.index(0), 0)
-            s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s_tok,))
-            masked = (lo < full_lo) | (lo >= mid)
-            p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP)
-            p_op = gl.convert_layout(p.to(dtype), P_L)
-            for i in range(1, n):
-                kb = lo + i
-                b = i % STAGES
-                pb = (i - 1) % STAGES
-                offs_k = kb * BLOCK_N + offs_n
-                ck2 = (gl.load(ck_base + offs_k, mask=offs_k < klen, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-                mbarrier.wait(ready.index(b), (i // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                o_tok = warpgroup_mma(p_op, v_bufs.index(pb), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s_tok,))
-                masked = (kb < full_lo) | (kb >= mid)
-                p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked,
-                                                   USE_ACP)
-                acc = warpgroup_mma_wait(0, deps=(o_tok,))
-                mbarrier.arrive(empty.index(pb), count=1)
-                acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-                p_op = gl.convert_layout(p.to(dtype), P_L)
-            o_tok = warpgroup_mma(p_op, v_bufs.index((n - 1) % STAGES), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
-        return acc, l_i, m_i
-
-    @gluon.jit
-    def _fwd_kernel_sm90(
-        Q, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
-        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
-        stride_qb, stride_qt, stride_qh,
-        k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
-        stride_ob, stride_ot, stride_oh,
-        stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-        stride_lb, stride_lh,
-        stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
-        scale2,
-        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
-        ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        # warp-specialised: num_warps warps of MMAs and softmax (the default
-        # partition) and one warp of TMA loads; K / V of (row, token t, head)
-        # at (row * k_rows_b + t, row * k_cols_b + head * stride_kh) of the
-        # 2-D descriptor (see launch_fwd_ws)
-        dtype: gl.constexpr = Q.dtype.element_ty
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
-        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
-        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        Q_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        gl.static_assert(BLOCK_M == 16 * num_warps)
-
-        s_id = gl.program_id(1)
-        h = gl.program_id(2)
-        qlen = gl.load(QLEN + s_id)
-        if CAUSAL:
-            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - gl.program_id(0)
-        else:
-            pid_m = gl.program_id(0)
-        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):
-            klen = gl.load(KLEN + s_id)
-            row = gl.load(ROW + s_id)
-            qrow = gl.load(QROW + s_id).to(gl.int64)
-            q0 = gl.load(QSTART + s_id).to(gl.int64)
-            k0 = gl.load(KSTART_POS + s_id)
-            hk = h // GROUP
-            offs_ml = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
-            offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
-            q = gl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_ml)[:, None] * stride_qt + offs_dl[None, :],
-                        mask=(offs_ml < qlen)[:, None], other=0.0)
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
-            k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-            v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-            ready, empty = ring_barriers(STAGES)
-
-            offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
-            qmask = offs_m < qlen
-            cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
-            c_ref = gl.load(cq_base + pid_m * BLOCK_M)
-            cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-            ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
-            lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
-                                                      stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                                      ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-            if CAUSAL:
-                k_last = gl.minimum(offs_m, klen - 1)
-            else:
-                k_last = gl.zeros_like(offs_m) + (klen - 1)
-            n = hi - lo
-            acc, l_i, m_i = gl.warp_specialize(
-                [(_mma_partition, (q_smem, k_bufs, v_bufs, ready, empty, ck_base, c_ref, k_last, ck_min2, lo,
-                                      full_lo, mid, n, klen, scale2, USE_ACP, STAGES, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                      num_warps)),
-                 (_load_partition, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, row * k_rows_b + k0,
-                                       row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
-                                       row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
-                [1], [24])
-            empty_row = l_i == 0.0
-            l_safe = gl.where(empty_row, 1.0, l_i)
-            lse = gl.where(empty_row, float("-inf"), ((m_i + cq2) + gl.log2(l_safe)) * 0.6931471805599453)
-            out = acc / gl.convert_layout(l_safe, ROW_O)[:, None]
-            offs_mo = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
-            offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
-            o_ptrs = O + qrow * stride_ob + h * stride_oh + (q0 + offs_mo)[:, None] * stride_ot + offs_do[None, :]
-            gl.store(o_ptrs, out.to(dtype), mask=(offs_mo < qlen)[:, None])
-            gl.store(LSE + qrow * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=qmask)
-
-
-if HAVE_GLUON:
 
     @gluon.jit
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
@@ -455,11 +306,10 @@ if HAVE_GLUON:
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
         ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
-        # _fwd_kernel_sm90 with the query block's two warpgroups in separate
-        # partitions that take turns on the tensor cores: the default
-        # partition (num_warps = 4) and a worker of 4 warps each own
-        # BLOCK_M / 2 rows; one load warp feeds both (each buffer is
-        # released by both warpgroups)
+        # the query block's two warpgroups in separate partitions that take
+        # turns on the tensor cores: the default partition (num_warps = 4)
+        # and a worker of 4 warps each own BLOCK_M / 2 rows; one load warp
+        # feeds both (each buffer is released by both warpgroups)
         dtype: gl.constexpr = Q.dtype.element_ty
         HALF: gl.constexpr = BLOCK_M // 2
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
@@ -548,11 +398,10 @@ def tma_descriptors(tensors, block_rows):
     return descs, views
 
 
-def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks, pingpong=False):
+def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks):
     """Launch the Gluon forward with triton_ops._forward's arguments (no
     partial result to merge into; ``supported`` holds); acp_blocks: the
-    (BLOCK_M, BLOCK_N) of kblo's tiles; pingpong: the two MMA warpgroups
-    as partitions that take turns (needs 8 MMA warps in CONFIGS)."""
+    (BLOCK_M, BLOCK_N) of kblo's tiles."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, kv = tma_descriptors((k, v), BN)
@@ -561,10 +410,8 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
-    kernel = _fwd_kernel_sm90
-    if pingpong and warps == 8:
-        kernel, warps = _fwd_kernel_sm90_pingpong, 4
-    kernel[grid](
+    assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
+    _fwd_kernel_sm90_pingpong[grid](
         q, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
@@ -575,5 +422,5 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
         dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
         scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=warps, maxnreg=MAXNREG,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=4, maxnreg=MAXNREG,
     )

@@ -48,9 +48,7 @@ share one code path; tensors are addressed through their strides, so
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from typing import Optional
 
 import torch
 import triton
@@ -100,13 +98,6 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 # on an H200 it made the fwd + bwd step 0.8-3.0% faster
 # (benchmarks/results/attention_gluon_fwd_128_h200.json).
 USE_GLUON_FWD = True
-# True (with USE_GLUON_FWD): the Gluon forward's two MMA warpgroups run as
-# separate partitions that take turns on the tensor cores (FlashAttention-3's
-# ping-pong; gluon_fwd._fwd_kernel_sm90_pingpong).  On an H200 it made the
-# fwd + bwd step 1.5-2.0% faster at head dim 128 (8k and 16k, with and
-# without ACP; same outputs bit for bit;
-# benchmarks/results/attention_gluon_fwd_pingpong_h200.json).
-USE_GLUON_FWD_PINGPONG = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
 # gluon_bwd.DISPATCH says so (head dim 128; 64 with ACP): on an H200 it made
@@ -1008,7 +999,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
                                       want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
     if (USE_GLUON_FWD and allow_gluon and acc is None and gluon_fwd.supported(q, k, v, out)
             and _run_gluon("USE_GLUON_FWD", gluon_fwd.launch_fwd, q, k, v, c_q, c_k, out, lse, thr, kblo, pairs,
-                           scale, causal, group, (BM, BN), USE_GLUON_FWD_PINGPONG)):
+                           scale, causal, group, (BM, BN))):
         return out, lse, kblo, tiles, qbhi
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     dummy_f = thr if use_acp else c_q
