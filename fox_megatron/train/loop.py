@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt

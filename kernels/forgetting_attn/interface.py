@@ -30,7 +30,6 @@ from .naive import (
     naive_attention_chunk,
     naive_forgetting_attention,
     pair_decay,
-    reverse_cumulative_sum,
     token_document_ids,
 )
 

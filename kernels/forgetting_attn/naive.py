@@ -177,7 +177,6 @@ def naive_forgetting_attention(
     B, T, Hq, D = q.shape
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
-    cd = _compute_dtype(q)
     c = cumulative_log_decay(log_fgate, cu_seqlens, dtype=torch.float64)
     same_doc = None
     query_thr = None
