@@ -46,8 +46,9 @@ a NaN or inf value in V there would (0 * inf), which the Triton kernel's
 masked loads rule out.
 
 Measured on an H200 against the Triton forward, in fwd + bwd steps at head
-dim 128 (benchmarks/results/attention_gluon_fwd_128_h200.json): 3.0% (8k)
-and 1.6% (16k) faster without ACP, 1.4% / 0.8% with it.  The earlier
+dim 128, before the ping-pong and the decays' prefetch (one partition of
+eight MMA warps; benchmarks/results/attention_gluon_fwd_128_h200.json):
+3.0% (8k) and 1.6% (16k) faster without ACP, 1.4% / 0.8% with it.  The earlier
 configuration, 64 x 64 tiles and two CTAs per SM, made the forward alone
 0.5-6% faster but not the step (attention_gluon_fwd_h200.json); key tiles
 of 128 were 1.8-1.9x slower at that register budget.  At head dim 64 it
