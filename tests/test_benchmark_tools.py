@@ -10,6 +10,8 @@
   kernel's.
 - The gate-gradient rounding emulation (benchmarks/gate_grad_rounding.py)
   tells the row sums of dS from none.
+- kernel_versions.py's plumbing: loading the base module, capturing and
+  replaying a launch.
 """
 
 import json
@@ -88,6 +90,47 @@ def test_kernel_ab_dispatch_option():
     for bad in ("128=fast,dkdv", "128=dkdv", "x=dkdv,dkdv"):
         with pytest.raises(SystemExit, match="--dispatch"):
             parse_dispatch(bad)
+
+
+def test_kernel_versions_loads_the_base_and_replays_the_launch(tmp_path):
+    """kernel_versions.py: the base file loads as a module of the kernels'
+    package (its relative imports resolve) beside the tree's; the launch's
+    arguments are captured as called; each replay gets zeroed copies of the
+    tensors the launch writes (outputs and accumulator tuples) and the same
+    inputs."""
+    sys.path.insert(0, str(REPO))
+    pytest.importorskip("triton")
+    import torch
+
+    from benchmarks import kernel_versions as kv
+    from fox_megatron.kernels.forgetting_attn import gluon_fwd
+
+    copy = tmp_path / "gluon_fwd_copy.py"
+    copy.write_text((REPO / "kernels" / "forgetting_attn" / "gluon_fwd.py").read_text() + "\nCOPY_MARKER = 7\n")
+    base = kv.load_base(str(copy), "fwd")
+    assert base is not gluon_fwd and base.COPY_MARKER == 7 and base.CONFIGS == gluon_fwd.CONFIGS
+    assert not hasattr(gluon_fwd, "COPY_MARKER")
+
+    class Module:
+        @staticmethod
+        def launch(*args):
+            return len(args)
+
+    original = Module.launch
+    assert kv.capture(Module, "launch", lambda: Module.launch(1, 2, 3)) == (1, 2, 3)
+    assert Module.launch is original
+    with pytest.raises(SystemExit, match="was not called"):
+        kv.capture(Module, "launch", lambda: None)
+
+    x, out, acc = torch.ones(3), torch.ones(2), (torch.ones(4), torch.ones(5))
+    args, written = kv.fresh((x, out, 0.5, acc), outputs=(1,), accumulators=(3,))
+    assert args[0] is x and args[2] == 0.5
+    assert args[1] is not out and args[3][0] is not acc[0]
+    assert [t.shape[0] for t in written] == [2, 4, 5] and all(bool((t == 0).all()) for t in written)
+    assert bool((out == 1).all()) and bool((acc[1] == 1).all())
+    # an accumulator position the call does not have (the dK / dV launch without the fused dQ)
+    args, written = kv.fresh((x, out), outputs=(1,), accumulators=(3,))
+    assert len(args) == 2 and len(written) == 1
 
 
 def test_gate_gradient_needs_the_row_sums_of_ds():
