@@ -196,6 +196,11 @@ if HAVE_GLUON:
                 tma_load(v_desc, [v_r0 + (lo + j) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
 
     @gluon.jit
+    def _tile_decays(ck_base, kb, offs_c, klen, BLOCK_N: gl.constexpr):
+        # key tile kb's decays in offs_c's layout (keys past the end: 0)
+        return gl.load(ck_base + kb * BLOCK_N + offs_c, mask=kb * BLOCK_N + offs_c < klen, other=0.0)
+
+    @gluon.jit
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
                                 cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2, o_base,
                                 stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
@@ -241,10 +246,9 @@ if HAVE_GLUON:
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
         if n > 0:
             offs_k = lo * BLOCK_N + offs_n
-            ck_next = gl.load(ck_base + lo * BLOCK_N + offs_c, mask=lo * BLOCK_N + offs_c < klen, other=0.0)
+            ck_next = _tile_decays(ck_base, lo, offs_c, klen, BLOCK_N)
             ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
-            ck_next = gl.load(ck_base + (lo + 1) * BLOCK_N + offs_c, mask=(lo + 1) * BLOCK_N + offs_c < klen,
-                              other=0.0)
+            ck_next = _tile_decays(ck_base, lo + 1, offs_c, klen, BLOCK_N)
             mbarrier.wait(k_ready.index(0), 0)
             mbarrier.wait(my_turn, 0)
             s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -260,8 +264,7 @@ if HAVE_GLUON:
                 pb = (i - 1) % STAGES
                 offs_k = kb * BLOCK_N + offs_n
                 ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
-                ck_next = gl.load(ck_base + (kb + 1) * BLOCK_N + offs_c, mask=(kb + 1) * BLOCK_N + offs_c < klen,
-                                  other=0.0)
+                ck_next = _tile_decays(ck_base, kb + 1, offs_c, klen, BLOCK_N)
                 mbarrier.wait(k_ready.index(b), (i // STAGES) & 1)
                 mbarrier.wait(v_ready.index(pb), ((i - 1) // STAGES) & 1)
                 mbarrier.wait(my_turn, i & 1)
