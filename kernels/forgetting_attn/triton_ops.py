@@ -95,8 +95,9 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 
 # True: single-GPU bf16 forwards on Hopper at head dim 128 run the
 # warp-specialised Gluon kernel (gluon_fwd.py) instead of _fwd_kernel below:
-# on an H200 it made the fwd + bwd step 0.8-3.0% faster
-# (benchmarks/results/attention_gluon_fwd_128_h200.json).
+# on an H200 its first version made the fwd + bwd step 0.8-3.0% faster
+# (benchmarks/results/attention_gluon_fwd_128_h200.json); the ping-pong and
+# the decays' prefetch since made it faster again (gluon_fwd's docstring).
 USE_GLUON_FWD = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
