@@ -762,7 +762,6 @@ def test_backward_runs_the_triton_kernels_when_the_gluon_backward_does_not_compi
         assert torch.equal(a, b), name
 
 
-
 @pytest.mark.parametrize("acp", [False, True])
 def test_fused_backward_reads_its_buffers_as_the_kernel_writes_them(acp, monkeypatch):
     """The fused Gluon backward leaves dQ in a float32 [B, T, H, D] buffer and
