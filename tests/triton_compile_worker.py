@@ -103,7 +103,8 @@ def gluon_cases():
                           STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
             # two partitions of 4 MMA warps (ping-pong) and the load warp
             yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong, dict(consts, num_warps=4),
-                   dict(num_warps=4, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim), **f64))
+                   dict(num_warps=4, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim),
+                        desc_blocks={"q_desc": (bm, head_dim)}, **f64))
         for head_dim, (bm, bn, warps, stages) in gluon_bwd.CONFIGS.items():
             abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
             for fused in (False, True):  # with the dQ pass fused in
@@ -112,7 +113,8 @@ def gluon_cases():
                 yield (f"gluon_dkdv{'_dq' if fused else ''}{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90,
                        consts, dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim),
                                     desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
-                                    desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim)}, **f64))
+                                    desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim),
+                                                 "k_desc": (bn, head_dim), "v_desc": (bn, head_dim)}, **f64))
 
 
 def cases():

@@ -66,7 +66,11 @@ without ACP and 3.9-4.5% faster with it
 Q and dO are read through the 2-D TMA view of gluon_fwd._tma_rows_view:
 a query block that runs past the end of a sequence reads the tokens after
 it, which get p = 0 (and add exact zeros to dQ); a NaN or inf there would
-leak (0 * inf), which the Triton kernel's masked loads rule out.
+leak (0 * inf), which the Triton kernel's masked loads rule out.  K and V
+come the same way, by the load warp before the first Q / dO tiles (so
+that their latency overlaps those loads'); in the last key block of a
+sequence the MMA warps overwrite the rows past its end with zeros before
+the first MMA, as the masked loads gave.
 """
 
 from __future__ import annotations
@@ -106,13 +110,12 @@ def mode(q, k, v, do, acp=False):
     """What the Gluon kernel does for this call (acp: ACP prunes it): None,
     "dkdv" or "fused" as DISPATCH says for its head dim, for bf16 (the
     dtype it has been checked in on a GPU; fp16 runs the Triton kernels)
-    tensors that gluon_fwd.hopper_tma_ready takes, Q and dO being the
-    streamed ones."""
+    tensors that gluon_fwd.hopper_tma_ready takes, all four read by TMA."""
     D = q.shape[-1]
     if q.dtype != torch.bfloat16 or D not in CONFIGS or D not in DISPATCH:
         return None
     what = DISPATCH[D][bool(acp)]
-    return what if what is not None and hopper_tma_ready((q, k, v, do), (q, do)) else None
+    return what if what is not None and hopper_tma_ready((q, k, v, do), (q, do, k, v)) else None
 
 
 def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
@@ -125,13 +128,17 @@ def takes_boundaries(head_dim, acp_block_m, acp_block_n) -> bool:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _bwd_load_partition(q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen, klen, lo,
-                            full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0, stride_doh, stride_qbhi_s,
-                            stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr, USE_ACP: gl.constexpr,
-                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr):
-        # one warp: TMA loads of each query block's Q and dO tiles, head by
-        # head, each buffer refilled once the MMA warps have released it
+    def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_smem, v_smem, ready, empty, kv_ready,
+                            QBHI, s_id, hk, pid_n, qlen, klen, lo, full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0,
+                            stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
+                            GROUP: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr):
+        # one warp: TMA loads of the CTA's K and V, then of each query
+        # block's Q and dO tiles, head by head, each buffer refilled once the
+        # MMA warps have released it
+        mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes)
+        tma_load(k_desc, [k_r0, k_c0], kv_ready, k_smem)
+        tma_load(v_desc, [v_r0, v_c0], kv_ready, v_smem)
         nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes
         it = 0
         for g in range(GROUP):
@@ -186,8 +193,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready, empty,
-                           dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n, row, qrow, q0,
-                           k0, qlen, klen, lo, full_lo,
+                           kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n,
+                           row, qrow, q0, k0, qlen, klen, lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                            stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
@@ -226,6 +233,21 @@ if HAVE_GLUON:
             RS_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                                            instr_shape=[16, 64 // num_warps, 16])
             rs_zero = gl.zeros([BLOCK_M, 16], gl.float32, layout=RS_L)
+        mbarrier.wait(kv_ready, 0)
+        if (pid_n + 1) * BLOCK_N > klen:
+            # the last key block: its rows past the sequence's end came from
+            # the tokens after it; zeros, as masked loads would give (a NaN
+            # there would reach dQ through 0 * NaN)
+            ROWS_L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1],
+                                                    [1, 0])
+            rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ROWS_L))
+            in_seq = (rows < klen)[:, None]
+            k_rows = k_smem.load(ROWS_L)
+            k_smem.store(gl.where(in_seq, k_rows, gl.zeros_like(k_rows)))
+            v_rows = v_smem.load(ROWS_L)
+            v_smem.store(gl.where(in_seq, v_rows, gl.zeros_like(v_rows)))
+            fence_async_shared()
+            cta_barrier()
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
@@ -316,11 +338,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_kernel_sm90(
-        q_desc, K, V, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
+        q_desc, k_desc, v_desc, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
-        stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh,
+        k_rows_b, k_cols_b, stride_kh,
+        v_rows_b, v_cols_b, stride_vh,
         do_rows_b, do_cols_b, stride_doh,
         stride_dkb, stride_dkt, stride_dkh,
         stride_dvb, stride_dvt, stride_dvh,
@@ -335,12 +357,10 @@ if HAVE_GLUON:
         ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr, num_warps: gl.constexpr,
     ):
         # warp-specialised: num_warps warps of MMAs (the default partition)
-        # and one warp of TMA loads; Q / dO of (row, token t, head) at
-        # (row * rows_b + t, row * cols_b + head * stride_h) of the 2-D
+        # and one warp of TMA loads; K / V / Q / dO of (row, token t, head)
+        # at (row * rows_b + t, row * cols_b + head * stride_h) of the 2-D
         # descriptors (see launch_dkdv)
-        dtype: gl.constexpr = K.dtype.element_ty
-        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
-        KV_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        dtype: gl.constexpr = k_desc.block_type.element_ty
         gl.static_assert(BLOCK_N == 16 * num_warps)
         gl.static_assert(BLOCK_M % ACP_BLOCK_M == 0)
         gl.static_assert(BLOCK_N % ACP_BLOCK_N == 0)
@@ -355,15 +375,13 @@ if HAVE_GLUON:
             qrow = gl.load(QROW + s_id)
             q0 = gl.load(QSTART + s_id)
             k0 = gl.load(KSTART_POS + s_id).to(gl.int64)
-            offs_nl = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-            offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
-            lmask = (offs_nl < klen)[:, None]
-            k = gl.load(K + row * stride_kb + hk * stride_kh + (k0 + offs_nl)[:, None] * stride_kt + offs_dl[None, :],
-                        mask=lmask, other=0.0)
-            k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, k)
-            v = gl.load(V + row * stride_vb + hk * stride_vh + (k0 + offs_nl)[:, None] * stride_vt + offs_dl[None, :],
-                        mask=lmask, other=0.0)
-            v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_SMEM, v)
+            # K and V come by TMA from the load warp, beside the first Q / dO
+            # tiles (loaded here, their latency came before everything)
+            k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+            kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(kv_ready.index(0), count=1)
+            kv_ready = kv_ready.index(0)
             q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
             do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
             if FUSED_DQ:
@@ -390,16 +408,21 @@ if HAVE_GLUON:
             # the write warp idles without FUSED_DQ
             gl.warp_specialize(
                 [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready,
-                                       empty, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk,
-                                       pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo,
-                                       stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh,
+                                       empty, kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV,
+                                       s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo,
+                                       full_lo, stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh,
                                        stride_dckb, stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb,
                                        stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s, stride_qbhi_h,
                                        stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
                                        USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
-                 (_bwd_load_partition, (q_desc, do_desc, q_bufs, do_bufs, ready, empty, QBHI, s_id, hk, pid_n, qlen,
-                                        klen, lo, full_lo, qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh,
-                                        qrow * do_rows_b + q0, qrow * do_cols_b, stride_doh, stride_qbhi_s,
+                 (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_smem, v_smem, ready, empty,
+                                        kv_ready, QBHI, s_id, hk, pid_n, qlen, klen, lo, full_lo,
+                                        qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh, qrow * do_rows_b + q0,
+                                        qrow * do_cols_b, stride_doh,
+                                        (row * k_rows_b + k0 + pid_n * BLOCK_N).to(gl.int32),
+                                        (row * k_cols_b + hk * stride_kh).to(gl.int32),
+                                        (row * v_rows_b + k0 + pid_n * BLOCK_N).to(gl.int32),
+                                        (row * v_cols_b + hk * stride_vh).to(gl.int32), stride_qbhi_s,
                                         stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,
                                         ACP_BLOCK_M, ACP_BLOCK_N)),
                  (_bwd_dq_write_partition, (dqa_desc, dcq_desc, dq_smem, rs_smem, dq_full, dq_empty, QBHI, s_id, hk,
@@ -423,6 +446,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, views = tma_descriptors((q, do), BM)
+    kv_descs, kv_views = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
@@ -438,11 +462,11 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         dqa_desc, dcq_desc, dqa_view, dcq_view = descs[0], descs[0], views[0], views[0]
         dqa = dcq = q
     _dkdv_kernel_sm90[grid](
-        descs[0], k, v, descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
+        descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         views[0][2], views[0][3], q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        kv_views[0][2], kv_views[0][3], k.stride(2),
+        kv_views[1][2], kv_views[1][3], v.stride(2),
         views[1][2], views[1][3], do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),

@@ -43,7 +43,9 @@ _tma_rows_view), so a tile that runs past the end of a sequence reads the
 tokens after it (the next document or batch row; zeros past the tensor).
 The masks give them zero weight, so finite values there do not matter;
 a NaN or inf value in V there would (0 * inf), which the Triton kernel's
-masked loads rule out.
+masked loads rule out.  Q is read the same way: a query block past the
+end computes rows for the tokens after it, which are not stored, and
+each row depends only on its own query.
 
 Measured on an H200 against the Triton forward, in fwd + bwd steps at head
 dim 128, before the ping-pong and the decays' prefetch (one partition of
@@ -114,10 +116,10 @@ MAXNREG = 168
 def supported(q, k, v, out) -> bool:
     """Whether the Gluon forward can run this call: bf16 (the dtype it has
     been checked in on a GPU; fp16 runs the Triton kernel), a head dim in
-    CONFIGS and what ``hopper_tma_ready`` asks, K and V being the streamed
+    CONFIGS and what ``hopper_tma_ready`` asks, Q, K and V being the streamed
     tensors."""
     return (q.dtype == torch.bfloat16 and q.shape[-1] in CONFIGS
-            and hopper_tma_ready((q, k, v, out), (k, v)))
+            and hopper_tma_ready((q, k, v, out), (q, k, v)))
 
 
 def hopper_tma_ready(tensors, streamed) -> bool:
@@ -174,14 +176,18 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
-    def _load_partition_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, k_r0, k_c0, v_r0,
-                           v_c0, lo, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-        # one warp: K and V tiles in rings of their own, in the order the
-        # MMA warps use them (K_0, then K_i beside V_{i-1}): a K buffer is
-        # free once S has been computed from it, a V buffer only once P V
-        # has, a tile later
+    def _load_partition_kv(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                           v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
+                           BLOCK_N: gl.constexpr):
+        # one warp: the query block (once, beside the first K tile), then K
+        # and V tiles in rings of their own, in the order the MMA warps use
+        # them (K_0, then K_i beside V_{i-1}): a K buffer is free once S has
+        # been computed from it, a V buffer only once P V has, a tile later
         k_bytes: gl.constexpr = k_desc.block_type.nbytes
         v_bytes: gl.constexpr = v_desc.block_type.nbytes
+        if n > 0:
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            tma_load(q_desc, [q_r0, q_c0], q_ready, q_smem)
         for i in range(n + 1):
             if i < n:
                 b = i % STAGES
@@ -201,10 +207,10 @@ if HAVE_GLUON:
         return gl.load(ck_base + kb * BLOCK_N + offs_c, mask=kb * BLOCK_N + offs_c < klen, other=0.0)
 
     @gluon.jit
-    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
-                                cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2, o_base,
-                                stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                turns, cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
+                                o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
+                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                                 num_warps: gl.constexpr):
         # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
         # CTA's query block, the same key tiles as the other warpgroup.
@@ -249,6 +255,7 @@ if HAVE_GLUON:
             ck_next = _tile_decays(ck_base, lo, offs_c, klen, BLOCK_N)
             ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
             ck_next = _tile_decays(ck_base, lo + 1, offs_c, klen, BLOCK_N)
+            mbarrier.wait(q_ready, 0)
             mbarrier.wait(k_ready.index(0), 0)
             mbarrier.wait(my_turn, 0)
             s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -297,9 +304,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_kernel_sm90_pingpong(
-        Q, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
+        q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
-        stride_qb, stride_qt, stride_qh,
+        q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
         stride_ob, stride_ot, stride_oh,
         stride_cqb, stride_cqh, stride_ckb, stride_ckh,
@@ -313,11 +320,12 @@ if HAVE_GLUON:
         # the query block's two warpgroups in separate partitions that take
         # turns on the tensor cores: the default partition (num_warps = 4)
         # and a worker of 4 warps each own BLOCK_M / 2 rows; one load warp
-        # feeds both (each buffer is released by both warpgroups)
-        dtype: gl.constexpr = Q.dtype.element_ty
+        # feeds both (each buffer is released by both warpgroups), the query
+        # block first, by TMA like K and V (Q of (row, token t, head) at
+        # (row * q_rows_b + t, row * q_cols_b + head * stride_qh)), so that
+        # its load overlaps the first K tile's
+        dtype: gl.constexpr = q_desc.block_type.element_ty
         HALF: gl.constexpr = BLOCK_M // 2
-        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
-        Q_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         gl.static_assert(HALF == 16 * num_warps)
 
         s_id = gl.program_id(1)
@@ -334,11 +342,10 @@ if HAVE_GLUON:
             q0 = gl.load(QSTART + s_id).to(gl.int64)
             k0 = gl.load(KSTART_POS + s_id)
             hk = h // GROUP
-            offs_ml = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
-            offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
-            q = gl.load(Q + qrow * stride_qb + h * stride_qh + (q0 + offs_ml)[:, None] * stride_qt + offs_dl[None, :],
-                        mask=(offs_ml < qlen)[:, None], other=0.0)
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+            q_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(q_ready.index(0), count=1)
+            q_ready = q_ready.index(0)
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
             k_ready, k_empty = ring_barriers(STAGES, 2)
@@ -360,16 +367,18 @@ if HAVE_GLUON:
             o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             gl.warp_specialize(
-                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
-                                            cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid,
-                                            n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF,
-                                            BLOCK_N, HEAD_DIM, num_warps)),
-                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turns,
-                                            cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo, full_lo, mid,
-                                            n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES, HALF,
-                                            BLOCK_N, HEAD_DIM, 4)),
-                 (_load_partition_kv, (k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
-                                       row * k_rows_b + k0, row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
+                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
+                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
+                                            STAGES, HALF, BLOCK_N, HEAD_DIM, num_warps)),
+                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
+                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
+                                            STAGES, HALF, BLOCK_N, HEAD_DIM, 4)),
+                 (_load_partition_kv, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
+                                       v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
+                                       (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
+                                       row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
                                        row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
                 [4, 1], [240, 24])
 
@@ -415,10 +424,11 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
+    (q_desc,), (q_view,) = tma_descriptors((q,), BM)
     _fwd_kernel_sm90_pingpong[grid](
-        q, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
+        q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-        q.stride(0), q.stride(1), q.stride(2),
+        q_view[2], q_view[3], q.stride(2),
         kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
