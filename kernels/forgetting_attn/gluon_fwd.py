@@ -210,8 +210,8 @@ if HAVE_GLUON:
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
                                 turns, cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
                                 o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
-                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                                num_warps: gl.constexpr):
+                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
         # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
         # CTA's query block, the same key tiles as the other warpgroup.
         # The two take turns to issue their MMAs (FlashAttention-3's
