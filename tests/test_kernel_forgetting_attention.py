@@ -687,7 +687,8 @@ def test_tma_rows_view_of_layouts():
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("acp", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
-def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, head_dim, monkeypatch):
     """On Hopper, head dim 128 runs the warp-specialised Gluon forward; its
     output and log-sum-exp match the Triton forward's (summation order
     aside), and so do the gradients computed from them."""
@@ -695,7 +696,7 @@ def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, monkeypatch
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is for Hopper (sm_90)")
-    B, T, Hq, Hkv, D = 2, 1531, 4, 2, 128
+    B, T, Hq, Hkv, D = 2, 1531, 4, 2, head_dim
     q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, layout=layout, device="cuda", seed=17)
     assert gluon_fwd.supported(q, k, v, q)
     cu = torch.tensor([0, 300, 301, 1531, 2000, 3062], dtype=torch.int32, device="cuda") if docs else None

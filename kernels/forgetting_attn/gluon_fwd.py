@@ -107,8 +107,10 @@ LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim.  Two stages ran as fast
-# as three on an H200 (attention_gluon_fwd_128_h200.json).
-CONFIGS = {128: (128, 128, 8, 2)}
+# as three on an H200 (attention_gluon_fwd_128_h200.json).  Head dim 64: not
+# measured with this kernel (an earlier Gluon forward was slower than the
+# Triton one there).
+CONFIGS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
 # registers a thread at launch: one CTA per SM
 MAXNREG = 168
 
