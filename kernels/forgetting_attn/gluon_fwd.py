@@ -53,12 +53,15 @@ eight MMA warps; benchmarks/results/attention_gluon_fwd_128_h200.json):
 3.0% (8k) and 1.6% (16k) faster without ACP, 1.4% / 0.8% with it.  The earlier
 configuration, 64 x 64 tiles and two CTAs per SM, made the forward alone
 0.5-6% faster but not the step (attention_gluon_fwd_h200.json); key tiles
-of 128 were 1.8-1.9x slower at that register budget.  At head dim 64 it
-was slower than the Triton forward.  Without warp specialisation
+of 128 were 1.8-1.9x slower at that register budget.  At head dim 64 that
+first kernel was slower than the Triton forward; this one, with the same
+128 x 128 tiles, makes the 24 x 64 step 0.1-1.5% faster at 8k and 16k,
+with and without ACP (attention_gluon_fwd_d64_h200.json, 2 interleaved
+rounds), so it runs there too.  Without warp specialisation
 (cp.async loads issued by the MMA warps, the overlap alone) every
 configuration was slower than the Triton forward.
 
-Runs single-GPU / Ulysses calls on sm_90 at head dim 128 (``supported``)
+Runs single-GPU / Ulysses calls on sm_90 at head dims 64 and 128 (``supported``)
 while triton_ops.USE_GLUON_FWD is on (the default); context-parallel chunk
 calls stay on the Triton kernel.
 """
@@ -107,9 +110,8 @@ LOG2E = 1.4426950408889634
 _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim.  Two stages ran as fast
-# as three on an H200 (attention_gluon_fwd_128_h200.json).  Head dim 64: not
-# measured with this kernel (an earlier Gluon forward was slower than the
-# Triton one there).
+# as three on an H200 (attention_gluon_fwd_128_h200.json); head dim 64 takes
+# the same tiles (attention_gluon_fwd_d64_h200.json).
 CONFIGS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
 # registers a thread at launch: one CTA per SM
 MAXNREG = 168

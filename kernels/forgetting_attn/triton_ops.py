@@ -93,11 +93,12 @@ def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16)
 assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
            for d, (bm, bn, _, _) in gluon_fwd.CONFIGS.items())
 
-# True: single-GPU bf16 forwards on Hopper at head dim 128 run the
+# True: single-GPU bf16 forwards on Hopper at head dims 64 and 128 run the
 # warp-specialised Gluon kernel (gluon_fwd.py) instead of _fwd_kernel below:
-# on an H200 its first version made the fwd + bwd step 0.8-3.0% faster
-# (benchmarks/results/attention_gluon_fwd_128_h200.json); the ping-pong and
-# the decays' prefetch since made it faster again (gluon_fwd's docstring).
+# on an H200 its first version made the fwd + bwd step 0.8-3.0% faster at
+# head dim 128 (benchmarks/results/attention_gluon_fwd_128_h200.json); the
+# ping-pong and the decays' prefetch since made it faster again, and at head
+# dim 64 it now takes 0.1-1.5% off the step (gluon_fwd's docstring).
 USE_GLUON_FWD = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
