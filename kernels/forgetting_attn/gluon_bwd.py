@@ -58,10 +58,19 @@ without ACP; benchmarks/results/attention_gluon_dkdv_h200.json), and with
 ACP the fused dQ 3.5-3.8% faster again (attention_fused_dq_h200.json).
 With the write warp (attention_dq_writer_h200.json) the fused dQ makes the
 ACP step 8.4-9.3% faster than this kernel after the dQ kernel, and without
-ACP 4.5-4.8% slower (the extra MMA and the writes outweigh the dQ kernel's
-recomputation there).  At head dim 64 this kernel made the step 3% slower
-without ACP and 3.9-4.5% faster with it
-(attention_gluon_dkdv_d64_h200.json); the fused dQ was slower there.
+ACP 4.5-4.8% slower then.  Since the row terms' prefetch and the TMA
+prologue it is faster without ACP as well: the 16 x 128 step 6.4% / 6.6%
+faster at 8k / 16k, and 9.2% / 8.4% with ACP
+(attention_fused_dq_dense_prefetch_h200.json, 2 interleaved rounds), so
+head dim 128 runs it with and without ACP.  At head dim 64 the first
+version of this kernel made the step 3% slower without ACP and 3.9-4.5%
+faster with it (attention_gluon_dkdv_d64_h200.json).  The current one makes the
+24 x 64 step 9.9% / 8.9% faster at 8k / 16k without ACP and 7.2% / 7.7%
+with it (attention_gluon_dkdv_d64_dense_h200.json), so it runs there with
+and without ACP; the fused dQ is 0.7% slower to 0.5% faster than it
+without ACP and 2.4-2.9% slower with it (attention_fused_dq_d64_prefetch_h200.json).
+(attention_gluon_dkdv_d64_prefetch_h200.json's rows without ACP ran the
+Triton kernel on both sides: DISPATCH had None there.)
 
 Q and dO are read through the 2-D TMA view of gluon_fwd._tma_rows_view:
 a query block that runs past the end of a sequence reads the tokens after
@@ -100,7 +109,7 @@ CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
 # What runs, by head dim, without and with ACP: None (the Triton kernels),
 # "dkdv" (this kernel for dK / dV after Triton's dQ kernel) or "fused" (this
 # kernel for all three gradients); measured as the module docstring says.
-DISPATCH = {64: (None, "dkdv"), 128: ("dkdv", "fused")}
+DISPATCH = {64: ("dkdv", "dkdv"), 128: ("fused", "fused")}
 # registers a thread at launch (12 warps: one CTA per SM); setmaxnreg then
 # gives the MMA warps 240 and the load and write warps 24
 MAXNREG = 168

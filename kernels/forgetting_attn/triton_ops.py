@@ -102,12 +102,13 @@ assert all(CONFIGS["fwd"][d][0] % bm == 0 and bn % CONFIGS["fwd"][d][1] == 0
 USE_GLUON_FWD = True
 # True: single-GPU bf16 backwards on Hopper run the warp-specialised Gluon
 # dK / dV kernel (gluon_bwd.py) instead of _dkdv_kernel below where
-# gluon_bwd.DISPATCH says so (head dim 128; 64 with ACP): on an H200 it made
-# the fwd + bwd step 5.6-8.5% faster at head dim 128
-# (benchmarks/results/attention_gluon_dkdv_h200.json).
+# gluon_bwd.DISPATCH says so (head dims 64 and 128): on an H200 its first
+# version made the fwd + bwd step 5.6-8.5% faster at head dim 128
+# (benchmarks/results/attention_gluon_dkdv_h200.json); at head dim 64 the
+# current one takes 7-10% off it (gluon_bwd's docstring).
 USE_GLUON_DKDV = True
 # True (with USE_GLUON_DKDV): where gluon_bwd.DISPATCH says "fused" (head dim
-# 128 with ACP), that kernel also computes dQ and dc_q, from dS kept in
+# 128), that kernel also computes dQ and dc_q, from dS kept in
 # shared memory, and adds them to float32 buffers (by TMA reduce-adds that a
 # write warp issues, as FlashAttention-3 does), so the dQ kernel, which
 # recomputes S and dP, does not run.  The adds' order varies, so dq is not
