@@ -25,7 +25,7 @@ CASES = ["boundary_causal=True", "boundary_causal=False", "boundary_precise", "d
     f"{kind}{precise}_d{d}" for kind in ("fwd", "dkdv", "dq") for precise in ("", "_precise") for d in (64, 128)] + [
     f"{kind}_accumulate_d{d}" for kind in ("fwd", "dq") for d in (64, 128)] + [
     f"dkdv_fp32_grads_d{d}" for d in (64, 128)] + [
-    f"gluon_fwd{precise}_d128" for precise in ("", "_precise")] + [
+    f"gluon_fwd{precise}_d{d}" for precise in ("", "_precise") for d in (64, 128)] + [
     f"gluon_dkdv{dq}{precise}_d{d}" for dq in ("", "_dq") for precise in ("", "_precise") for d in (64, 128)]
 
 
