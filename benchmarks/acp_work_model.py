@@ -17,6 +17,13 @@ Runs on CPU:
 
     python benchmarks/acp_work_model.py --out benchmarks/results/acp_work_model_masked_loops_h200.json
     python benchmarks/acp_work_model.py --profiles three_loops --out benchmarks/results/acp_work_model_h200.json
+    python benchmarks/acp_work_model.py --profiles gluon_dispatch --out benchmarks/results/acp_work_model_gluon_h200.json
+
+The gluon_dispatch set fits the Hopper kernels that run by default now
+(gluon_bwd.DISPATCH): the Gluon forward (128 x 128 tiles), the Gluon
+dK / dV kernel (64-query tiles over 128-key blocks; at head dim 128 it also
+does the dQ pass's work, so there is no dQ kernel to fit) and at head dim
+64 the Triton dQ kernel.
 """
 
 from __future__ import annotations
@@ -39,7 +46,21 @@ from attention import paper_like_log_gates  # noqa: E402
 from fox_megatron.kernels.forgetting_attn.triton_ops import CONFIGS  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# kernel kind -> its name in the profiles, for the Triton kernels and for
+# the Hopper kernels that gluon_bwd.DISPATCH runs
 KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "dq": "_dq_kernel"}
+GLUON_KERNELS = {"fwd": "_fwd_kernel_sm90_pingpong", "dkdv": "_dkdv_kernel_sm90", "dq": "_dq_kernel"}
+
+
+def triton_blocks(kind, D):
+    return CONFIGS[kind][64 if D <= 64 else 128][:2]
+
+
+def gluon_blocks(kind, D):
+    # gluon_fwd.CONFIGS and gluon_bwd.CONFIGS (BLOCK_M, BLOCK_N) at both
+    # head dims; the dQ kernel is Triton's
+    return {"fwd": (128, 128), "dkdv": (64, 128)}.get(kind) or triton_blocks(kind, D)
+
 # per-kernel profiles, one set per kernel code: file, profile key path, L,
 # documents per row
 PROFILE_SETS = {
@@ -56,7 +77,17 @@ PROFILE_SETS = {
         ("tune_attention_d128_h200.json", ("profiles",), 8192, 1),
         ("profile_attention_4k_host_cached_h200.json", ("profiles",), 4096, 8),
     ],
+    # the Gluon forward at both head dims, the Gluon dK / dV kernel with and
+    # without ACP (fused with dQ at head dim 128), af24592
+    "gluon_dispatch": [
+        ("profile_attention_16384_dispatch_h200.json", ("profiles",), 16384, 1),
+        ("profile_attention_8192_dispatch_h200.json", ("profiles",), 8192, 1),
+        ("profile_attention_4096_dispatch_h200.json", ("profiles",), 4096, 8),
+    ],
 }
+# per set: the kernels' names in its profiles and their tile shapes
+SET_KERNELS = {"masked_loops": (KERNELS, triton_blocks), "three_loops": (KERNELS, triton_blocks),
+               "gluon_dispatch": (GLUON_KERNELS, gluon_blocks)}
 TOKENS = 32768
 
 
@@ -121,17 +152,17 @@ def tile_counts(kind, c, thr, bm, bn, acp):
     return programs, int(plain.sum()), int((acp_masked + diag).sum())
 
 
-def counts_for(H, D, L, docs, acp, seed=1):
+def counts_for(H, D, L, docs, acp, seed=1, blocks=triton_blocks, kinds=tuple(KERNELS)):
     B = max(TOKENS // L, 1)
     c = paper_like_decay(B, L, H, docs, seed)
     T = c.shape[-1]
     # QK-norm with unit weights: U = sqrt(D); N = the document's length
     thr = torch.full(c.shape[:2], -2 * math.sqrt(D) - math.log(T) - 10.0, dtype=torch.float64)
-    key = 64 if D <= 64 else 128
-    return {kind: tile_counts(kind, c, thr, *CONFIGS[kind][key][:2], acp) for kind in KERNELS}
+    return {kind: tile_counts(kind, c, thr, *blocks(kind, D), acp) for kind in kinds}
 
 
-def load_profiles(profiles):
+def load_profiles(profiles, names=KERNELS):
+    """One row per profiled case; ms holds the kinds whose kernel ran."""
     rows = []
     for fname, path, L, docs in profiles:
         data = json.load(open(os.path.join(RESULTS, fname)))
@@ -143,7 +174,7 @@ def load_profiles(profiles):
             acp = case.endswith("acp")
             ms = {k["kernel"]: k["ms"] for k in prof["kernels"]}
             rows.append(dict(file=fname, H=H, D=D, L=L, docs=docs, acp=acp,
-                             ms={kind: ms[name] for kind, name in KERNELS.items()}))
+                             ms={kind: ms[name] for kind, name in names.items() if name in ms}))
     return rows
 
 
@@ -154,9 +185,10 @@ def main():
                     help="which kernel code's profiles to fit (the current code: masked_loops)")
     args = ap.parse_args()
     profiles = PROFILE_SETS[args.profiles]
-    rows = load_profiles(profiles)
+    names, blocks = SET_KERNELS[args.profiles]
+    rows = load_profiles(profiles, names)
     for r in rows:
-        r["counts"] = counts_for(r["H"], r["D"], r["L"], r["docs"], r["acp"])
+        r["counts"] = counts_for(r["H"], r["D"], r["L"], r["docs"], r["acp"], blocks=blocks, kinds=tuple(r["ms"]))
     fits, skipped = {}, {}
     for H, D in sorted({(r["H"], r["D"]) for r in rows}):
         mine = [r for r in rows if (r["H"], r["D"]) == (H, D)]
@@ -165,7 +197,7 @@ def main():
             # the fit nearly undetermined
             skipped[f"{H}x{D}"] = f"profiles at {len(mine)} cases only; needs three workloads (e.g. 8k as well)"
             continue
-        for kind in KERNELS:
+        for kind in [k for k in KERNELS if all(k in r["ms"] for r in mine)]:
             X = torch.tensor([r["counts"][kind] for r in mine], dtype=torch.float64)
             y = torch.tensor([r["ms"][kind] for r in mine], dtype=torch.float64)
             coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
@@ -213,6 +245,7 @@ def main():
             json.dump(dict(gpu=", ".join(gpus), torch=torch.__version__, date=datetime.date.today().isoformat(),
                            command="python " + " ".join(sys.argv),
                            model="t = a * programs + b * plain_tiles + c * masked_tiles, least squares per kernel",
+                           tiles={kind: {D: list(blocks(kind, D)) for D in (64, 128)} for kind in KERNELS},
                            inputs=[p[0] for p in profiles], fits=fits, not_fitted=skipped), fh, indent=1)
 
 

@@ -7,7 +7,7 @@
   consistent with the runs it came from.
 - The ACP work model (benchmarks/acp_work_model.py) counts tiles by its own
   copy of the kernels' tile rule: its kept tiles must be the boundary
-  kernel's.
+  kernel's; it reads the Hopper kernels' profiles by their names.
 - The gate-gradient rounding emulation (benchmarks/gate_grad_rounding.py)
   tells the row sums of dS from none.
 - kernel_versions.py's plumbing: loading the base module, capturing and
@@ -77,6 +77,25 @@ def test_work_model_counts_the_kernels_kept_tiles():
         diag_first = (torch.arange(qbhi.shape[-1]) * bn) // bm
         _, plain, masked = tile_counts("dkdv", c, thr, bm, bn, acp=True)
         assert plain + masked == int((qbhi[:, :, 0] - diag_first).clamp_min(0).sum())
+
+
+def test_work_model_reads_the_gluon_kernels_profiles():
+    """The gluon_dispatch set reads the Hopper kernels' names from its
+    profiles, with their own tile shapes: no dQ kernel at head dim 128 (the
+    fused dK / dV kernel does its work), all three at head dim 64."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import acp_work_model as model
+
+    names, blocks = model.SET_KERNELS["gluon_dispatch"]
+    rows = model.load_profiles(model.PROFILE_SETS["gluon_dispatch"], names)
+    assert {(r["L"], r["docs"], r["acp"]) for r in rows} == {(L, d, a) for L, d in ((16384, 1), (8192, 1), (4096, 8))
+                                                              for a in (False, True)}
+    for r in rows:
+        assert set(r["ms"]) == ({"fwd", "dkdv", "dq"} if r["D"] == 64 else {"fwd", "dkdv"}), r
+        assert all(ms > 0 for ms in r["ms"].values())
+    assert blocks("fwd", 64) == blocks("fwd", 128) == (128, 128) and blocks("dkdv", 64) == (64, 128)
+    # the dQ kernel is Triton's: its configured tiles
+    assert blocks("dq", 64) == model.triton_blocks("dq", 64)
 
 
 def test_kernel_ab_dispatch_option():
