@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from attention import paper_like_log_gates  # noqa: E402
 
+from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd  # noqa: E402
 from fox_megatron.kernels.forgetting_attn.triton_ops import CONFIGS  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -57,9 +58,9 @@ def triton_blocks(kind, D):
 
 
 def gluon_blocks(kind, D):
-    # gluon_fwd.CONFIGS and gluon_bwd.CONFIGS (BLOCK_M, BLOCK_N) at both
-    # head dims; the dQ kernel is Triton's
-    return {"fwd": (128, 128), "dkdv": (64, 128)}.get(kind) or triton_blocks(kind, D)
+    # the dQ kernel is Triton's
+    configs = {"fwd": gluon_fwd.CONFIGS, "dkdv": gluon_bwd.CONFIGS}.get(kind)
+    return tuple(configs[D][:2]) if configs else triton_blocks(kind, D)
 
 # per-kernel profiles, one set per kernel code: file, profile key path, L,
 # documents per row
@@ -182,7 +183,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--profiles", choices=sorted(PROFILE_SETS), default="masked_loops",
-                    help="which kernel code's profiles to fit (the current code: masked_loops)")
+                    help="which kernel code's profiles to fit (the Triton kernels' latest: masked_loops; "
+                         "the kernels that run by default on Hopper: gluon_dispatch)")
     args = ap.parse_args()
     profiles = PROFILE_SETS[args.profiles]
     names, blocks = SET_KERNELS[args.profiles]
