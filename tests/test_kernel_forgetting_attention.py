@@ -689,9 +689,9 @@ def test_tma_rows_view_of_layouts():
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, head_dim, monkeypatch):
-    """On Hopper, head dim 128 runs the warp-specialised Gluon forward; its
-    output and log-sum-exp match the Triton forward's (summation order
-    aside), and so do the gradients computed from them."""
+    """On Hopper, head dims 64 and 128 run the warp-specialised Gluon
+    forward; its output and log-sum-exp match the Triton forward's
+    (summation order aside), and so do the gradients computed from them."""
     from fox_megatron.kernels.forgetting_attn import gluon_fwd, triton_ops
 
     if torch.cuda.get_device_capability()[0] != 9:

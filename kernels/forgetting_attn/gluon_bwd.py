@@ -100,7 +100,7 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_fwd import cta_barrier, ring_barriers, tma_load, tma_reduce_add
+    from .gluon_fwd import cta_barrier, load_barrier, ring_barriers, tma_load, tma_reduce_add
 
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim: two MMA warpgroups
@@ -388,9 +388,7 @@ if HAVE_GLUON:
             # tiles (loaded here, their latency came before everything)
             k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
             v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-            kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-            mbarrier.init(kv_ready.index(0), count=1)
-            kv_ready = kv_ready.index(0)
+            kv_ready = load_barrier()
             q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
             do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
             if FUSED_DQ:

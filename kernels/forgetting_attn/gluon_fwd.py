@@ -180,7 +180,15 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
-    def _load_partition_kv(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+    def load_barrier():
+        """One mbarrier for a single TMA load (count 1, not yet arrived):
+        the load warp sets its bytes, the MMA warps wait for phase 0."""
+        bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar.index(0), count=1)
+        return bar.index(0)
+
+    @gluon.jit
+    def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
                            v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
                            BLOCK_N: gl.constexpr):
         # one warp: the query block (once, beside the first K tile), then K
@@ -347,9 +355,7 @@ if HAVE_GLUON:
             k0 = gl.load(KSTART_POS + s_id)
             hk = h // GROUP
             q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-            q_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-            mbarrier.init(q_ready.index(0), count=1)
-            q_ready = q_ready.index(0)
+            q_ready = load_barrier()
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
             k_ready, k_empty = ring_barriers(STAGES, 2)
@@ -379,7 +385,7 @@ if HAVE_GLUON:
                                             turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
                                             full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
                                             STAGES, HALF, BLOCK_N, HEAD_DIM, 4)),
-                 (_load_partition_kv, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
+                 (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
                                        v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
                                        (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
                                        row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
