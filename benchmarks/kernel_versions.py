@@ -114,9 +114,7 @@ def main():
         for L, docs, acp in ((L, d, a) for L in (int(x) for x in args.lengths.split(","))
                              for d in (int(x) for x in args.docs.split(",")) for a in (False, True)):
             B = max(1, TOKENS // L)
-            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
-            for t in (q, k, v, log_f):
-                t.requires_grad_()
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)  # leaves that require grad
             # packed documents come as a trainer gives them: cu_seqlens on the GPU and max_seqlen
             cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 else None
             mx = L // docs if docs > 1 else None
