@@ -201,9 +201,9 @@ if HAVE_GLUON:
         return c_ref, cq, lse, dlt
 
     @gluon.jit
-    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready, empty,
-                           kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n,
-                           row, qrow, q0, k0, qlen, klen, lo, full_lo,
+    def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, colp_smem,
+                           dlt_smem, cklim_smem, ready, empty, kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR,
+                           QBHI, DCK, DK, DV, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                            stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
@@ -228,8 +228,17 @@ if HAVE_GLUON:
         kmask = offs_n < klen
         offs_mt = gl.arange(0, BLOCK_M, layout=QUERIES)
         # the query blocks' row terms: loaded a block ahead, one value a
-        # thread, then spread over the MMA layout's columns (loaded in that
-        # layout, 16 loads a thread each, their latency stalled every tile)
+        # thread (loaded in the MMA layout's columns, 16 loads a thread each,
+        # their latency stalled every tile), then spread over those columns
+        # through shared memory: all of a tile's terms behind one barrier, in one
+        # of two buffers by tile parity (so that a warp may write the next
+        # tile's while another still reads this one's): two barriers a tile,
+        # one of them the compiler's (it cannot see the parity).  A
+        # convert_layout per term took two barriers each, and ACP's threshold
+        # term made the kernel 8% slower at head dim 64 with nothing pruned
+        # (acp_probe_8192_h200.json).  Staged, the kernel alone is 1.7-2.0%
+        # faster at head dim 64 without ACP and 3.3-4.2% with it, 1.6-2.9%
+        # with ACP at head dim 128 (gluon_dkdv_row_terms_smem_h200.json)
         VEC_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         offs_v = gl.arange(0, BLOCK_M, layout=VEC_L)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
@@ -279,10 +288,16 @@ if HAVE_GLUON:
                 offs_m = mb * BLOCK_M + offs_mt
                 c_ref = c_ref_n
                 cq_v = (cq_n - c_ref).to(gl.float32)
+                tb = it % 2
                 # rows past the end: lse = +inf, p = 0
-                colp = gl.convert_layout((cq_v - lse_n) * _LOG2E, QUERIES)
-                cq = gl.convert_layout(cq_v, QUERIES)
-                dlt = gl.convert_layout(dlt_n, QUERIES)
+                colp_smem.index(tb).store((cq_v - lse_n) * _LOG2E)
+                dlt_smem.index(tb).store(dlt_n)
+                # the largest key decay a query keeps (log2 units)
+                cklim_smem.index(tb).store(cq_v * _LOG2E - thr2)
+                cta_barrier()
+                colp = colp_smem.index(tb).load(QUERIES)
+                dlt = dlt_smem.index(tb).load(QUERIES)
+                ck_lim = cklim_smem.index(tb).load(QUERIES)
                 c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v, BLOCK_M)
                 ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
                 mbarrier.wait(ready.index(b), (it // STAGES) & 1)
@@ -295,9 +310,9 @@ if HAVE_GLUON:
                     if CAUSAL:
                         keep = offs_m[None, :] >= offs_n[:, None]
                         if USE_ACP:
-                            keep = keep & (ck2[:, None] <= (cq * _LOG2E - thr2)[None, :])
+                            keep = keep & (ck2[:, None] <= ck_lim[None, :])
                     else:
-                        keep = ck2[:, None] <= (cq * _LOG2E - thr2)[None, :]
+                        keep = ck2[:, None] <= ck_lim[None, :]
                     p = gl.where(keep, p, 0.0)
                 # dP^T only now: issued beside S^T, its registers made the
                 # kernel spill (and slower, on an H200)
@@ -405,6 +420,12 @@ if HAVE_GLUON:
                 dq_smem = q_bufs
                 rs_smem = q_bufs
                 ones_smem = q_bufs
+            # the row terms' staging buffers (see _bwd_mma_partition), two of
+            # each by tile parity
+            ROWS_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            colp_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
+            dlt_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
+            cklim_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
             ready, empty = ring_barriers(STAGES)
             # dQ's staging buffers: full (MMA warps -> write warp), empty
             # (back; starts free)
@@ -414,14 +435,15 @@ if HAVE_GLUON:
             lo, full_lo = first_query_blocks(pid_n, qlen, BLOCK_M, BLOCK_N, CAUSAL)
             # the write warp idles without FUSED_DQ
             gl.warp_specialize(
-                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, ready,
-                                       empty, kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV,
-                                       s_id, hk, pid_n, row, qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo,
-                                       full_lo, stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh,
-                                       stride_dckb, stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb,
-                                       stride_dvt, stride_dvh, stride_thr_s, stride_qbhi_s, stride_qbhi_h,
-                                       stride_qbhi_r, scale, scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
-                                       USE_ACP, STAGES, ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
+                [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem,
+                                       colp_smem, dlt_smem, cklim_smem, ready, empty, kv_ready, dq_full, dq_empty,
+                                       CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n, row,
+                                       qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo, stride_cqb,
+                                       stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
+                                       stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
+                                       stride_dvh, stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale,
+                                       scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, USE_ACP, STAGES,
+                                       ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_smem, v_smem, ready, empty,
                                         kv_ready, QBHI, s_id, hk, pid_n, qlen, klen, lo, full_lo,
                                         qrow * q_rows_b + q0, qrow * q_cols_b, stride_qh, qrow * do_rows_b + q0,
