@@ -292,12 +292,12 @@ if HAVE_GLUON:
                 # rows past the end: lse = +inf, p = 0
                 colp_smem.index(tb).store((cq_v - lse_n) * _LOG2E)
                 dlt_smem.index(tb).store(dlt_n)
-                # the largest key decay a query keeps (log2 units)
-                cklim_smem.index(tb).store(cq_v * _LOG2E - thr2)
+                if USE_ACP or not CAUSAL:
+                    # the largest key decay a query keeps (log2 units)
+                    cklim_smem.index(tb).store(cq_v * _LOG2E - thr2)
                 cta_barrier()
                 colp = colp_smem.index(tb).load(QUERIES)
                 dlt = dlt_smem.index(tb).load(QUERIES)
-                ck_lim = cklim_smem.index(tb).load(QUERIES)
                 c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v, BLOCK_M)
                 ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
                 mbarrier.wait(ready.index(b), (it // STAGES) & 1)
@@ -307,6 +307,8 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
                 p = gl.exp2(s * scale2 - ck2[:, None] + colp[None, :])
                 if (mb < mid) | (mb >= part_lo):
+                    # (read here: only masked tiles use it)
+                    ck_lim = cklim_smem.index(tb).load(QUERIES)
                     if CAUSAL:
                         keep = offs_m[None, :] >= offs_n[:, None]
                         if USE_ACP:
