@@ -68,7 +68,9 @@ faster with it (attention_gluon_dkdv_d64_h200.json).  The current one makes the
 24 x 64 step 9.9% / 8.9% faster at 8k / 16k without ACP and 7.2% / 7.7%
 with it (attention_gluon_dkdv_d64_dense_h200.json), so it runs there with
 and without ACP; the fused dQ is 0.7% slower to 0.5% faster than it
-without ACP and 2.4-2.9% slower with it (attention_fused_dq_d64_prefetch_h200.json).
+without ACP and 2.4-2.9% slower with it (attention_fused_dq_d64_prefetch_h200.json),
+and, since the row terms go through shared memory, 0.9-1.7% slower without
+ACP and 2.1-2.8% with it (attention_fused_dq_d64_rowterms_h200.json).
 (attention_gluon_dkdv_d64_prefetch_h200.json's rows without ACP ran the
 Triton kernel on both sides: DISPATCH had None there.)
 
@@ -238,7 +240,10 @@ if HAVE_GLUON:
         # term made the kernel 8% slower at head dim 64 with nothing pruned
         # (acp_probe_8192_h200.json).  Staged, the kernel alone is 1.7-2.0%
         # faster at head dim 64 without ACP and 3.3-4.2% with it, 1.6-2.9%
-        # with ACP at head dim 128 (gluon_dkdv_row_terms_smem_h200.json)
+        # with ACP at head dim 128 (gluon_dkdv_row_terms_smem_h200.json).
+        # The threshold term is stored only where a mask may use it and read
+        # only in masked tiles: 1.5-1.8% faster again at head dim 64 without
+        # ACP and 4.9-5.2% with it (gluon_dkdv_cklim_branch_h200.json)
         VEC_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         offs_v = gl.arange(0, BLOCK_M, layout=VEC_L)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
