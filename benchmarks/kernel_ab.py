@@ -138,6 +138,9 @@ def main():
     ap.add_argument("--dispatch", default=None,
                     help="gluon_bwd.DISPATCH entries for this run, 'D=WITHOUT_ACP,WITH_ACP;...' with 'none', "
                          "'dkdv' or 'fused' (e.g. '128=fused,fused' to time the fused dQ without ACP too)")
+    ap.add_argument("--gate-rate", type=float, default=None,
+                    help="one decay rate r for every head (log f = -r exp(0.5 z), z ~ N(0, 1)) instead of the "
+                         "paper-like spread; e.g. 0.17 keeps a few percent of the tiles at 16k, as early in training")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -167,6 +170,10 @@ def main():
         for L in (int(x) for x in args.lengths.split(",")):
             B = TOKENS // L
             q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=L + H)
+            if args.gate_rate is not None:
+                gen = torch.Generator(log_f.device).manual_seed(L)
+                z = torch.randn(log_f.shape, device=log_f.device, generator=gen)
+                log_f = (-args.gate_rate * torch.exp(0.5 * z)).requires_grad_()
             for acp in (None, AcpConfig()):
                 for cfg in cfgs:
                     if cfg is not None:
@@ -188,6 +195,12 @@ def main():
                                step_ms_gluon=round(med["step"][True], 4), step_ms_triton=round(med["step"][False], 4),
                                bwd_ms_gluon=round(med["bwd"][True], 4), bwd_ms_triton=round(med["bwd"][False], 4),
                                rounds={k: {str(u): v for u, v in d.items()} for k, d in times.items()})
+                    if args.gate_rate is not None:
+                        rec["gate_rate"] = args.gate_rate
+                    if acp is not None:
+                        with torch.no_grad():
+                            rec["kept_tiles"] = round(forgetting_attention(q, k, v, log_f, acp=acp,
+                                                                           return_stats=True)[1].kept_fraction, 4)
                     result["records"].append(rec)
                     print(f"H={H} D={D} L={L} acp={acp is not None} cfg={rec['gluon_cfg']} "
                           f"step {rec['step_ms_gluon']:.3f} vs {rec['step_ms_triton']:.3f}  "

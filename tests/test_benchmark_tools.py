@@ -12,6 +12,8 @@
   tells the row sums of dS from none.
 - kernel_versions.py's plumbing: loading the base module, capturing and
   replaying a launch.
+- acp_probe.py's uniform gates keep as many tiles as the gates they stand
+  in for.
 """
 
 import json
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("bench", "model", "size", "L", "gpus", "dp", "tp", "pp", "cp", "acp", "tokens_per_s", "efficiency")
@@ -165,3 +168,25 @@ def test_gate_gradient_needs_the_row_sums_of_ds():
     row = one_head(256, 64, 1.0, torch.Generator().manual_seed(0))
     assert row["rows_cols_fp32"]["max_rel"] < 1e-2 and row["rows_cols_bf16"]["max_rel"] < 1e-2
     assert row["cols_only_bf16"]["rms_rel"] > 3 * row["rows_cols_bf16"]["rms_rel"]
+
+
+def test_probe_uniform_gates_keep_the_target_fraction():
+    """acp_probe's ``uniform`` case: one decay rate for every head, found by
+    bisection on the kept fraction (the CPU path applies the same pruning
+    rule as the kernels)."""
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import acp_probe
+    from attention import paper_like_inputs
+
+    from fox_megatron.kernels import AcpConfig
+
+    q, k, v, log_f = paper_like_inputs(1, 512, 4, 32, seed=3, device="cpu")
+    acp = AcpConfig(logit_bound=32 ** 0.5)
+    target = acp_probe.kept_fraction(q, k, v, log_f.detach(), acp)
+    assert 0.2 < target < 0.95  # the paper-like heads prune some tiles, not all
+    gates = acp_probe.uniform_gates(log_f.detach(), target, q, k, v, acp, iters=16)
+    assert (gates < 0).all()
+    # one rate for every head: the heads' gates differ only by the shared noise
+    assert torch.equal(gates[..., 0], gates[..., 3])
+    assert abs(acp_probe.kept_fraction(q, k, v, gates, acp) - target) < 0.05
