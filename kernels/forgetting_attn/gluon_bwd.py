@@ -238,7 +238,7 @@ if HAVE_GLUON:
         # one of them the compiler's (it cannot see the parity).  A
         # convert_layout per term took two barriers each, and ACP's threshold
         # term made the kernel 8% slower at head dim 64 with nothing pruned
-        # (acp_probe_8192_h200.json).  Staged, the kernel alone is 1.7-2.0%
+        # (acp_probe_8192_h200.json).  Staged, the kernel alone is 1.4-2.0%
         # faster at head dim 64 without ACP and 3.3-4.2% with it, 1.6-2.9%
         # with ACP at head dim 128 (gluon_dkdv_row_terms_smem_h200.json).
         # The threshold term is stored only where a mask may use it and read
