@@ -1,0 +1,45 @@
+"""Committed benchmark results carry what makes them comparable, and the README cites only files that exist.
+
+Every JSON under benchmarks/results/ names the device it ran on, the torch
+version, the date and the command(s) that produced it (top level, or per
+run for files that collect several runs); every results file the README
+links to is present.  Numbers in the README come from these files, so a
+missing or anonymous file would leave a claim without its source.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FILES = sorted(RESULTS.glob("*.json"))
+
+
+def commands_of(result):
+    if "command" in result:
+        return [result["command"]]
+    if "commands" in result:
+        return list(result["commands"])
+    return [run.get("command") for run in result.get("runs", [])]
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_result_file_says_where_when_and_how(path):
+    result = json.loads(path.read_text())
+    assert isinstance(result, dict), "a result file is one JSON object"
+    assert result.get("gpu") or result.get("device"), "no device named"
+    assert result.get("torch"), "no torch version"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(result.get("date", ""))), "no ISO date"
+    commands = commands_of(result)
+    assert commands and all(isinstance(c, str) and c.strip() for c in commands), "no command"
+
+
+def test_readme_cites_only_committed_results():
+    readme = (REPO / "README.md").read_text()
+    cited = set(re.findall(r"benchmarks/results/([\w.\-]+\.json)", readme))
+    assert cited, "the README cites no result file"
+    missing = sorted(name for name in cited if not (RESULTS / name).is_file())
+    assert not missing, f"cited but not committed: {missing}"
