@@ -2,9 +2,10 @@
 
 Every JSON under benchmarks/results/ names the device it ran on, the torch
 version, the date and the command(s) that produced it (top level, or per
-run for files that collect several runs); every results file the README
-links to is present.  Numbers in the README come from these files, so a
-missing or anonymous file would leave a claim without its source.
+run for files that collect several runs); every file that the README and
+the kernels' history (benchmarks/kernel_history.md) link to is present.
+Numbers in the README come from these files, so a missing or anonymous
+file would leave a claim without its source.
 """
 
 import json
@@ -37,9 +38,12 @@ def test_result_file_says_where_when_and_how(path):
     assert commands and all(isinstance(c, str) and c.strip() for c in commands), "no command"
 
 
-def test_readme_cites_only_committed_results():
-    readme = (REPO / "README.md").read_text()
-    cited = set(re.findall(r"benchmarks/results/([\w.\-]+\.json)", readme))
-    assert cited, "the README cites no result file"
-    missing = sorted(name for name in cited if not (RESULTS / name).is_file())
-    assert not missing, f"cited but not committed: {missing}"
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/kernel_history.md"])
+def test_docs_link_only_to_committed_files(doc):
+    """Markdown links (relative to the document) point at files that exist;
+    the README and the kernels' history cite result files."""
+    path = REPO / doc
+    links = [target for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()) if "://" not in target]
+    assert any(target.endswith(".json") for target in links), f"{doc} cites no result file"
+    missing = sorted({target for target in links if not (path.parent / target.split("#")[0]).is_file()})
+    assert not missing, f"{doc} links to missing files: {missing}"
