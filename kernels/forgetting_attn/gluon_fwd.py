@@ -187,15 +187,38 @@ if HAVE_GLUON:
         mbarrier.init(bar.index(0), count=1)
         return bar.index(0)
 
+    # a work item's record, as the schedule warp hands it over: int32 fields
+    # (thr_shift's float32 bits in the last)
+    # a work item's record, as the schedule warp hands it over: int32 fields
+    # (thr_shift's float32 bits in the last)
+    REC_ITEM = gl.constexpr(0)
+    REC_VALID = gl.constexpr(1)
+    REC_PID_M = gl.constexpr(2)
+    REC_SEQ = gl.constexpr(3)
+    REC_HEAD = gl.constexpr(4)
+    REC_LO = gl.constexpr(5)
+    REC_FULL_LO = gl.constexpr(6)
+    REC_MID = gl.constexpr(7)
+    REC_N = gl.constexpr(8)
+    REC_QLEN = gl.constexpr(9)
+    REC_KLEN = gl.constexpr(10)
+    REC_ROW = gl.constexpr(11)
+    REC_QROW = gl.constexpr(12)
+    REC_QSTART = gl.constexpr(13)
+    REC_KSTART = gl.constexpr(14)
+    REC_THR = gl.constexpr(15)
+
     @gluon.jit
-    def _fwd_item(item, num_m, n_seq, QLEN, KLEN, THR, KBLO, stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-                  ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr):
+    def _item_record(item, num_m, n_seq, QLEN, KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO, stride_thr_s,
+                     stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                     USE_ACP: gl.constexpr):
         # work item -> (sequence, head, query block), in the order a grid of
-        # (num_m, n_seq, heads) would launch them: query blocks fastest (causal:
-        # the last, longest, first), then sequences, then heads; and the
-        # block's key tiles (tile_ranges.key_tiles).  valid: the block lies
-        # inside its sequence (the items cover the longest one)
+        # (num_m, n_seq, heads) would launch them: query blocks fastest
+        # (causal: the last, longest, first), then sequences, then heads;
+        # the block's key tiles (tile_ranges.key_tiles) and the sequence's
+        # table entries.  valid: the block lies inside its sequence (the
+        # items cover the longest one)
         r = item % num_m
         sh = item // num_m
         s_id = sh % n_seq
@@ -211,62 +234,114 @@ if HAVE_GLUON:
         lo, full_lo, mid, hi, thr_shift = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, 0.0, stride_thr_s,
                                                     stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
                                                     ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-        return s_id, h, pid_m, qlen, klen, valid, lo, full_lo, mid, hi - lo, thr_shift
+        REC_L: gl.constexpr = gl.BlockedLayout([16], [32], [1], [0])
+        f = gl.arange(0, 16, layout=REC_L)
+        rec = gl.where(f == REC_ITEM, item, 0)
+        rec += gl.where(f == REC_VALID, valid.to(gl.int32), 0)
+        rec += gl.where(f == REC_PID_M, pid_m, 0)
+        rec += gl.where(f == REC_SEQ, s_id, 0)
+        rec += gl.where(f == REC_HEAD, h, 0)
+        rec += gl.where(f == REC_LO, lo, 0)
+        rec += gl.where(f == REC_FULL_LO, full_lo, 0)
+        rec += gl.where(f == REC_MID, mid, 0)
+        rec += gl.where(f == REC_N, hi - lo, 0)
+        rec += gl.where(f == REC_QLEN, qlen, 0)
+        rec += gl.where(f == REC_KLEN, klen, 0)
+        rec += gl.where(f == REC_ROW, gl.load(ROW + s_id), 0)
+        rec += gl.where(f == REC_QROW, gl.load(QROW + s_id), 0)
+        rec += gl.where(f == REC_QSTART, gl.load(QSTART + s_id), 0)
+        rec += gl.where(f == REC_KSTART, gl.load(KSTART_POS + s_id), 0)
+        rec += gl.where(f == REC_THR, (thr_shift + 0.0).to(gl.int32, bitcast=True), 0)
+        return rec
 
     @gluon.jit
-    def _publish_item(item_smem, item_ready, item_empty, j, item):
-        # the load warp hands its j-th item to the MMA warps (two slots)
-        slot = j % 2
-        mbarrier.wait(item_empty.index(slot), (j // 2) & 1)
-        item_smem.index(slot).store(gl.full([1], item, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
-        cta_barrier()
-        mbarrier.arrive(item_ready.index(slot), count=1)
+    def _fwd_schedule_partition(rec_smem, rec_ready, rec_empty, need_next, SCHED, n_items, num_m, n_seq, QLEN, KLEN, ROW, QROW,
+                                QSTART, KSTART_POS, THR, KBLO, stride_thr_s, stride_kblo_s, stride_kblo_h,
+                                stride_kblo_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                                USE_ACP: gl.constexpr):
+        # one warp: takes work items from the launch's counter SCHED (a
+        # dynamic schedule, as FlashAttention-3's persistent kernels: the
+        # items keep the grid's longest-first order), looks up each one's
+        # tables and hands the record to the load and MMA warps through a
+        # ring of two slots.  It takes the next item once the load warp has
+        # issued the last loads of the one before (need_next), a few tiles
+        # before the MMA warps are done with it: early enough for the chain
+        # of dependent loads behind a record, late enough that a CTA does
+        # not hold items that another CTA, free sooner, could take (taken
+        # a record ahead, the step at head dim 64 without ACP was 2.4% slower
+        # than one CTA per query block; the load warp taking them, 4.1%
+        # faster)
+        j = 0
+        item = gl.atomic_add(SCHED, 1)
+        while item < n_items:
+            rec = _item_record(item, num_m, n_seq, QLEN, KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO,
+                               stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
+                               ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+            _publish_record(rec_smem, rec_ready, rec_empty, j, rec)
+            mbarrier.wait(need_next, j & 1)
+            j += 1
+            item = gl.atomic_add(SCHED, 1)
+        # the end: a record whose item is past the last
+        f = gl.arange(0, 16, layout=gl.BlockedLayout([16], [32], [1], [0]))
+        _publish_record(rec_smem, rec_ready, rec_empty, j, gl.where(f == REC_ITEM, item, 0))
+        # every CTA takes exactly one item past the end, so the last of
+        # those takes sets the counter back to 0 for the next launch
+        if item == n_items + gl.num_programs(0) - 1:
+            gl.atomic_xchg(SCHED, 0)
 
     @gluon.jit
-    def _take_item(item_smem, item_ready, item_empty, j, num_warps: gl.constexpr):
-        # an MMA partition reads its j-th item (every warp of it, before the
-        # slot is released)
+    def _publish_record(rec_smem, rec_ready, rec_empty, j, rec):
         slot = j % 2
-        mbarrier.wait(item_ready.index(slot), (j // 2) & 1)
-        item = gl.max(item_smem.index(slot).load(gl.BlockedLayout([1], [32], [num_warps], [0])), 0)
+        mbarrier.wait(rec_empty.index(slot), (j // 2) & 1)
+        rec_smem.index(slot).store(rec)
         cta_barrier()
-        mbarrier.arrive(item_empty.index(slot), count=1)
-        return item
+        mbarrier.arrive(rec_ready.index(slot), count=1)
+
+    @gluon.jit
+    def _take_record(rec_smem, rec_ready, rec_empty, j, num_warps: gl.constexpr):
+        # a partition reads its j-th item's record (every warp of it, before
+        # the slot is released); every thread holds all of it
+        slot = j % 2
+        mbarrier.wait(rec_ready.index(slot), (j // 2) & 1)
+        rec = rec_smem.index(slot).load(gl.BlockedLayout([16], [32], [num_warps], [0]))
+        cta_barrier()
+        mbarrier.arrive(rec_empty.index(slot), count=1)
+        return rec
+
+    @gluon.jit
+    def _field(rec, f: gl.constexpr):
+        # one field of a record (every thread holds the whole record)
+        idx = gl.arange(0, 16, layout=rec.type.layout)
+        return gl.max(gl.where(idx == f, rec, -2147483647), 0)
 
     @gluon.jit
     def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
-                            v_ready, v_empty, item_smem, item_ready, item_empty, SCHED, n_items, num_m, n_seq, QLEN,
-                            KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO, q_rows_b, q_cols_b, stride_qh, k_rows_b,
-                            k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh, stride_thr_s, stride_kblo_s,
-                            stride_kblo_h, stride_kblo_r, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-                            ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr):
-        # one warp: takes work items from the launch's counter (a dynamic
-        # schedule, as FlashAttention-3's persistent kernels: the items keep
-        # the grid's longest-first order and a CTA takes the next one when
-        # it is ready for it) and hands each to the MMA warps; per item, the
-        # query block (once its buffer is free), then K and V tiles in rings
-        # of their own that run on from item to item, in the order the MMA
-        # warps use them (K_0, then K_i beside V_{i-1}): a K buffer is free
-        # once S has been computed from it, a V buffer only once P V has, a
-        # tile later.  So the next item's first tiles load while the MMA
-        # warps finish this one.
+                            v_ready, v_empty, rec_smem, rec_ready, rec_empty, need_next, n_items, q_rows_b, q_cols_b,
+                            stride_qh,
+                            k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh, GROUP: gl.constexpr,
+                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        # one warp: per work item, the query block (once its buffer is
+        # free), then K and V tiles in rings of their own that run on from
+        # item to item, in the order the MMA warps use them (K_0, then K_i
+        # beside V_{i-1}): a K buffer is free once S has been computed from
+        # it, a V buffer only once P V has, a tile later.  So the next
+        # item's first tiles load while the MMA warps finish this one.
         k_bytes: gl.constexpr = k_desc.block_type.nbytes
         v_bytes: gl.constexpr = v_desc.block_type.nbytes
         kt = 0  # K (and V) tiles loaded so far
         qc = 0  # query blocks loaded so far
         j = 0  # items taken so far
-        item = gl.atomic_add(SCHED, 1)
-        _publish_item(item_smem, item_ready, item_empty, j, item)
-        while item < n_items:
-            s_id, h, pid_m, qlen, klen, valid, lo, full_lo, mid, n, thr_shift = _fwd_item(
-                item, num_m, n_seq, QLEN, KLEN, THR, KBLO, stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
-                BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-            if valid & (n > 0):
-                row = gl.load(ROW + s_id)
-                qrow = gl.load(QROW + s_id).to(gl.int64)
-                q0 = gl.load(QSTART + s_id).to(gl.int64)
-                k0 = gl.load(KSTART_POS + s_id)
+        rec = _take_record(rec_smem, rec_ready, rec_empty, j, 1)
+        while _field(rec, REC_ITEM) < n_items:
+            n = _field(rec, REC_N)
+            if (_field(rec, REC_VALID) != 0) & (n > 0):
+                lo = _field(rec, REC_LO)
+                h = _field(rec, REC_HEAD)
+                row = _field(rec, REC_ROW)
+                qrow = _field(rec, REC_QROW).to(gl.int64)
+                q0 = _field(rec, REC_QSTART).to(gl.int64)
+                k0 = _field(rec, REC_KSTART)
                 hk = h // GROUP
                 k_r0 = row * k_rows_b + k0
                 k_c0 = row * k_cols_b + hk * stride_kh
@@ -274,7 +349,7 @@ if HAVE_GLUON:
                 v_c0 = row * v_cols_b + hk * stride_vh
                 mbarrier.wait(q_empty, qc & 1)
                 mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-                tma_load(q_desc, [(qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
+                tma_load(q_desc, [(qrow * q_rows_b + q0 + _field(rec, REC_PID_M) * BLOCK_M).to(gl.int32),
                                   (qrow * q_cols_b + h * stride_qh).to(gl.int32)], q_ready, q_smem)
                 for i in range(n + 1):
                     if i < n:
@@ -291,13 +366,10 @@ if HAVE_GLUON:
                         tma_load(v_desc, [v_r0 + (lo + i - 1) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
                 kt += n
                 qc += 1
+            # all of this item's loads are issued: the schedule warp may take the next
+            mbarrier.arrive(need_next, count=1)
             j += 1
-            item = gl.atomic_add(SCHED, 1)
-            _publish_item(item_smem, item_ready, item_empty, j, item)
-        # every CTA takes exactly one item past the end, so the last of
-        # those takes sets the counter back to 0 for the next launch
-        if item == n_items + gl.num_programs(0) - 1:
-            gl.atomic_xchg(SCHED, 0)
+            rec = _take_record(rec_smem, rec_ready, rec_empty, j, 1)
 
     @gluon.jit
     def _tile_decays(ck_base, kb, offs_c, klen, BLOCK_N: gl.constexpr):
@@ -410,44 +482,44 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
-                                v_ready, v_empty, turns, item_smem, item_ready, item_empty, n_items, num_m, n_seq, QLEN,
-                                KLEN, ROW, QROW, QSTART, KSTART_POS, CQ, CK, O, LSE, THR, KBLO, stride_ob, stride_ot,
-                                stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh,
-                                stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r, scale2,
-                                USE_ACP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                                ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+                                v_ready, v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
+                                stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+                                stride_lb, stride_lh, scale2, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
+                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
         # one warpgroup (BLOCK_M // 2 rows of each query block) over the
-        # items the load warp hands over, until it hands one past the end
+        # items the schedule warp hands over, until one past the end
         kt = 0
         tc = 0
         qc = 0
         j = 0
-        item = _take_item(item_smem, item_ready, item_empty, j, num_warps)
-        while item < n_items:
-            s_id, h, pid_m, qlen, klen, valid, lo, full_lo, mid, n, thr_shift = _fwd_item(
-                item, num_m, n_seq, QLEN, KLEN, THR, KBLO, stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
-                BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-            if valid:
-                row = gl.load(ROW + s_id).to(gl.int64)
-                qrow = gl.load(QROW + s_id).to(gl.int64)
-                q0 = gl.load(QSTART + s_id).to(gl.int64)
-                k0 = gl.load(KSTART_POS + s_id)
+        rec = _take_record(rec_smem, rec_ready, rec_empty, j, num_warps)
+        while _field(rec, REC_ITEM) < n_items:
+            if _field(rec, REC_VALID) != 0:
+                h = _field(rec, REC_HEAD)
+                pid_m = _field(rec, REC_PID_M)
+                n = _field(rec, REC_N)
+                row = _field(rec, REC_ROW).to(gl.int64)
+                qrow = _field(rec, REC_QROW).to(gl.int64)
+                q0 = _field(rec, REC_QSTART).to(gl.int64)
+                k0 = _field(rec, REC_KSTART)
                 cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
                 c_ref = gl.load(cq_base + pid_m * BLOCK_M)
                 ck_base = CK + row * stride_ckb + h * stride_ckh + k0
                 o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
                 lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
+                thr2 = -(_field(rec, REC_THR).to(gl.float32, bitcast=True))
                 _pingpong_item(WG, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                               turns, kt, tc, qc, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
-                               full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL, STAGES,
-                               BLOCK_M // 2, BLOCK_N, HEAD_DIM, num_warps)
+                               turns, kt, tc, qc, cq_base, ck_base, c_ref, thr2, pid_m, _field(rec, REC_QLEN),
+                               _field(rec, REC_KLEN), _field(rec, REC_LO), _field(rec, REC_FULL_LO),
+                               _field(rec, REC_MID), n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
+                               STAGES, BLOCK_M // 2, BLOCK_N, HEAD_DIM, num_warps)
                 if n > 0:
                     kt += n
                     tc += n + 1
                     qc += 1
             j += 1
-            item = _take_item(item_smem, item_ready, item_empty, j, num_warps)
+            rec = _take_record(rec_smem, rec_ready, rec_empty, j, num_warps)
 
     @gluon.jit
     def _fwd_kernel_sm90_pingpong(
@@ -465,18 +537,19 @@ if HAVE_GLUON:
         ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         # persistent: one CTA per SM works through the n_items query blocks
-        # (num_m a sequence, n_seq sequences, then heads) that the load warp
-        # takes from the counter SCHED (zero at launch, zero again at exit).
-        # The query block's two warpgroups are separate partitions that take
-        # turns on the tensor cores: the default partition (num_warps = 4)
-        # and a worker of 4 warps each own BLOCK_M / 2 rows; one load warp
-        # feeds both (each buffer is released by both warpgroups), the query
-        # block by TMA like K and V (Q of (row, token t, head) at
-        # (row * q_rows_b + t, row * q_cols_b + head * stride_qh)).
-        # Launched one CTA per query block instead, a CTA's fixed costs (its
-        # start, the chain of table loads before its first TMA, the first
-        # tiles' latency, the output's stores) ran on no tensor core work:
-        # with ACP's shorter rows they were a larger part of the time.
+        # (num_m a sequence, n_seq sequences, then heads) that its schedule
+        # warp takes from the counter SCHED (zero at launch, zero again at
+        # exit).  The query block's two warpgroups are separate partitions
+        # that take turns on the tensor cores: the default partition
+        # (num_warps = 4) and a worker of 4 warps each own BLOCK_M / 2 rows;
+        # one load warp feeds both (each buffer is released by both
+        # warpgroups), the query block by TMA like K and V (Q of (row, token
+        # t, head) at (row * q_rows_b + t, row * q_cols_b + head *
+        # stride_qh)).  Launched one CTA per query block instead, a CTA's
+        # fixed costs (its start, the chain of table loads before its first
+        # TMA, the first tiles' latency, the output's stores) ran beside no
+        # tensor-core work, and ACP's shorter rows made them a larger part
+        # of the time.
         dtype: gl.constexpr = q_desc.block_type.element_ty
         HALF: gl.constexpr = BLOCK_M // 2
         gl.static_assert(HALF == 16 * num_warps)
@@ -488,9 +561,11 @@ if HAVE_GLUON:
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         k_ready, k_empty = ring_barriers(STAGES, 2)
         v_ready, v_empty = ring_barriers(STAGES, 2)
-        # the items handed from the load warp to the MMA warps: two slots
-        item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        item_ready, item_empty = ring_barriers(2, 2)
+        # the items' records, from the schedule warp to the load warp and
+        # the two MMA warpgroups: two slots
+        rec_smem = gl.allocate_shared_memory(gl.int32, [2, 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        rec_ready, rec_empty = ring_barriers(2, 3)
+        need_next = load_barrier()
         # whose turn it is to issue MMAs: warpgroup 0 first
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(turns.index(0), count=1)
@@ -499,26 +574,24 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.warp_specialize(
             [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                        v_empty, turns, item_smem, item_ready, item_empty, n_items, num_m, n_seq, QLEN,
-                                        KLEN, ROW, QROW, QSTART, KSTART_POS, CQ, CK, O, LSE, THR, KBLO, stride_ob,
-                                        stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-                                        stride_lb, stride_lh, stride_thr_s, stride_kblo_s, stride_kblo_h,
-                                        stride_kblo_r, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        ACP_BLOCK_M, ACP_BLOCK_N, num_warps)),
+                                        v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
+                                        stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
+                                        stride_ckh, stride_lb, stride_lh, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M,
+                                        BLOCK_N, HEAD_DIM, num_warps)),
              (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                        v_empty, turns, item_smem, item_ready, item_empty, n_items, num_m, n_seq, QLEN,
-                                        KLEN, ROW, QROW, QSTART, KSTART_POS, CQ, CK, O, LSE, THR, KBLO, stride_ob,
-                                        stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-                                        stride_lb, stride_lh, stride_thr_s, stride_kblo_s, stride_kblo_h,
-                                        stride_kblo_r, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        ACP_BLOCK_M, ACP_BLOCK_N, 4)),
+                                        v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
+                                        stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
+                                        stride_ckh, stride_lb, stride_lh, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M,
+                                        BLOCK_N, HEAD_DIM, 4)),
              (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready,
-                                    k_empty, v_ready, v_empty, item_smem, item_ready, item_empty, SCHED, n_items,
-                                    num_m, n_seq, QLEN, KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO, q_rows_b,
+                                    k_empty, v_ready, v_empty, rec_smem, rec_ready, rec_empty, need_next, n_items, q_rows_b,
                                     q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b,
-                                    stride_vh, stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r, GROUP,
-                                    STAGES, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP))],
-            [4, 1], [240, 24])
+                                    stride_vh, GROUP, STAGES, BLOCK_M, BLOCK_N)),
+             (_fwd_schedule_partition, (rec_smem, rec_ready, rec_empty, need_next, SCHED, n_items, num_m, n_seq, QLEN, KLEN,
+                                        ROW, QROW, QSTART, KSTART_POS, THR, KBLO, stride_thr_s, stride_kblo_s,
+                                        stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N,
+                                        CAUSAL, USE_ACP))],
+            [4, 1, 1], [240, 24, 24])
 
 
 def _tma_rows_view(t):
