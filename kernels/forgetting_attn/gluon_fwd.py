@@ -187,189 +187,31 @@ if HAVE_GLUON:
         mbarrier.init(bar.index(0), count=1)
         return bar.index(0)
 
-    # a work item's record, as the schedule warp hands it over: int32 fields
-    # (thr_shift's float32 bits in the last)
-    # a work item's record, as the schedule warp hands it over: int32 fields
-    # (thr_shift's float32 bits in the last)
-    REC_ITEM = gl.constexpr(0)
-    REC_VALID = gl.constexpr(1)
-    REC_PID_M = gl.constexpr(2)
-    REC_SEQ = gl.constexpr(3)
-    REC_HEAD = gl.constexpr(4)
-    REC_LO = gl.constexpr(5)
-    REC_FULL_LO = gl.constexpr(6)
-    REC_MID = gl.constexpr(7)
-    REC_N = gl.constexpr(8)
-    REC_QLEN = gl.constexpr(9)
-    REC_KLEN = gl.constexpr(10)
-    REC_ROW = gl.constexpr(11)
-    REC_QROW = gl.constexpr(12)
-    REC_QSTART = gl.constexpr(13)
-    REC_KSTART = gl.constexpr(14)
-    REC_THR = gl.constexpr(15)
-
     @gluon.jit
-    def _item_record(item, num_m, n_seq, QLEN, KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO, stride_thr_s,
-                     stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                     USE_ACP: gl.constexpr):
-        # work item -> (sequence, head, query block), in the order a grid of
-        # (num_m, n_seq, heads) would launch them: query blocks fastest
-        # (causal: the last, longest, first), then sequences, then heads;
-        # the block's key tiles (tile_ranges.key_tiles) and the sequence's
-        # table entries.  valid: the block lies inside its sequence (the
-        # items cover the longest one)
-        r = item % num_m
-        sh = item // num_m
-        s_id = sh % n_seq
-        h = sh // n_seq
-        qlen = gl.load(QLEN + s_id)
-        if CAUSAL:
-            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - r
-        else:
-            pid_m = r
-        valid = (pid_m >= 0) & (pid_m * BLOCK_M < qlen)
-        pid_m = gl.maximum(pid_m, 0)
-        klen = gl.load(KLEN + s_id)
-        lo, full_lo, mid, hi, thr_shift = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, 0.0, stride_thr_s,
-                                                    stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                                    ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-        REC_L: gl.constexpr = gl.BlockedLayout([16], [32], [1], [0])
-        f = gl.arange(0, 16, layout=REC_L)
-        rec = gl.where(f == REC_ITEM, item, 0)
-        rec += gl.where(f == REC_VALID, valid.to(gl.int32), 0)
-        rec += gl.where(f == REC_PID_M, pid_m, 0)
-        rec += gl.where(f == REC_SEQ, s_id, 0)
-        rec += gl.where(f == REC_HEAD, h, 0)
-        rec += gl.where(f == REC_LO, lo, 0)
-        rec += gl.where(f == REC_FULL_LO, full_lo, 0)
-        rec += gl.where(f == REC_MID, mid, 0)
-        rec += gl.where(f == REC_N, hi - lo, 0)
-        rec += gl.where(f == REC_QLEN, qlen, 0)
-        rec += gl.where(f == REC_KLEN, klen, 0)
-        rec += gl.where(f == REC_ROW, gl.load(ROW + s_id), 0)
-        rec += gl.where(f == REC_QROW, gl.load(QROW + s_id), 0)
-        rec += gl.where(f == REC_QSTART, gl.load(QSTART + s_id), 0)
-        rec += gl.where(f == REC_KSTART, gl.load(KSTART_POS + s_id), 0)
-        rec += gl.where(f == REC_THR, (thr_shift + 0.0).to(gl.int32, bitcast=True), 0)
-        return rec
-
-    @gluon.jit
-    def _fwd_schedule_partition(rec_smem, rec_ready, rec_empty, need_next, SCHED, n_items, num_m, n_seq, QLEN, KLEN, ROW, QROW,
-                                QSTART, KSTART_POS, THR, KBLO, stride_thr_s, stride_kblo_s, stride_kblo_h,
-                                stride_kblo_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                                USE_ACP: gl.constexpr):
-        # one warp: takes work items from the launch's counter SCHED (a
-        # dynamic schedule, as FlashAttention-3's persistent kernels: the
-        # items keep the grid's longest-first order), looks up each one's
-        # tables and hands the record to the load and MMA warps through a
-        # ring of two slots.  It takes the next item once the load warp has
-        # issued the last loads of the one before (need_next), a few tiles
-        # before the MMA warps are done with it: early enough for the chain
-        # of dependent loads behind a record, late enough that a CTA does
-        # not hold items that another CTA, free sooner, could take (taken
-        # a record ahead, the step at head dim 64 without ACP was 2.4% slower
-        # than one CTA per query block; the load warp taking them, 4.1%
-        # faster)
-        j = 0
-        item = gl.atomic_add(SCHED, 1)
-        while item < n_items:
-            rec = _item_record(item, num_m, n_seq, QLEN, KLEN, ROW, QROW, QSTART, KSTART_POS, THR, KBLO,
-                               stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                               ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-            _publish_record(rec_smem, rec_ready, rec_empty, j, rec)
-            mbarrier.wait(need_next, j & 1)
-            j += 1
-            item = gl.atomic_add(SCHED, 1)
-        # the end: a record whose item is past the last
-        f = gl.arange(0, 16, layout=gl.BlockedLayout([16], [32], [1], [0]))
-        _publish_record(rec_smem, rec_ready, rec_empty, j, gl.where(f == REC_ITEM, item, 0))
-        # every CTA takes exactly one item past the end, so the last of
-        # those takes sets the counter back to 0 for the next launch
-        if item == n_items + gl.num_programs(0) - 1:
-            gl.atomic_xchg(SCHED, 0)
-
-    @gluon.jit
-    def _publish_record(rec_smem, rec_ready, rec_empty, j, rec):
-        slot = j % 2
-        mbarrier.wait(rec_empty.index(slot), (j // 2) & 1)
-        rec_smem.index(slot).store(rec)
-        cta_barrier()
-        mbarrier.arrive(rec_ready.index(slot), count=1)
-
-    @gluon.jit
-    def _take_record(rec_smem, rec_ready, rec_empty, j, num_warps: gl.constexpr):
-        # a partition reads its j-th item's record (every warp of it, before
-        # the slot is released); every thread holds all of it
-        slot = j % 2
-        mbarrier.wait(rec_ready.index(slot), (j // 2) & 1)
-        rec = rec_smem.index(slot).load(gl.BlockedLayout([16], [32], [num_warps], [0]))
-        cta_barrier()
-        mbarrier.arrive(rec_empty.index(slot), count=1)
-        return rec
-
-    @gluon.jit
-    def _field(rec, f: gl.constexpr):
-        # one field of a record (every thread holds the whole record)
-        idx = gl.arange(0, 16, layout=rec.type.layout)
-        return gl.max(gl.where(idx == f, rec, -2147483647), 0)
-
-    @gluon.jit
-    def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
-                            v_ready, v_empty, rec_smem, rec_ready, rec_empty, need_next, n_items, q_rows_b, q_cols_b,
-                            stride_qh,
-                            k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh, GROUP: gl.constexpr,
-                            STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        # one warp: per work item, the query block (once its buffer is
-        # free), then K and V tiles in rings of their own that run on from
-        # item to item, in the order the MMA warps use them (K_0, then K_i
-        # beside V_{i-1}): a K buffer is free once S has been computed from
-        # it, a V buffer only once P V has, a tile later.  So the next
-        # item's first tiles load while the MMA warps finish this one.
+    def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                           v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
+                           BLOCK_N: gl.constexpr):
+        # one warp: the query block (once, beside the first K tile), then K
+        # and V tiles in rings of their own, in the order the MMA warps use
+        # them (K_0, then K_i beside V_{i-1}): a K buffer is free once S has
+        # been computed from it, a V buffer only once P V has, a tile later
         k_bytes: gl.constexpr = k_desc.block_type.nbytes
         v_bytes: gl.constexpr = v_desc.block_type.nbytes
-        kt = 0  # K (and V) tiles loaded so far
-        qc = 0  # query blocks loaded so far
-        j = 0  # items taken so far
-        rec = _take_record(rec_smem, rec_ready, rec_empty, j, 1)
-        while _field(rec, REC_ITEM) < n_items:
-            n = _field(rec, REC_N)
-            if (_field(rec, REC_VALID) != 0) & (n > 0):
-                lo = _field(rec, REC_LO)
-                h = _field(rec, REC_HEAD)
-                row = _field(rec, REC_ROW)
-                qrow = _field(rec, REC_QROW).to(gl.int64)
-                q0 = _field(rec, REC_QSTART).to(gl.int64)
-                k0 = _field(rec, REC_KSTART)
-                hk = h // GROUP
-                k_r0 = row * k_rows_b + k0
-                k_c0 = row * k_cols_b + hk * stride_kh
-                v_r0 = row * v_rows_b + k0
-                v_c0 = row * v_cols_b + hk * stride_vh
-                mbarrier.wait(q_empty, qc & 1)
-                mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-                tma_load(q_desc, [(qrow * q_rows_b + q0 + _field(rec, REC_PID_M) * BLOCK_M).to(gl.int32),
-                                  (qrow * q_cols_b + h * stride_qh).to(gl.int32)], q_ready, q_smem)
-                for i in range(n + 1):
-                    if i < n:
-                        t = kt + i
-                        b = t % STAGES
-                        mbarrier.wait(k_empty.index(b), (t // STAGES) & 1)
-                        mbarrier.expect(k_ready.index(b), k_bytes)
-                        tma_load(k_desc, [k_r0 + (lo + i) * BLOCK_N, k_c0], k_ready.index(b), k_bufs.index(b))
-                    if i > 0:
-                        t = kt + i - 1
-                        b = t % STAGES
-                        mbarrier.wait(v_empty.index(b), (t // STAGES) & 1)
-                        mbarrier.expect(v_ready.index(b), v_bytes)
-                        tma_load(v_desc, [v_r0 + (lo + i - 1) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
-                kt += n
-                qc += 1
-            # all of this item's loads are issued: the schedule warp may take the next
-            mbarrier.arrive(need_next, count=1)
-            j += 1
-            rec = _take_record(rec_smem, rec_ready, rec_empty, j, 1)
+        if n > 0:
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            tma_load(q_desc, [q_r0, q_c0], q_ready, q_smem)
+        for i in range(n + 1):
+            if i < n:
+                b = i % STAGES
+                mbarrier.wait(k_empty.index(b), (i // STAGES) & 1)
+                mbarrier.expect(k_ready.index(b), k_bytes)
+                tma_load(k_desc, [k_r0 + (lo + i) * BLOCK_N, k_c0], k_ready.index(b), k_bufs.index(b))
+            if i > 0:
+                j = i - 1
+                b = j % STAGES
+                mbarrier.wait(v_empty.index(b), (j // STAGES) & 1)
+                mbarrier.expect(v_ready.index(b), v_bytes)
+                tma_load(v_desc, [v_r0 + (lo + j) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
 
     @gluon.jit
     def _tile_decays(ck_base, kb, offs_c, klen, BLOCK_N: gl.constexpr):
@@ -377,19 +219,17 @@ if HAVE_GLUON:
         return gl.load(ck_base + kb * BLOCK_N + offs_c, mask=kb * BLOCK_N + offs_c < klen, other=0.0)
 
     @gluon.jit
-    def _pingpong_item(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                       v_empty, turns, kt, tc, qc, cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo,
-                       mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
-                       STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        # one warpgroup's rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of one
-        # query block, against the same key tiles as the other warpgroup.
+    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                turns, cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
+                                o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
+                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
+        # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
+        # CTA's query block, the same key tiles as the other warpgroup.
         # The two take turns to issue their MMAs (FlashAttention-3's
         # ping-pong, section 3.1): while one computes a tile's softmax the
         # other's MMAs run.  Each issues n + 1 times: S_0, then S_i with
-        # P_{i-1} V_{i-1}, then P_{n-1} V_{n-1}.  kt, tc, qc: the K / V
-        # tiles, turns and query blocks of the items before (the rings',
-        # turns' and query buffer's phases run on from item to item)
+        # P_{i-1} V_{i-1}, then P_{n-1} V_{n-1}.
         dtype: gl.constexpr = q_smem.dtype
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
@@ -427,28 +267,26 @@ if HAVE_GLUON:
             ck_next = _tile_decays(ck_base, lo, offs_c, klen, BLOCK_N)
             ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
             ck_next = _tile_decays(ck_base, lo + 1, offs_c, klen, BLOCK_N)
-            b0 = kt % STAGES
-            mbarrier.wait(q_ready, qc & 1)
-            mbarrier.wait(k_ready.index(b0), (kt // STAGES) & 1)
-            mbarrier.wait(my_turn, tc & 1)
-            s_tok = warpgroup_mma(q_rows, k_bufs.index(b0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(q_ready, 0)
+            mbarrier.wait(k_ready.index(0), 0)
+            mbarrier.wait(my_turn, 0)
+            s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
-            mbarrier.arrive(k_empty.index(b0), count=1)
+            mbarrier.arrive(k_empty.index(0), count=1)
             masked = (lo < full_lo) | (lo >= mid)
             p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP)
             p_op = gl.convert_layout(p.to(dtype), P_L)
             for i in range(1, n):
                 kb = lo + i
-                t = kt + i
-                b = t % STAGES
-                pb = (t - 1) % STAGES
+                b = i % STAGES
+                pb = (i - 1) % STAGES
                 offs_k = kb * BLOCK_N + offs_n
                 ck2 = (gl.convert_layout(ck_next, gl.SliceLayout(0, S_L)) - c_ref).to(gl.float32) * _LOG2E
                 ck_next = _tile_decays(ck_base, kb + 1, offs_c, klen, BLOCK_N)
-                mbarrier.wait(k_ready.index(b), (t // STAGES) & 1)
-                mbarrier.wait(v_ready.index(pb), ((t - 1) // STAGES) & 1)
-                mbarrier.wait(my_turn, (tc + i) & 1)
+                mbarrier.wait(k_ready.index(b), (i // STAGES) & 1)
+                mbarrier.wait(v_ready.index(pb), ((i - 1) // STAGES) & 1)
+                mbarrier.wait(my_turn, i & 1)
                 s_tok = warpgroup_mma(q_rows, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 o_tok = warpgroup_mma(p_op, v_bufs.index(pb), acc, is_async=True)
                 mbarrier.arrive(their_turn, count=1)
@@ -461,15 +299,11 @@ if HAVE_GLUON:
                 mbarrier.arrive(v_empty.index(pb), count=1)
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), P_L)
-            # the query block has done its last S: its buffer may take the next
-            mbarrier.arrive(q_empty, count=1)
-            t = kt + n - 1
-            mbarrier.wait(v_ready.index(t % STAGES), (t // STAGES) & 1)
-            mbarrier.wait(my_turn, (tc + n) & 1)
-            o_tok = warpgroup_mma(p_op, v_bufs.index(t % STAGES), acc, is_async=True)
+            mbarrier.wait(v_ready.index((n - 1) % STAGES), ((n - 1) // STAGES) & 1)
+            mbarrier.wait(my_turn, n & 1)
+            o_tok = warpgroup_mma(p_op, v_bufs.index((n - 1) % STAGES), acc, is_async=True)
             mbarrier.arrive(their_turn, count=1)
             acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            mbarrier.arrive(v_empty.index(t % STAGES), count=1)
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         lse = gl.where(empty_row, float("-inf"), ((m_i + cq2) + gl.log2(l_safe)) * 0.6931471805599453)
@@ -481,49 +315,8 @@ if HAVE_GLUON:
         gl.store(lse_base + offs_m, lse, mask=qmask)
 
     @gluon.jit
-    def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
-                                v_ready, v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
-                                stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
-                                stride_lb, stride_lh, scale2, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
-                                STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        # one warpgroup (BLOCK_M // 2 rows of each query block) over the
-        # items the schedule warp hands over, until one past the end
-        kt = 0
-        tc = 0
-        qc = 0
-        j = 0
-        rec = _take_record(rec_smem, rec_ready, rec_empty, j, num_warps)
-        while _field(rec, REC_ITEM) < n_items:
-            if _field(rec, REC_VALID) != 0:
-                h = _field(rec, REC_HEAD)
-                pid_m = _field(rec, REC_PID_M)
-                n = _field(rec, REC_N)
-                row = _field(rec, REC_ROW).to(gl.int64)
-                qrow = _field(rec, REC_QROW).to(gl.int64)
-                q0 = _field(rec, REC_QSTART).to(gl.int64)
-                k0 = _field(rec, REC_KSTART)
-                cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
-                c_ref = gl.load(cq_base + pid_m * BLOCK_M)
-                ck_base = CK + row * stride_ckb + h * stride_ckh + k0
-                o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
-                lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
-                thr2 = -(_field(rec, REC_THR).to(gl.float32, bitcast=True))
-                _pingpong_item(WG, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                               turns, kt, tc, qc, cq_base, ck_base, c_ref, thr2, pid_m, _field(rec, REC_QLEN),
-                               _field(rec, REC_KLEN), _field(rec, REC_LO), _field(rec, REC_FULL_LO),
-                               _field(rec, REC_MID), n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
-                               STAGES, BLOCK_M // 2, BLOCK_N, HEAD_DIM, num_warps)
-                if n > 0:
-                    kt += n
-                    tc += n + 1
-                    qc += 1
-            j += 1
-            rec = _take_record(rec_smem, rec_ready, rec_empty, j, num_warps)
-
-    @gluon.jit
     def _fwd_kernel_sm90_pingpong(
-        q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO, SCHED,
+        q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
@@ -531,67 +324,73 @@ if HAVE_GLUON:
         stride_cqb, stride_cqh, stride_ckb, stride_ckh,
         stride_lb, stride_lh,
         stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
-        scale2, num_m, n_seq, n_items,
+        scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
         ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
-        # persistent: one CTA per SM works through the n_items query blocks
-        # (num_m a sequence, n_seq sequences, then heads) that its schedule
-        # warp takes from the counter SCHED (zero at launch, zero again at
-        # exit).  The query block's two warpgroups are separate partitions
-        # that take turns on the tensor cores: the default partition
-        # (num_warps = 4) and a worker of 4 warps each own BLOCK_M / 2 rows;
-        # one load warp feeds both (each buffer is released by both
-        # warpgroups), the query block by TMA like K and V (Q of (row, token
-        # t, head) at (row * q_rows_b + t, row * q_cols_b + head *
-        # stride_qh)).  Launched one CTA per query block instead, a CTA's
-        # fixed costs (its start, the chain of table loads before its first
-        # TMA, the first tiles' latency, the output's stores) ran beside no
-        # tensor-core work, and ACP's shorter rows made them a larger part
-        # of the time.
+        # the query block's two warpgroups in separate partitions that take
+        # turns on the tensor cores: the default partition (num_warps = 4)
+        # and a worker of 4 warps each own BLOCK_M / 2 rows; one load warp
+        # feeds both (each buffer is released by both warpgroups), the query
+        # block first, by TMA like K and V (Q of (row, token t, head) at
+        # (row * q_rows_b + t, row * q_cols_b + head * stride_qh)), so that
+        # its load overlaps the first K tile's
         dtype: gl.constexpr = q_desc.block_type.element_ty
         HALF: gl.constexpr = BLOCK_M // 2
         gl.static_assert(HALF == 16 * num_warps)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        q_ready, q_empty = ring_barriers(1, 2)
-        q_ready = q_ready.index(0)
-        q_empty = q_empty.index(0)
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        k_ready, k_empty = ring_barriers(STAGES, 2)
-        v_ready, v_empty = ring_barriers(STAGES, 2)
-        # the items' records, from the schedule warp to the load warp and
-        # the two MMA warpgroups: two slots
-        rec_smem = gl.allocate_shared_memory(gl.int32, [2, 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        rec_ready, rec_empty = ring_barriers(2, 3)
-        need_next = load_barrier()
-        # whose turn it is to issue MMAs: warpgroup 0 first
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turns.index(0), count=1)
-        mbarrier.init(turns.index(1), count=1)
-        mbarrier.arrive(turns.index(0), count=1)
-        fence_async_shared()
-        gl.warp_specialize(
-            [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                        v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
-                                        stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
-                                        stride_ckh, stride_lb, stride_lh, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M,
-                                        BLOCK_N, HEAD_DIM, num_warps)),
-             (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                        v_empty, turns, rec_smem, rec_ready, rec_empty, n_items, CQ, CK, O, LSE,
-                                        stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
-                                        stride_ckh, stride_lb, stride_lh, scale2, USE_ACP, CAUSAL, STAGES, BLOCK_M,
-                                        BLOCK_N, HEAD_DIM, 4)),
-             (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready,
-                                    k_empty, v_ready, v_empty, rec_smem, rec_ready, rec_empty, need_next, n_items, q_rows_b,
-                                    q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b,
-                                    stride_vh, GROUP, STAGES, BLOCK_M, BLOCK_N)),
-             (_fwd_schedule_partition, (rec_smem, rec_ready, rec_empty, need_next, SCHED, n_items, num_m, n_seq, QLEN, KLEN,
-                                        ROW, QROW, QSTART, KSTART_POS, THR, KBLO, stride_thr_s, stride_kblo_s,
-                                        stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N,
-                                        CAUSAL, USE_ACP))],
-            [4, 1, 1], [240, 24, 24])
+
+        s_id = gl.program_id(1)
+        h = gl.program_id(2)
+        qlen = gl.load(QLEN + s_id)
+        if CAUSAL:
+            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - gl.program_id(0)
+        else:
+            pid_m = gl.program_id(0)
+        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):
+            klen = gl.load(KLEN + s_id)
+            row = gl.load(ROW + s_id)
+            qrow = gl.load(QROW + s_id).to(gl.int64)
+            q0 = gl.load(QSTART + s_id).to(gl.int64)
+            k0 = gl.load(KSTART_POS + s_id)
+            hk = h // GROUP
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+            q_ready = load_barrier()
+            k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+            k_ready, k_empty = ring_barriers(STAGES, 2)
+            v_ready, v_empty = ring_barriers(STAGES, 2)
+            # whose turn it is to issue MMAs: warpgroup 0 first
+            turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(turns.index(0), count=1)
+            mbarrier.init(turns.index(1), count=1)
+            mbarrier.arrive(turns.index(0), count=1)
+            fence_async_shared()
+
+            cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
+            c_ref = gl.load(cq_base + pid_m * BLOCK_M)
+            ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
+            lo, full_lo, mid, hi, thr_shift = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, 0.0, stride_thr_s,
+                                                        stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M,
+                                                        BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+            n = hi - lo
+            o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
+            lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
+            gl.warp_specialize(
+                [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
+                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
+                                            STAGES, HALF, BLOCK_N, HEAD_DIM, num_warps)),
+                 (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
+                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
+                                            STAGES, HALF, BLOCK_N, HEAD_DIM, 4)),
+                 (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
+                                       v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
+                                       (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
+                                       row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
+                                       row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
+                [4, 1], [240, 24])
 
 
 def _tma_rows_view(t):
@@ -622,33 +421,6 @@ def tma_descriptors(tensors, block_rows):
     return descs, views
 
 
-def sm_count(device) -> int:
-    """The device's streaming multiprocessors (a persistent grid's size)."""
-    index = torch.device(device).index
-    if index is None:
-        index = torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-_SM_COUNT = {}
-_SCHEDULE_COUNTERS = {}
-
-
-def schedule_counter(device):
-    """The persistent kernels' work counter on this device and stream: one
-    int32, zero between launches (the kernel that took the last item puts it
-    back), so that it is zeroed once, not once a call; a stream of its own
-    keeps launches on different streams from sharing one."""
-    device = torch.device(device)
-    key = (device.index, torch.cuda.current_stream(device).stream_id)
-    counter = _SCHEDULE_COUNTERS.get(key)
-    if counter is None:
-        counter = _SCHEDULE_COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
-
-
 def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks):
     """Launch the Gluon forward with triton_ops._forward's arguments (no
     partial result to merge into; ``supported`` holds); acp_blocks: the
@@ -658,15 +430,13 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     descs, kv = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
-    num_m = triton.cdiv(max(pairs.max_qlen, 1), BM)
-    n_items = num_m * S * q.shape[2]
-    grid = (max(1, min(n_items, sm_count(q.device))),)
+    grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
     dummy_f = thr if use_acp else c_q
     dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
     (q_desc,), (q_view,) = tma_descriptors((q,), BM)
     _fwd_kernel_sm90_pingpong[grid](
-        q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i, schedule_counter(q.device),
+        q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q_view[2], q_view[3], q.stride(2),
         kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
@@ -674,7 +444,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
-        scale * LOG2E, num_m, S, n_items,
+        scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
         ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=4, maxnreg=MAXNREG,
     )
