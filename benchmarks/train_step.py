@@ -14,6 +14,11 @@ after warm-up).  Writes benchmarks/results/<name>.json records
 
 Extra --set overrides apply to every variant (e.g. micro_batch_size=1).
 Without --data the runs use Megatron's mock dataset.
+
+--repeats N runs the three variants N times, interleaved (A B C A B C ...),
+so that drift between runs falls on all of them alike; each record then
+holds every run's tokens/s, their median and their spread.  Short runs of
+one variant can differ by more than the effects being compared.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -77,8 +81,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--data", default=None, help="indexed data prefix; default: mock data")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     data = [f"data_path=[{args.data}]", "mock_data=false"] if args.data else [
         "mock_data=true", "data_path=[]", "tokenizer_type=ByteTokenizer", "tokenizer_model=null"]
@@ -98,24 +105,57 @@ def main():
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
     }
+    runs = {label: [] for label, *_ in variants}
     records = []
     with tempfile.TemporaryDirectory(prefix="fox-train-bench-") as workdir:
-        for label, config, model, acp, extra in variants:
-            res = run_variant(config, label, data + extra + args.overrides, args.iters, args.warmup,
-                              args.gpus, workdir)
-            rec = {"bench": "train", "model": model, "acp": acp, "size": size, "gpus": args.gpus, **res}
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-            if args.out:
-                Path(args.out).write_text(json.dumps({**header, "records": records}, indent=1))
+        for rep in range(args.repeats):
+            for label, config, model, acp, extra in variants:
+                name = label if args.repeats == 1 else f"{label}_{rep}"
+                runs[label].append(run_variant(config, name, data + extra + args.overrides, args.iters,
+                                               args.warmup, args.gpus, workdir))
+                records = [{"bench": "train", "model": model, "acp": acp, "size": size, "gpus": args.gpus,
+                            **combine_runs(runs[lab])}
+                           for lab, _, model, acp, _ in variants if runs[lab]]
+                print(json.dumps(records[-1] if rep == 0 else {"variant": label, **runs[label][-1]}), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps({**header, "repeats": args.repeats, "records": records},
+                                                         indent=1))
+    print(summary_table([label for label, *_ in variants], records))
+
+
+def combine_runs(runs):
+    """One record from repeated runs of a variant: medians (peak memory: the
+    largest), every run's tokens/s and their spread, (max - min) / median."""
+    rec = dict(runs[0])
+    if len(runs) == 1:
+        return rec
+    tps = [r["tokens_per_s"] for r in runs]
+    rec["tokens_per_s"] = statistics.median(tps)
+    rec["tokens_per_s_runs"] = tps
+    rec["tokens_per_s_spread"] = (max(tps) - min(tps)) / statistics.median(tps)
+    for key in ("tflops_per_gpu", "mfu", "kept_fraction"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        rec[key] = statistics.median(vals) if vals else None
+    rec["peak_mem_gb"] = max(r["peak_mem_gb"] for r in runs)
+    rec["steps_measured"] = sum(r["steps_measured"] for r in runs)
+    rec["final_loss"] = [r["final_loss"] for r in runs]
+    return rec
+
+
+def summary_table(labels, records):
+    """The variants against the transformer (median tokens/s; with repeats,
+    the range of the runs)."""
     base = next(r for r in records if r["model"] == "transformer")
-    print(f"\n{'variant':<14} {'tokens/s':>10} {'MFU':>6} {'mem GB':>7} {'kept':>6} {'vs transformer':>15}")
-    for (label, *_), r in zip(variants, records):
+    lines = [f"\n{'variant':<14} {'tokens/s':>10} {'runs':>19} {'MFU':>6} {'mem GB':>7} {'kept':>6} "
+             f"{'vs transformer':>15}"]
+    for label, r in zip(labels, records):
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
         kept = f"{r['kept_fraction']:.3f}" if r["kept_fraction"] is not None else "-"
-        print(f"{label:<14} {r['tokens_per_s']:>10.0f} {mfu:>6} {r['peak_mem_gb']:>7.1f} {kept:>6} "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>15.3f}")
-
+        runs = r.get("tokens_per_s_runs")
+        span = f"{min(runs):.0f}-{max(runs):.0f}" if runs else "-"
+        lines.append(f"{label:<14} {r['tokens_per_s']:>10.0f} {span:>19} {mfu:>6} {r['peak_mem_gb']:>7.1f} {kept:>6} "
+                     f"{r['tokens_per_s'] / base['tokens_per_s']:>15.3f}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

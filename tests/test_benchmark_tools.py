@@ -14,6 +14,8 @@
   replaying a launch.
 - acp_probe.py's uniform gates keep as many tiles as the gates they stand
   in for.
+- train_step.py --repeats interleaves the variants' runs and combines each
+  variant's runs into one record (median, every run, spread).
 """
 
 import json
@@ -190,3 +192,46 @@ def test_probe_uniform_gates_keep_the_target_fraction():
     # one rate for every head: the heads' gates differ only by the shared noise
     assert torch.equal(gates[..., 0], gates[..., 3])
     assert abs(acp_probe.kept_fraction(q, k, v, gates, acp) - target) < 0.05
+
+
+def test_train_step_repeats_interleave_and_combine(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import train_step
+
+    order = []
+    fake_tps = {"fox_pro_acp": [100.0, 130.0, 110.0], "fox_pro_full": [80.0, 90.0, 70.0],
+                "transformer": [120.0, 100.0, 110.0]}
+
+    def fake_run(config, label, overrides, iters, warmup, gpus, workdir):
+        variant, rep = label.rsplit("_", 1)
+        order.append(label)
+        acp = "fox.acp=true" in overrides
+        return {"tokens_per_s": fake_tps[variant][int(rep)], "tflops_per_gpu": 1.0 + int(rep), "mfu": 0.1,
+                "peak_mem_gb": 10.0 + int(rep), "kept_fraction": 0.5 if acp else None, "L": 16384,
+                "micro_batch_size": 1, "global_batch_size": 8, "steps_measured": 12, "final_loss": 5.0 - int(rep)}
+
+    monkeypatch.setattr(train_step, "run_variant", fake_run)
+    out = tmp_path / "train.json"
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--fox", "configs/fox_pro_125m_16k.yaml", "--baseline",
+                                      "configs/transformer_125m_16k.yaml", "--repeats", "3", "--out", str(out)])
+    train_step.main()
+    # A B C A B C A B C: drift between runs falls on every variant alike
+    assert order == [f"{v}_{r}" for r in range(3) for v in ("fox_pro_acp", "fox_pro_full", "transformer")]
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 3
+    recs = {(r["model"], r["acp"]): r for r in result["records"]}
+    acp = recs[("fox_pro", True)]
+    assert acp["tokens_per_s"] == 110.0 and acp["tokens_per_s_runs"] == [100.0, 130.0, 110.0]
+    assert acp["tokens_per_s_spread"] == pytest.approx(30.0 / 110.0)
+    assert acp["peak_mem_gb"] == 12.0 and acp["tflops_per_gpu"] == 2.0 and acp["kept_fraction"] == 0.5
+    assert recs[("fox_pro", False)]["tokens_per_s"] == 80.0
+    assert recs[("transformer", False)]["tokens_per_s"] == 110.0 and recs[("transformer", False)]["kept_fraction"] is None
+
+
+def test_train_step_rejects_zero_repeats(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import train_step
+
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--fox", "a.yaml", "--baseline", "b.yaml", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        train_step.main()
