@@ -125,7 +125,8 @@ def main():
 
 def combine_runs(runs):
     """One record from repeated runs of a variant: medians (peak memory: the
-    largest), every run's tokens/s and their spread, (max - min) / median."""
+    largest), every run's tokens/s and final loss, and the tokens/s spread,
+    (max - min) / median."""
     rec = dict(runs[0])
     if len(runs) == 1:
         return rec
@@ -156,6 +157,7 @@ def summary_table(labels, records):
         lines.append(f"{label:<14} {r['tokens_per_s']:>10.0f} {span:>19} {mfu:>6} {r['peak_mem_gb']:>7.1f} {kept:>6} "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:>15.3f}")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
