@@ -16,6 +16,8 @@
   in for.
 - train_step.py --repeats interleaves the variants' runs and combines each
   variant's runs into one record (median, every run, spread).
+- fwd_timeline.py's stamps still apply to the Gluon forward's source and
+  compile for sm_90; its summary reads phases off the stamps.
 """
 
 import json
@@ -235,3 +237,37 @@ def test_train_step_rejects_zero_repeats(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--fox", "a.yaml", "--baseline", "b.yaml", "--repeats", "0"])
     with pytest.raises(SystemExit):
         train_step.main()
+
+
+def test_fwd_timeline_stamps_apply_and_compile():
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/fwd_timeline.py", "--compile-only"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("compiled:") == 4
+
+
+def test_fwd_timeline_summary_reads_the_phases():
+    sys.path.insert(0, str(REPO))
+    from benchmarks import fwd_timeline as t
+
+    def program(start, tiles, sm, clocks_per_ns=2.0):
+        r = [0] * t.SLOTS
+        ns = lambda x: int(x * clocks_per_ns)  # noqa: E731
+        r[t.START], r[t.SM], r[t.TILES] = start, sm, tiles
+        r[t.FIRST_TMA] = start + ns(500)
+        r[t.FIRST_DATA] = start + ns(2000)
+        r[t.LOOP_END] = r[t.FIRST_DATA] + ns(1000 + 1300 * tiles)
+        r[t.END] = r[t.LOOP_END] + ns(900)
+        r[t.GT_START], r[t.GT_END] = 10_000, 10_000 + (r[t.END] - start) / clocks_per_ns
+        return r
+
+    a = program(4000, 3, 7)
+    b = program(a[t.END] + 3000, 9, 7)  # 1.5 us later on the same SM
+    c = program(5000, 6, 8)
+    s = t.summarise([a, b, [0] * t.SLOTS, c])
+    assert s["programs"] == 3 and s["sms"] == 2 and s["clocks_per_ns"] == 2.0
+    assert s["us_per_tile"] == pytest.approx(1.3) and s["loop_intercept_us"] == pytest.approx(1.0)
+    assert s["start_to_first_tma_us"] == pytest.approx(0.5) and s["start_to_first_data_us"] == pytest.approx(2.0)
+    assert s["epilogue_us"] == pytest.approx(0.9) and s["gap_to_next_program_us"] == pytest.approx(1.5)

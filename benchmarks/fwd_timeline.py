@@ -1,0 +1,276 @@
+"""Where a query block's time goes in the Gluon forward: clock stamps inside the kernel.
+
+    python benchmarks/fwd_timeline.py --lengths 8192,16384 --shapes 24x64 \\
+        --out benchmarks/results/fwd_timeline_h200.json
+    python benchmarks/fwd_timeline.py --compile-only     # CPU: the stamps still apply and compile
+
+The tool patches a copy of kernels/forgetting_attn/gluon_fwd.py's source
+(the kernel itself carries no instrumentation): each program writes the
+SM clock (%clock64) at its start, when its load warp has issued the query
+block's TMA, when its first warpgroup has its first query and key tiles,
+before its last P V, and after its output stores, plus its SM (%smid), its
+tile count and the global timer (%globaltimer, to turn clocks into
+microseconds).  A patch whose anchor is no longer in the source stops the
+tool with its name (the kernel changed: update PATCHES).
+
+From the stamps, per program (medians, microseconds): start to the first
+TMA, start to the first data, the main loop (and its fit a + b * tiles:
+b per tile, a what a program pays in its loop beyond its tiles), the
+epilogue (last P V, normalisation, stores) and the gap between one
+program's end and the next program's start on the same SM (the CTA's exit
+and the next one's launch).  The kernel runs once per case with BENCH.md's
+inputs (paper-like gates, B = 32768 / L, QK-norm bound sqrt(D)); its time
+with and without the stamps is reported too (the stamps cost little, but
+not nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+SOURCE = os.path.join(ROOT, "kernels", "forgetting_attn", "gluon_fwd.py")
+PACKAGE = "fox_megatron.kernels.forgetting_attn"
+SLOTS = 16  # int64 stamps a program
+# slot: what it holds
+START, SM, FIRST_DATA, LOOP_END, END, FIRST_TMA, TILES, GT_START, GT_END = range(9)
+
+STAMP_HELPERS = '''    @gluon.jit
+    def _tl_clock(L: gl.constexpr):
+        z = gl.full([1], 0, gl.int32, L)
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [z], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _tl_gtimer(L: gl.constexpr):
+        z = gl.full([1], 0, gl.int32, L)
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [z], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def _tl_smid(L: gl.constexpr):
+        z = gl.full([1], 0, gl.int32, L)
+        return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [z], dtype=gl.int32, is_pure=False,
+                                         pack=1).to(gl.int64)
+
+    @gluon.jit
+    def _tl_put(tl_base, slot: gl.constexpr, val, L: gl.constexpr):
+        gl.store(tl_base + slot + gl.arange(0, 1, L), val)
+
+'''
+
+# (name, anchor, replacement): each anchor must occur exactly once
+PATCHES = [
+    ("helpers", "    @gluon.jit\n    def ring_barriers(", STAMP_HELPERS + "    @gluon.jit\n    def ring_barriers("),
+    ("load warp signature",
+     "v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,",
+     "v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, tl_base, STAGES: gl.constexpr,"),
+    ("first TMA",
+     "            tma_load(q_desc, [q_r0, q_c0], q_ready, q_smem)\n",
+     "            tma_load(q_desc, [q_r0, q_c0], q_ready, q_smem)\n"
+     "            TL_L: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])\n"
+     f"            _tl_put(tl_base, {FIRST_TMA}, _tl_clock(TL_L), TL_L)\n"),
+    ("MMA partition signature",
+     "o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,",
+     "o_base, stride_ot, lse_base, tl_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,"),
+    ("first data",
+     "            mbarrier.wait(k_ready.index(0), 0)\n",
+     "            mbarrier.wait(k_ready.index(0), 0)\n"
+     "            TL_M: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
+     "            if WG == 0:\n"
+     f"                _tl_put(tl_base, {FIRST_DATA}, _tl_clock(TL_M), TL_M)\n"),
+    ("loop end",
+     "            mbarrier.wait(v_ready.index((n - 1) % STAGES), ((n - 1) // STAGES) & 1)\n",
+     "            if WG == 0:\n"
+     f"                _tl_put(tl_base, {LOOP_END}, _tl_clock(TL_M), TL_M)\n"
+     "            mbarrier.wait(v_ready.index((n - 1) % STAGES), ((n - 1) // STAGES) & 1)\n"),
+    ("end",
+     "        gl.store(lse_base + offs_m, lse, mask=qmask)\n",
+     "        gl.store(lse_base + offs_m, lse, mask=qmask)\n"
+     "        if WG == 0:\n"
+     "            TL_E: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
+     f"            _tl_put(tl_base, {END}, _tl_clock(TL_E), TL_E)\n"
+     f"            _tl_put(tl_base, {GT_END}, _tl_gtimer(TL_E), TL_E)\n"),
+    ("kernel signature",
+     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,\n",
+     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO, TLB,\n"),
+    ("start",
+     "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n",
+     "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n"
+     "            TL_K: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
+     "            tl_prog = gl.program_id(0) + gl.num_programs(0) * (s_id + gl.num_programs(1) * h)\n"
+     f"            tl_base = TLB + tl_prog.to(gl.int64) * {SLOTS}\n"
+     f"            _tl_put(tl_base, {START}, _tl_clock(TL_K), TL_K)\n"
+     f"            _tl_put(tl_base, {GT_START}, _tl_gtimer(TL_K), TL_K)\n"
+     f"            _tl_put(tl_base, {SM}, _tl_smid(TL_K), TL_K)\n"),
+    ("tile count",
+     "            n = hi - lo\n",
+     "            n = hi - lo\n"
+     f"            _tl_put(tl_base, {TILES}, gl.full([1], 0, gl.int64, TL_K) + n, TL_K)\n"),
+    ("MMA partitions' arguments",
+     "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,",
+     "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, tl_base, USE_ACP, CAUSAL,"),
+    ("load warp's arguments",
+     "row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],",
+     "row * v_cols_b + hk * stride_vh, lo, n, tl_base, STAGES, BLOCK_N))],"),
+    ("launch",
+     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,\n",
+     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i, TIMELINE['buf'],\n"),
+    ("buffer", "\ndef launch_fwd(", "\nTIMELINE = {'buf': None}\n\n\ndef launch_fwd("),
+]
+# anchors that occur more than once, each replaced everywhere
+REPEATED = {"MMA partitions' arguments": 2}
+
+
+def patched_source(text: str) -> str:
+    for name, anchor, replacement in PATCHES:
+        found = text.count(anchor)
+        if found != REPEATED.get(name, 1):
+            raise SystemExit(f"fwd_timeline: patch '{name}' found its anchor {found} times in {SOURCE}; "
+                             f"the kernel changed, update PATCHES")
+        text = text.replace(anchor, replacement)
+    return text
+
+
+def load_patched():
+    """The stamped forward as ``<package>._fwd_timeline`` (its relative
+    imports resolve); the patched file lives in a temporary directory."""
+    with open(SOURCE) as f:
+        text = patched_source(f.read())
+    tmp = tempfile.mkdtemp(prefix="fwd_timeline_")
+    path = os.path.join(tmp, "gluon_fwd_timeline.py")
+    with open(path, "w") as f:
+        f.write(text)
+    name = f"{PACKAGE}._fwd_timeline"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_only():
+    """Compile the stamped kernel for sm_90 (no GPU needed), with and
+    without ACP."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch
+
+    import triton_compile_worker as worker
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    module = load_patched()
+    for D, (bm, bn, _, stages) in module.CONFIGS.items():
+        abm, abn = triton_ops.fwd_blocks(D, torch.bfloat16)
+        for acp in (False, True):
+            consts = dict(GROUP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp, STAGES=stages,
+                          ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=4)
+            worker.compile_gluon(module._fwd_kernel_sm90_pingpong, consts, num_warps=4, maxnreg=module.MAXNREG,
+                                 desc_block=(bn, D), desc_blocks={"q_desc": (bm, D)})
+            print(f"compiled: head dim {D}, ACP {acp}", flush=True)
+
+
+def summarise(stamps, clocks_per_ns=None):
+    """Per-program phases (microseconds, medians) from the [programs, SLOTS]
+    stamps of one launch (rows of programs that did not run are zero)."""
+    rows = [r for r in stamps if r[START] != 0]
+    if clocks_per_ns is None:
+        clocks_per_ns = statistics.median((r[END] - r[START]) / (r[GT_END] - r[GT_START])
+                                          for r in rows if r[GT_END] - r[GT_START] > 2000)
+
+    def us(c):
+        return c / clocks_per_ns / 1000.0
+
+    main = [(r[TILES], us(r[LOOP_END] - r[FIRST_DATA])) for r in rows if r[FIRST_DATA] and r[LOOP_END]]
+    tiles = [n for n, _ in main]
+    times = [t for _, t in main]
+    mean_n, mean_t = sum(tiles) / len(tiles), sum(times) / len(times)
+    var = sum((n - mean_n) ** 2 for n in tiles)
+    slope = sum((n - mean_n) * (t - mean_t) for n, t in main) / var if var > 0 else float("nan")
+    by_sm = {}
+    for r in rows:
+        by_sm.setdefault(r[SM], []).append(r)
+    gaps = []
+    for rs in by_sm.values():
+        rs.sort(key=lambda r: r[START])
+        gaps += [us(b[START] - a[END]) for a, b in zip(rs, rs[1:])]
+    med = statistics.median
+    return dict(
+        programs=len(rows), sms=len(by_sm), programs_per_sm=round(len(rows) / len(by_sm), 2),
+        clocks_per_ns=round(clocks_per_ns, 3), mean_tiles=round(mean_n, 2),
+        us_per_tile=round(slope, 3), loop_intercept_us=round(mean_t - slope * mean_n, 3),
+        loop_mean_us=round(mean_t, 3),
+        start_to_first_tma_us=round(med(us(r[FIRST_TMA] - r[START]) for r in rows if r[FIRST_TMA]), 3),
+        start_to_first_data_us=round(med(us(r[FIRST_DATA] - r[START]) for r in rows if r[FIRST_DATA]), 3),
+        epilogue_us=round(med(us(r[END] - r[LOOP_END]) for r in rows if r[LOOP_END]), 3),
+        gap_to_next_program_us=round(med(gaps), 3) if gaps else None,
+        program_mean_us=round(statistics.mean(us(r[END] - r[START]) for r in rows), 3),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="8192,16384")
+    ap.add_argument("--shapes", default="24x64")
+    ap.add_argument("--compile-only", action="store_true", help="patch and compile for sm_90, no GPU run")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+        return
+
+    import torch
+    import triton
+    import triton.testing
+
+    from benchmarks.attention import paper_like_inputs
+    from benchmarks.kernel_versions import capture, fresh
+    from fox_megatron.kernels import AcpConfig, forgetting_attention
+    from fox_megatron.kernels.forgetting_attn import gluon_fwd
+
+    module = load_patched()
+    records = []
+    for shape in args.shapes.split(","):
+        H, D = (int(x) for x in shape.split("x"))
+        for L in (int(x) for x in args.lengths.split(",")):
+            B = max(1, 32768 // L)
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
+            for acp in (False, True):
+                def step():
+                    cfg = AcpConfig(logit_bound=math.sqrt(D)) if acp else None
+                    out = forgetting_attention(q, k, v, log_f, acp=cfg)
+                    out.backward(torch.ones_like(out))
+
+                call = capture(gluon_fwd, "launch_fwd", step)
+                block_m = gluon_fwd.CONFIGS[D][0]
+                programs = triton.cdiv(L, block_m) * B * H
+                buf = torch.zeros(programs * SLOTS, dtype=torch.int64, device="cuda")
+                module.TIMELINE["buf"] = buf
+                a, _ = fresh(call, (5, 6), ())
+                ms_stamped = triton.testing.do_bench(lambda: module.launch_fwd(*a), warmup=50, rep=200)
+                ms_plain = triton.testing.do_bench(lambda: gluon_fwd.launch_fwd(*a), warmup=50, rep=200)
+                buf.zero_()
+                module.launch_fwd(*a)
+                torch.cuda.synchronize()
+                rec = dict(bench="fwd_timeline", H=H, D=D, L=L, B=B, acp=acp, ms_stamped=round(ms_stamped, 4),
+                           ms_plain=round(ms_plain, 4), **summarise(buf.view(programs, SLOTS).cpu().tolist()))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv), records=records)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
