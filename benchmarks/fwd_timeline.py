@@ -8,17 +8,21 @@ The tool patches a copy of kernels/forgetting_attn/gluon_fwd.py's source
 (the kernel itself carries no instrumentation): each program writes the
 SM clock (%clock64) at its start, when its load warp has issued the query
 block's TMA, when its first warpgroup has its first query and key tiles,
-before its last P V, and after its output stores, plus its SM (%smid), its
-tile count and the global timer (%globaltimer, to turn clocks into
-microseconds).  A patch whose anchor is no longer in the source stops the
+when that warpgroup has the first tile's probabilities, before its last
+P V, and after its output stores, plus its SM (%smid), its tile count, how
+many of those tiles take the element masks (the diagonal ones and ACP's
+partially pruned ones) and the global timer (%globaltimer, to turn clocks
+into microseconds).  A patch whose anchor is no longer in the source stops the
 tool with its name (the kernel changed: update PATCHES).
 
 From the stamps, per program (medians, microseconds): start to the first
-TMA, start to the first data, the main loop (and its fit a + b * tiles:
-b per tile, a what a program pays in its loop beyond its tiles), the
-epilogue (last P V, normalisation, stores) and the gap between one
-program's end and the next program's start on the same SM (the CTA's exit
-and the next one's launch).  The kernel runs once per case with BENCH.md's
+TMA, start to the first data, the first tile (its S and softmax, which
+no other MMA of this warpgroup overlaps), the main loop (and its fits
+a + b * tiles, and a + b * plain tiles + c * masked tiles over the
+launch's programs: b per tile, c per masked tile, a what a program pays
+in its loop beyond its tiles), the epilogue (last P V, normalisation,
+stores) and the gap between one program's end and the next program's
+start on the same SM (the CTA's exit and the next one's launch).  The kernel runs once per case with BENCH.md's
 inputs (paper-like gates, B = 32768 / L, QK-norm bound sqrt(D)); its time
 with and without the stamps is reported too (the stamps cost little, but
 not nothing).
@@ -44,7 +48,7 @@ SOURCE = os.path.join(ROOT, "kernels", "forgetting_attn", "gluon_fwd.py")
 PACKAGE = "fox_megatron.kernels.forgetting_attn"
 SLOTS = 16  # int64 stamps a program
 # slot: what it holds
-START, SM, FIRST_DATA, LOOP_END, END, FIRST_TMA, TILES, GT_START, GT_END = range(9)
+START, SM, FIRST_DATA, LOOP_END, END, FIRST_TMA, TILES, GT_START, GT_END, MASKED, FIRST_TILE = range(11)
 
 STAMP_HELPERS = '''    @gluon.jit
     def _tl_clock(L: gl.constexpr):
@@ -83,6 +87,12 @@ PATCHES = [
     ("MMA partition signature",
      "o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,",
      "o_base, stride_ot, lse_base, tl_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,"),
+    ("first tile",
+     "            p_op = gl.convert_layout(p.to(dtype), P_L)\n            for i in range(1, n):\n",
+     "            p_op = gl.convert_layout(p.to(dtype), P_L)\n"
+     "            if WG == 0:\n"
+     f"                _tl_put(tl_base, {FIRST_TILE}, _tl_clock(TL_M), TL_M)\n"
+     "            for i in range(1, n):\n"),
     ("first data",
      "            mbarrier.wait(k_ready.index(0), 0)\n",
      "            mbarrier.wait(k_ready.index(0), 0)\n"
@@ -116,7 +126,8 @@ PATCHES = [
     ("tile count",
      "            n = hi - lo\n",
      "            n = hi - lo\n"
-     f"            _tl_put(tl_base, {TILES}, gl.full([1], 0, gl.int64, TL_K) + n, TL_K)\n"),
+     f"            _tl_put(tl_base, {TILES}, gl.full([1], 0, gl.int64, TL_K) + n, TL_K)\n"
+     f"            _tl_put(tl_base, {MASKED}, gl.full([1], 0, gl.int64, TL_K) + (full_lo - lo) + (hi - mid), TL_K)\n"),
     ("MMA partitions' arguments",
      "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,",
      "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, tl_base, USE_ACP, CAUSAL,"),
@@ -196,6 +207,8 @@ def summarise(stamps, clocks_per_ns=None):
     mean_n, mean_t = sum(tiles) / len(tiles), sum(times) / len(times)
     var = sum((n - mean_n) ** 2 for n in tiles)
     slope = sum((n - mean_n) * (t - mean_t) for n, t in main) / var if var > 0 else float("nan")
+    fit2 = _fit_plain_masked([(r[TILES] - r[MASKED], r[MASKED], us(r[LOOP_END] - r[FIRST_DATA]))
+                              for r in rows if r[FIRST_DATA] and r[LOOP_END]])
     by_sm = {}
     for r in rows:
         by_sm.setdefault(r[SM], []).append(r)
@@ -208,13 +221,32 @@ def summarise(stamps, clocks_per_ns=None):
         programs=len(rows), sms=len(by_sm), programs_per_sm=round(len(rows) / len(by_sm), 2),
         clocks_per_ns=round(clocks_per_ns, 3), mean_tiles=round(mean_n, 2),
         us_per_tile=round(slope, 3), loop_intercept_us=round(mean_t - slope * mean_n, 3),
-        loop_mean_us=round(mean_t, 3),
+        loop_mean_us=round(mean_t, 3), mean_masked_tiles=round(statistics.mean(r[MASKED] for r in rows), 3),
+        loop_fit_plain_masked_us=fit2,
+        first_tile_us=round(med(us(r[FIRST_TILE] - r[FIRST_DATA]) for r in rows if r[FIRST_TILE]), 3)
+        if any(r[FIRST_TILE] for r in rows) else None,
         start_to_first_tma_us=round(med(us(r[FIRST_TMA] - r[START]) for r in rows if r[FIRST_TMA]), 3),
         start_to_first_data_us=round(med(us(r[FIRST_DATA] - r[START]) for r in rows if r[FIRST_DATA]), 3),
         epilogue_us=round(med(us(r[END] - r[LOOP_END]) for r in rows if r[LOOP_END]), 3),
         gap_to_next_program_us=round(med(gaps), 3) if gaps else None,
         program_mean_us=round(statistics.mean(us(r[END] - r[START]) for r in rows), 3),
     )
+
+
+def _fit_plain_masked(samples):
+    """Least squares t = a + b * plain + c * masked over (plain, masked, t)
+    samples: {"a", "b", "c"} in microseconds, None when the counts do not
+    vary enough to separate them."""
+    import torch
+
+    if len(samples) < 3:
+        return None
+    x = torch.tensor([[1.0, p, m] for p, m, _ in samples], dtype=torch.float64)
+    y = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
+    if torch.linalg.matrix_rank(x) < 3:
+        return None
+    a, b, c = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
+    return dict(a=round(a, 3), b=round(b, 3), c=round(c, 3))
 
 
 def main():

@@ -252,22 +252,27 @@ def test_fwd_timeline_summary_reads_the_phases():
     sys.path.insert(0, str(REPO))
     from benchmarks import fwd_timeline as t
 
-    def program(start, tiles, sm, clocks_per_ns=2.0):
+    def program(start, plain, masked, sm, clocks_per_ns=2.0):
         r = [0] * t.SLOTS
         ns = lambda x: int(x * clocks_per_ns)  # noqa: E731
-        r[t.START], r[t.SM], r[t.TILES] = start, sm, tiles
+        r[t.START], r[t.SM], r[t.TILES], r[t.MASKED] = start, sm, plain + masked, masked
         r[t.FIRST_TMA] = start + ns(500)
         r[t.FIRST_DATA] = start + ns(2000)
-        r[t.LOOP_END] = r[t.FIRST_DATA] + ns(1000 + 1300 * tiles)
+        r[t.FIRST_TILE] = r[t.FIRST_DATA] + ns(1700)
+        r[t.LOOP_END] = r[t.FIRST_DATA] + ns(1000 + 1300 * plain + 2000 * masked)
         r[t.END] = r[t.LOOP_END] + ns(900)
         r[t.GT_START], r[t.GT_END] = 10_000, 10_000 + (r[t.END] - start) / clocks_per_ns
         return r
 
-    a = program(4000, 3, 7)
-    b = program(a[t.END] + 3000, 9, 7)  # 1.5 us later on the same SM
-    c = program(5000, 6, 8)
-    s = t.summarise([a, b, [0] * t.SLOTS, c])
-    assert s["programs"] == 3 and s["sms"] == 2 and s["clocks_per_ns"] == 2.0
-    assert s["us_per_tile"] == pytest.approx(1.3) and s["loop_intercept_us"] == pytest.approx(1.0)
+    a = program(4000, 2, 1, 7)
+    b = program(a[t.END] + 3000, 8, 1, 7)  # 1.5 us later on the same SM
+    c = program(5000, 4, 2, 8)
+    d = program(6000, 6, 3, 9)
+    s = t.summarise([a, b, [0] * t.SLOTS, c, d])
+    assert s["programs"] == 4 and s["sms"] == 3 and s["clocks_per_ns"] == 2.0
     assert s["start_to_first_tma_us"] == pytest.approx(0.5) and s["start_to_first_data_us"] == pytest.approx(2.0)
-    assert s["epilogue_us"] == pytest.approx(0.9) and s["gap_to_next_program_us"] == pytest.approx(1.5)
+    assert s["first_tile_us"] == pytest.approx(1.7) and s["epilogue_us"] == pytest.approx(0.9)
+    assert s["gap_to_next_program_us"] == pytest.approx(1.5) and s["mean_masked_tiles"] == pytest.approx(1.75)
+    fit = s["loop_fit_plain_masked_us"]
+    assert fit["a"] == pytest.approx(1.0, abs=1e-3) and fit["b"] == pytest.approx(1.3, abs=1e-3)
+    assert fit["c"] == pytest.approx(2.0, abs=1e-3)
