@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -45,7 +44,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 SOURCE = os.path.join(ROOT, "kernels", "forgetting_attn", "gluon_fwd.py")
-PACKAGE = "fox_megatron.kernels.forgetting_attn"
 SLOTS = 16  # int64 stamps a program
 # slot: what it holds
 START, SM, FIRST_DATA, LOOP_END, END, FIRST_TMA, TILES, GT_START, GT_END, MASKED, FIRST_TILE = range(11)
@@ -154,20 +152,18 @@ def patched_source(text: str) -> str:
 
 
 def load_patched():
-    """The stamped forward as ``<package>._fwd_timeline`` (its relative
-    imports resolve); the patched file lives in a temporary directory."""
+    """The stamped forward, loaded beside the package's modules (so that its
+    relative imports resolve); the patched file lives in a temporary
+    directory."""
     with open(SOURCE) as f:
         text = patched_source(f.read())
     tmp = tempfile.mkdtemp(prefix="fwd_timeline_")
     path = os.path.join(tmp, "gluon_fwd_timeline.py")
     with open(path, "w") as f:
         f.write(text)
-    name = f"{PACKAGE}._fwd_timeline"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks.kernel_versions import load_base
+
+    return load_base(path, "fwd_timeline")
 
 
 def compile_only():
