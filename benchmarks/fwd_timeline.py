@@ -5,27 +5,27 @@
     python benchmarks/fwd_timeline.py --compile-only     # CPU: the stamps still apply and compile
 
 The tool patches a copy of kernels/forgetting_attn/gluon_fwd.py's source
-(the kernel itself carries no instrumentation): each program writes the
-SM clock (%clock64) at its start, when its load warp has issued the query
+(the kernel itself carries no instrumentation): each program writes the SM
+clock (%clock64) at its start, when its load warp has issued the query
 block's TMA, when its first warpgroup has its first query and key tiles,
-when that warpgroup has the first tile's probabilities, before its last
-P V, and after its output stores, plus its SM (%smid), its tile count, how
+when that warpgroup has the first tile's probabilities, before its
+last P V, and after its output stores, plus its SM (%smid), its tile count, how
 many of those tiles take the element masks (the diagonal ones and ACP's
 partially pruned ones) and the global timer (%globaltimer, to turn clocks
-into microseconds).  A patch whose anchor is no longer in the source stops the
-tool with its name (the kernel changed: update PATCHES).
+into microseconds). A patch whose anchor is no longer in the source stops
+the tool with its name (the kernel changed: update PATCHES).
 
 From the stamps, per program (medians, microseconds): start to the first
-TMA, start to the first data, the first tile (its S and softmax, which
-no other MMA of this warpgroup overlaps), the main loop (and its fits
-a + b * tiles, and a + b * plain tiles + c * masked tiles over the
-launch's programs: b per tile, c per masked tile, a what a program pays
-in its loop beyond its tiles), the epilogue (last P V, normalisation,
-stores) and the gap between one program's end and the next program's
-start on the same SM (the CTA's exit and the next one's launch).  The kernel runs once per case with BENCH.md's
-inputs (paper-like gates, B = 32768 / L, QK-norm bound sqrt(D)); its time
-with and without the stamps is reported too (the stamps cost little, but
-not nothing).
+TMA, start to the first data, the first tile (its S and softmax, which no
+other MMA of this warpgroup overlaps), the main loop (and its fits a + b *
+tiles, and a + b * plain tiles + c * masked tiles over the launch's
+programs: b per tile, c per masked tile, a what a program pays in its loop
+beyond its tiles), the epilogue (last P V, normalisation, stores) and the
+gap between one program's end and the next program's start on the same SM
+(the CTA's exit and the next one's launch). The kernel runs once per case
+with BENCH.md's inputs (paper-like gates, B = 32768 / L, QK-norm bound
+sqrt(D)); its time with and without the stamps is reported too (the stamps
+cost little, but not nothing).
 """
 
 from __future__ import annotations
