@@ -44,7 +44,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from attention import paper_like_inputs  # noqa: E402
+from attention import log_gates, paper_like_inputs  # noqa: E402
 from tune_attention import profile  # noqa: E402
 
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
@@ -104,7 +104,7 @@ def main():
         paper_kept = kept_fraction(q, k, v, log_f, acp)
         gates = {"paper": log_f.detach(), "nothing_pruned": log_f.detach() * 1e-6,
                  "reversed": log_f.detach().flip(-1).contiguous(),
-                 "fast": -args.fast_rate * torch.exp(0.5 * torch.randn_like(log_f.detach()))}
+                 "fast": log_gates(args.fast_rate, torch.randn_like(log_f.detach()))}
         if "uniform" in cases:
             gates["uniform"] = uniform_gates(log_f.detach(), paper_kept, q, k, v, acp)
         rows = dict(dense=dict(wall_ms=dense["wall_ms"], gpu_ms=dense["gpu_ms"],

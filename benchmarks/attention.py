@@ -53,7 +53,13 @@ def paper_like_log_gates(B, L, H, generator, dtype=torch.float32):
     device = generator.device
     r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device, dtype=dtype))
     z = torch.randn(B, L, H, device=device, generator=generator, dtype=dtype)
-    return -r * torch.exp(0.5 * z)
+    return log_gates(r, z)
+
+
+def log_gates(rates, z):
+    """The benchmarks' gate model: log forget gates -rates * exp(0.5 z), a
+    per-token log-normal spread (z ~ N(0, 1)) around each rate."""
+    return -rates * torch.exp(0.5 * z)
 
 
 def flops(B, H, D, L):

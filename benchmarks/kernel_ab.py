@@ -31,7 +31,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.attention import TOKENS, paper_like_inputs, time_step  # noqa: E402
+from benchmarks.attention import TOKENS, log_gates, paper_like_inputs, time_step  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops  # noqa: E402
 
@@ -87,7 +87,7 @@ def checks(switch, D):
         v = torch.randn(shape(Hkv), generator=g).cuda().bfloat16().requires_grad_()
         rates = torch.logspace(-3, 0, Hq)
         gshape = (B, L, Hq) if case["layout"] == "bshd" else (L, B, Hq)
-        log_f = (-rates * torch.exp(0.5 * torch.randn(gshape, generator=g))).cuda().requires_grad_()
+        log_f = log_gates(rates, torch.randn(gshape, generator=g)).cuda().requires_grad_()
         do = torch.randn_like(q)
         cu = None
         if case["docs"]:
@@ -173,7 +173,7 @@ def main():
             if args.gate_rate is not None:
                 gen = torch.Generator(log_f.device).manual_seed(L)
                 z = torch.randn(log_f.shape, device=log_f.device, generator=gen)
-                log_f = (-args.gate_rate * torch.exp(0.5 * z)).requires_grad_()
+                log_f = log_gates(args.gate_rate, z).requires_grad_()
             for acp in (None, AcpConfig()):
                 for cfg in cfgs:
                     if cfg is not None:
