@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import paper_like_log_gates  # noqa: E402
 
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd  # noqa: E402
-from fox_megatron.kernels.forgetting_attn.triton_ops import CONFIGS  # noqa: E402
+from fox_megatron.kernels.forgetting_attn.triton_ops import kernel_config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # kernel kind -> its name in the profiles, for the Triton kernels and for
@@ -54,7 +54,7 @@ GLUON_KERNELS = {"fwd": "_fwd_kernel_sm90_pingpong", "dkdv": "_dkdv_kernel_sm90"
 
 
 def triton_blocks(kind, D):
-    return CONFIGS[kind][64 if D <= 64 else 128][:2]
+    return kernel_config(kind, D)[:2]
 
 
 def gluon_blocks(kind, D):
