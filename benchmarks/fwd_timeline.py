@@ -197,14 +197,13 @@ def summarise(stamps, clocks_per_ns=None):
     def us(c):
         return c / clocks_per_ns / 1000.0
 
-    main = [(r[TILES], us(r[LOOP_END] - r[FIRST_DATA])) for r in rows if r[FIRST_DATA] and r[LOOP_END]]
-    tiles = [n for n, _ in main]
-    times = [t for _, t in main]
-    mean_n, mean_t = sum(tiles) / len(tiles), sum(times) / len(times)
-    var = sum((n - mean_n) ** 2 for n in tiles)
-    slope = sum((n - mean_n) * (t - mean_t) for n, t in main) / var if var > 0 else float("nan")
-    fit2 = _fit_plain_masked([(r[TILES] - r[MASKED], r[MASKED], us(r[LOOP_END] - r[FIRST_DATA]))
-                              for r in rows if r[FIRST_DATA] and r[LOOP_END]])
+    # the main loop of every program that stamped both its ends
+    loops = [(r, us(r[LOOP_END] - r[FIRST_DATA])) for r in rows if r[FIRST_DATA] and r[LOOP_END]]
+    times = [t for _, t in loops]
+    mean_n, mean_t = sum(r[TILES] for r, _ in loops) / len(loops), sum(times) / len(times)
+    per_tile = _least_squares([[1.0, r[TILES]] for r, _ in loops], times)
+    intercept, slope = per_tile if per_tile else (float("nan"), float("nan"))
+    plain_masked = _least_squares([[1.0, r[TILES] - r[MASKED], r[MASKED]] for r, _ in loops], times)
     by_sm = {}
     for r in rows:
         by_sm.setdefault(r[SM], []).append(r)
@@ -216,9 +215,10 @@ def summarise(stamps, clocks_per_ns=None):
     return dict(
         programs=len(rows), sms=len(by_sm), programs_per_sm=round(len(rows) / len(by_sm), 2),
         clocks_per_ns=round(clocks_per_ns, 3), mean_tiles=round(mean_n, 2),
-        us_per_tile=round(slope, 3), loop_intercept_us=round(mean_t - slope * mean_n, 3),
+        us_per_tile=round(slope, 3), loop_intercept_us=round(intercept, 3),
         loop_mean_us=round(mean_t, 3), mean_masked_tiles=round(statistics.mean(r[MASKED] for r in rows), 3),
-        loop_fit_plain_masked_us=fit2,
+        loop_fit_plain_masked_us=None if plain_masked is None
+        else dict(zip("abc", (round(x, 3) for x in plain_masked))),
         first_tile_us=round(med(us(r[FIRST_TILE] - r[FIRST_DATA]) for r in rows if r[FIRST_TILE]), 3)
         if any(r[FIRST_TILE] for r in rows) else None,
         start_to_first_tma_us=round(med(us(r[FIRST_TMA] - r[START]) for r in rows if r[FIRST_TMA]), 3),
@@ -229,20 +229,16 @@ def summarise(stamps, clocks_per_ns=None):
     )
 
 
-def _fit_plain_masked(samples):
-    """Least squares t = a + b * plain + c * masked over (plain, masked, t)
-    samples: {"a", "b", "c"} in microseconds, None when the counts do not
-    vary enough to separate them."""
+def _least_squares(rows, y):
+    """Coefficients of the least-squares fit y ~ rows (one row of regressors
+    per sample), None when the regressors do not vary enough to separate
+    them."""
     import torch
 
-    if len(samples) < 3:
+    x = torch.tensor(rows, dtype=torch.float64)
+    if len(rows) < x.shape[1] or torch.linalg.matrix_rank(x) < x.shape[1]:
         return None
-    x = torch.tensor([[1.0, p, m] for p, m, _ in samples], dtype=torch.float64)
-    y = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
-    if torch.linalg.matrix_rank(x) < 3:
-        return None
-    a, b, c = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
-    return dict(a=round(a, 3), b=round(b, 3), c=round(c, 3))
+    return torch.linalg.lstsq(x, torch.tensor(y, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
 
 
 def main():
