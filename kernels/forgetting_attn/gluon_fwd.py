@@ -189,8 +189,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
-                           v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
-                           BLOCK_N: gl.constexpr):
+                            v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
+                            BLOCK_N: gl.constexpr):
         # one warp: the query block (once, beside the first K tile), then K
         # and V tiles in rings of their own, in the order the MMA warps use
         # them (K_0, then K_i beside V_{i-1}): a K buffer is free once S has
@@ -386,10 +386,10 @@ if HAVE_GLUON:
                                             full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
                                             STAGES, HALF, BLOCK_N, HEAD_DIM, 4)),
                  (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
-                                       v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
-                                       (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
-                                       row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
-                                       row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
+                                        v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
+                                        (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
+                                        row * k_cols_b + hk * stride_kh, row * v_rows_b + k0,
+                                        row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
                 [4, 1], [240, 24])
 
 
