@@ -68,6 +68,8 @@ calls stay on the Triton kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -139,7 +141,13 @@ def hopper_tma_ready(tensors, streamed) -> bool:
             return False
     if any(_tma_rows_view(t) is None for t in streamed):
         return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9
+    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    # asked on every call: a device's capability does not change
+    return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 if HAVE_GLUON:
@@ -409,12 +417,19 @@ def _tma_rows_view(t):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
+    # the TMA boxes' shared layout, built once per shape (an immutable
+    # Gluon object; building it took a good part of a launch's host time)
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl_dtype)
+
+
 def tma_descriptors(tensors, block_rows):
     """2-D TMA descriptors of bshd tensors through their ``_tma_rows_view``
     (boxes of block_rows x head dim), and the views."""
     D = tensors[0].shape[-1]
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[tensors[0].dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], dtype)
+    layout = _shared_layout(block_rows, D, tensors[0].dtype)
     views = [_tma_rows_view(t) for t in tensors]
     descs = [TensorDescriptor(t, [rows, cols], [cols, 1], [block_rows, D], layout)
              for t, (rows, cols, _, _) in zip(tensors, views)]
