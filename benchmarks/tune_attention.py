@@ -7,6 +7,11 @@ fwd + bwd step (ACP off / on / packed documents).  The chosen shapes go into
 kernels/forgetting_attn/triton_ops.py:CONFIGS.
 
     python benchmarks/tune_attention.py --L 16384 --out results.json
+
+``--ab dq=64,128,4,3`` instead times the fwd + bwd step (benchmarks/
+attention.py's inputs and timing) with one kernel's current shapes and with
+the given ones, in interleaved rounds, for the four FoX variants (one
+document or 8 per row, ACP off / on) at each of ``--lengths``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from attention import doc_cu_seqlens, paper_like_inputs  # noqa: E402
+from attention import TOKENS, doc_cu_seqlens, paper_like_inputs, time_step  # noqa: E402
 
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import triton_ops  # noqa: E402
@@ -37,7 +42,8 @@ CANDIDATES = {
     "dkdv": [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
              (32, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
     "dq": [(128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-           (128, 128, 8, 2), (64, 32, 4, 3)],
+           (128, 128, 8, 2), (64, 32, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 3),
+           (64, 128, 4, 3)],
 }
 
 
@@ -104,6 +110,48 @@ def profile(q, k, v, log_f, acp, cu, label):
                 host_ops=[dict(ms=round(t, 4), count=n, op=key) for t, n, key in sorted(host, reverse=True)[:15]])
 
 
+def ab(kind, cfg, shapes, lengths, rounds):
+    """Records of the step's median ms with CONFIGS[kind] as it is ("base")
+    and as cfg ("candidate"), rounds interleaved, and the largest difference
+    between the two configurations' gradients."""
+    records = []
+    for shape in shapes:
+        H, D = (int(x) for x in shape.split("x"))
+        key = 64 if D <= 64 else 128
+        configs = {"base": triton_ops.CONFIGS[kind][key], "candidate": cfg}
+        for L in lengths:
+            B = max(TOKENS // L, 1)
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=L + H)
+            acp = AcpConfig(log_eps=-10.0, logit_bound=math.sqrt(D))
+            for docs in (1, 8):
+                cu = doc_cu_seqlens(B, L, docs, q.device) if docs > 1 else None
+                mx = L // docs if cu is not None else None
+                for use_acp in (False, True):
+                    fn = lambda: forgetting_attention(q, k, v, log_f, cu_seqlens=cu, max_seqlen=mx,  # noqa: E731
+                                                      acp=acp if use_acp else None)
+                    times = {name: [] for name in configs}
+                    grads = {}
+                    for _ in range(rounds):
+                        for name, c in configs.items():
+                            triton_ops.CONFIGS[kind][key] = c
+                            times[name].append(time_step(fn, (q, k, v, log_f), 100, 500))
+                            grads[name] = torch.autograd.grad(fn(), (q, k, v, log_f), torch.ones_like(q))
+                    triton_ops.CONFIGS[kind][key] = configs["base"]
+                    diff = max((a.float() - b.float()).abs().max().item()
+                               for a, b in zip(grads["base"], grads["candidate"]))
+                    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+                    rec = dict(bench="tune_ab", kind=kind, H=H, D=D, L=L, B=B, docs=docs, acp=use_acp,
+                               base_cfg=configs["base"], candidate_cfg=cfg, ms_base=round(med["base"], 4),
+                               ms_candidate=round(med["candidate"], 4),
+                               change=round(med["candidate"] / med["base"] - 1, 4), max_abs_grad_diff=diff,
+                               rounds={n: [round(x, 4) for x in t] for n, t in times.items()})
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+            del q, k, v, log_f
+            torch.cuda.empty_cache()
+    return records
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=16384)
@@ -112,11 +160,23 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--profile-only", action="store_true", help="profile the chosen shapes, no sweep")
     ap.add_argument("--labels", default="dense,acp,docs8,docs8_acp", help="which cases to profile")
+    ap.add_argument("--ab", default=None, metavar="KIND=BM,BN,WARPS,STAGES",
+                    help="time the step with KIND's current shapes against these, no sweep")
+    ap.add_argument("--lengths", default="8192,16384", help="with --ab")
+    ap.add_argument("--rounds", type=int, default=3, help="with --ab")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
                    sweeps=[], profiles={})
+    if args.ab:
+        kind, cfg = args.ab.split("=")
+        results["records"] = ab(kind, tuple(int(x) for x in cfg.split(",")), args.shapes.split(","),
+                                [int(x) for x in args.lengths.split(",")], args.rounds)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
         L = args.L
