@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.attention import log_gates  # noqa: E402
 from fox_megatron.context_parallel import RingStats, cp_forgetting_attention  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 
@@ -45,7 +46,7 @@ def local_inputs(T, H, D, seed, device):
     q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
     k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
     r = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H, device=device))
-    log_f = -r * torch.exp(0.5 * torch.randn(1, T, H, device=device, generator=g))
+    log_f = log_gates(r, torch.randn(1, T, H, device=device, generator=g))
     q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
     return q, k, v, log_f.float().requires_grad_()
 

@@ -27,10 +27,15 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.attention import log_gates  # noqa: E402
 
 
 def bf16(x):
@@ -47,7 +52,7 @@ def one_head(L, D, rate, generator):
     q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
     k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
     q, k, v = bf16(q), bf16(k), bf16(v)
-    log_f = -rate * torch.exp(0.5 * torch.randn(L, generator=generator))
+    log_f = log_gates(rate, torch.randn(L, generator=generator))
     do = bf16(torch.randn(L, D, generator=generator))
     c = torch.cumsum(log_f, 0)
     scale = 1 / math.sqrt(D)

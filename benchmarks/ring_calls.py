@@ -71,6 +71,8 @@ def main():
     q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True))
     k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True))
     rates = torch.exp(torch.linspace(math.log(1e-4), math.log(1.0), H))
+    # benchmarks/attention.py's log_gates, written out: importing it would
+    # import fox_megatron from this checkout, not from REPO
     log_f = -rates * torch.exp(0.5 * torch.randn(1, T, H)) * args.gate
     inputs = [t.requires_grad_() for t in (q, k, v, log_f)]
     acp, stats = AcpConfig(logit_bound=math.sqrt(D)), RingStats()
