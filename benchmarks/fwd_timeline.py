@@ -141,29 +141,41 @@ PATCHES = [
 REPEATED = {"MMA partitions' arguments": 2}
 
 
-def patched_source(text: str) -> str:
-    for name, anchor, replacement in PATCHES:
+def apply_patches(text: str, patches, repeated, source: str, tool: str) -> str:
+    """text with every (name, anchor, replacement) of patches applied; an
+    anchor found other than once (repeated[name] times where given) stops
+    the tool with the patch's name."""
+    for name, anchor, replacement in patches:
         found = text.count(anchor)
-        if found != REPEATED.get(name, 1):
-            raise SystemExit(f"fwd_timeline: patch '{name}' found its anchor {found} times in {SOURCE}; "
+        if found != repeated.get(name, 1):
+            raise SystemExit(f"{tool}: patch '{name}' found its anchor {found} times in {source}; "
                              f"the kernel changed, update PATCHES")
         text = text.replace(anchor, replacement)
     return text
 
 
-def load_patched():
-    """The stamped forward, loaded beside the package's modules (so that its
-    relative imports resolve); the patched file lives in a temporary
-    directory."""
-    with open(SOURCE) as f:
-        text = patched_source(f.read())
-    tmp = tempfile.mkdtemp(prefix="fwd_timeline_")
-    path = os.path.join(tmp, "gluon_fwd_timeline.py")
+def patched_source(text: str) -> str:
+    return apply_patches(text, PATCHES, REPEATED, SOURCE, "fwd_timeline")
+
+
+def load_stamped(source: str, patch, tool: str):
+    """The kernel module at source, patched by patch(text), loaded beside the
+    package's modules (so that its relative imports resolve); the patched
+    file lives in a temporary directory."""
+    with open(source) as f:
+        text = patch(f.read())
+    tmp = tempfile.mkdtemp(prefix=f"{tool}_")
+    path = os.path.join(tmp, f"{tool}.py")
     with open(path, "w") as f:
         f.write(text)
     from benchmarks.kernel_versions import load_base
 
-    return load_base(path, "fwd_timeline")
+    return load_base(path, tool)
+
+
+def load_patched():
+    """The stamped forward."""
+    return load_stamped(SOURCE, patched_source, "fwd_timeline")
 
 
 def compile_only():

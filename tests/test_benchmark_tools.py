@@ -17,7 +17,9 @@
 - train_step.py --repeats interleaves the variants' runs and combines each
   variant's runs into one record (median, every run, spread).
 - fwd_timeline.py's stamps still apply to the Gluon forward's source and
-  compile for sm_90; its summary reads phases off the stamps.
+  compile for sm_90; its summary reads phases off the stamps.  So do
+  dkdv_timeline.py's to the Gluon dK / dV kernel's (with and without the
+  fused dQ).
 """
 
 import json
@@ -239,10 +241,11 @@ def test_train_step_rejects_zero_repeats(monkeypatch):
         train_step.main()
 
 
-def test_fwd_timeline_stamps_apply_and_compile():
+@pytest.mark.parametrize("tool", ["fwd_timeline", "dkdv_timeline"])
+def test_timeline_stamps_apply_and_compile(tool):
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "benchmarks/fwd_timeline.py", "--compile-only"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, f"benchmarks/{tool}.py", "--compile-only"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("compiled:") == 4

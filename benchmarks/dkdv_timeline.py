@@ -1,0 +1,207 @@
+"""Where a key block's time goes in the Gluon dK / dV kernel: clock stamps inside the kernel.
+
+    python benchmarks/dkdv_timeline.py --lengths 8192,16384 --shapes 24x64,16x128 \\
+        --out benchmarks/results/dkdv_timeline_h200.json
+    python benchmarks/dkdv_timeline.py --compile-only     # CPU: the stamps still apply and compile
+
+The dK / dV counterpart of fwd_timeline.py, with its slots, stamp helpers
+and summary: a patched copy of kernels/forgetting_attn/gluon_bwd.py (the
+kernel itself carries no instrumentation) writes, per program (one key
+block of one key / value head), the SM clock at its start, when the load
+warp has issued the K and V loads, when the MMA warps have their first Q /
+dO tile, after that first tile, after the last one (before dK and dV are
+stored) and after the stores, plus its SM, its tiles over all query heads
+of the group, how many of them take the element masks (the diagonal ones
+and ACP's partially pruned ones) and the global timer. The kernel runs as
+the backward calls it (with the fused dQ where gluon_bwd.DISPATCH says so,
+head dim 128), on BENCH.md's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from benchmarks.fwd_timeline import (  # noqa: E402
+    END, FIRST_DATA, FIRST_TILE, FIRST_TMA, GT_END, GT_START, LOOP_END, MASKED, SLOTS, SM, START, STAMP_HELPERS,
+    TILES, apply_patches, load_stamped, summarise)
+
+SOURCE = os.path.join(ROOT, "kernels", "forgetting_attn", "gluon_bwd.py")
+
+# (name, anchor, replacement): each anchor must occur exactly once
+PATCHES = [
+    ("helpers", "    @gluon.jit\n    def _bwd_load_partition(",
+     STAMP_HELPERS + "    @gluon.jit\n    def _bwd_load_partition("),
+    ("load warp signature",
+     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,\n",
+     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, tl_base,\n"),
+    ("first TMA",
+     "        tma_load(v_desc, [v_r0, v_c0], kv_ready, v_smem)\n",
+     "        tma_load(v_desc, [v_r0, v_c0], kv_ready, v_smem)\n"
+     "        TL_L: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])\n"
+     f"        _tl_put(tl_base, {FIRST_TMA}, _tl_clock(TL_L), TL_L)\n"),
+    ("MMA partition signature",
+     "stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,\n"
+     "                           GROUP: gl.constexpr,",
+     "stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2, tl_base,\n"
+     "                           GROUP: gl.constexpr,"),
+    ("counters",
+     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            mid, part_lo, hi =",
+     "        TL_M: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
+     "        tl_tiles = 0\n        tl_masked = 0\n"
+     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            mid, part_lo, hi ="),
+    ("tile count",
+     "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n",
+     "            tl_tiles += hi - lo\n"
+     "            tl_masked += (mid - lo) + (hi - part_lo)\n"
+     "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n"),
+    ("first data",
+     "                mbarrier.wait(ready.index(b), (it // STAGES) & 1)\n                q_buf = q_bufs.index(b)\n",
+     "                mbarrier.wait(ready.index(b), (it // STAGES) & 1)\n"
+     "                if it == 0:\n"
+     f"                    _tl_put(tl_base, {FIRST_DATA}, _tl_clock(TL_M), TL_M)\n"
+     "                q_buf = q_bufs.index(b)\n"),
+    ("first tile",
+     "                    mbarrier.arrive(empty.index(b), count=1)\n                it += 1\n",
+     "                    mbarrier.arrive(empty.index(b), count=1)\n"
+     "                if it == 0:\n"
+     f"                    _tl_put(tl_base, {FIRST_TILE}, _tl_clock(TL_M), TL_M)\n"
+     "                it += 1\n"),
+    ("loop end",
+     "        offs_ng = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, G_L))\n",
+     f"        _tl_put(tl_base, {LOOP_END}, _tl_clock(TL_M), TL_M)\n"
+     "        offs_ng = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, G_L))\n"),
+    ("end",
+     "                 dv.to(DV.dtype.element_ty), mask=gmask)\n",
+     "                 dv.to(DV.dtype.element_ty), mask=gmask)\n"
+     f"        _tl_put(tl_base, {END}, _tl_clock(TL_M), TL_M)\n"
+     f"        _tl_put(tl_base, {GT_END}, _tl_gtimer(TL_M), TL_M)\n"
+     f"        _tl_put(tl_base, {TILES}, gl.full([1], 0, gl.int64, TL_M) + tl_tiles, TL_M)\n"
+     f"        _tl_put(tl_base, {MASKED}, gl.full([1], 0, gl.int64, TL_M) + tl_masked, TL_M)\n"),
+    ("kernel signature",
+     "QBHI, DK, DV, DCK, dqa_desc, dcq_desc,\n",
+     "QBHI, DK, DV, DCK, dqa_desc, dcq_desc, TLB,\n"),
+    ("start",
+     "        if pid_n * BLOCK_N < klen:\n",
+     "        if pid_n * BLOCK_N < klen:\n"
+     "            TL_K: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
+     "            tl_prog = pid_n + gl.num_programs(0) * (s_id + gl.num_programs(1) * hk)\n"
+     f"            tl_base = TLB + tl_prog.to(gl.int64) * {SLOTS}\n"
+     f"            _tl_put(tl_base, {START}, _tl_clock(TL_K), TL_K)\n"
+     f"            _tl_put(tl_base, {GT_START}, _tl_gtimer(TL_K), TL_K)\n"
+     f"            _tl_put(tl_base, {SM}, _tl_smid(TL_K), TL_K)\n"),
+    ("MMA partition's arguments",
+     "stride_qbhi_h, stride_qbhi_r, scale,\n                                       scale2, GROUP,",
+     "stride_qbhi_h, stride_qbhi_r, scale,\n                                       scale2, tl_base, GROUP,"),
+    ("load warp's arguments",
+     "stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n",
+     "stride_qbhi_h, stride_qbhi_r, tl_base, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n"),
+    ("launch",
+     "dk, dv, dc_k, dqa_desc, dcq_desc,\n",
+     "dk, dv, dc_k, dqa_desc, dcq_desc, TIMELINE['buf'],\n"),
+    ("buffer", "\ndef launch_dkdv(", "\nTIMELINE = {'buf': None}\n\n\ndef launch_dkdv("),
+]
+
+
+def patched_source(text: str) -> str:
+    return apply_patches(text, PATCHES, {}, SOURCE, "dkdv_timeline")
+
+
+def load_patched():
+    """The stamped dK / dV kernel's module."""
+    return load_stamped(SOURCE, patched_source, "dkdv_timeline")
+
+
+def compile_only():
+    """Compile the stamped kernel for sm_90 (no GPU needed): head dim 64
+    without the fused dQ, 128 with it, ACP off and on."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch
+
+    import triton_compile_worker as worker
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    module = load_patched()
+    for D, fused in ((64, False), (128, True)):
+        bm, bn, warps, stages = module.CONFIGS[D]
+        abm, abn = triton_ops.kernel_config("dkdv", D, torch.bfloat16)[:2]
+        for acp in (False, True):
+            consts = dict(GROUP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp, STAGES=stages,
+                          ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
+            worker.compile_gluon(module._dkdv_kernel_sm90, consts, num_warps=warps, maxnreg=module.MAXNREG,
+                                 desc_block=(bm, D),
+                                 desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
+                                 desc_blocks={"dcq_desc": (bm, 16 if fused else D), "k_desc": (bn, D),
+                                              "v_desc": (bn, D)})
+            print(f"compiled: head dim {D}, fused dQ {fused}, ACP {acp}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="8192,16384")
+    ap.add_argument("--shapes", default="24x64")
+    ap.add_argument("--compile-only", action="store_true", help="patch and compile for sm_90, no GPU run")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+        return
+
+    import torch
+    import triton
+    import triton.testing
+
+    from benchmarks.attention import paper_like_inputs
+    from benchmarks.kernel_versions import KERNELS, capture, fresh
+    from fox_megatron.kernels import AcpConfig, forgetting_attention
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd
+
+    _, _, outputs, accumulators = KERNELS["dkdv"]
+    module = load_patched()
+    records = []
+    for shape in args.shapes.split(","):
+        H, D = (int(x) for x in shape.split("x"))
+        for L in (int(x) for x in args.lengths.split(",")):
+            B = max(1, 32768 // L)
+            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
+            for acp in (False, True):
+                def step():
+                    cfg = AcpConfig(logit_bound=math.sqrt(D)) if acp else None
+                    out = forgetting_attention(q, k, v, log_f, acp=cfg)
+                    out.backward(torch.ones_like(out))
+
+                call = capture(gluon_bwd, "launch_dkdv", step)
+                block_n = gluon_bwd.CONFIGS[D][1]
+                programs = triton.cdiv(L, block_n) * B * k.shape[2]
+                buf = torch.zeros(programs * SLOTS, dtype=torch.int64, device="cuda")
+                module.TIMELINE["buf"] = buf
+                a, _ = fresh(call, outputs, accumulators)
+                ms_stamped = triton.testing.do_bench(lambda: module.launch_dkdv(*a), warmup=50, rep=200)
+                ms_plain = triton.testing.do_bench(lambda: gluon_bwd.launch_dkdv(*a), warmup=50, rep=200)
+                buf.zero_()
+                a, _ = fresh(call, outputs, accumulators)
+                module.launch_dkdv(*a)
+                torch.cuda.synchronize()
+                fused = len(call) > accumulators[0] and call[accumulators[0]] is not None
+                rec = dict(bench="dkdv_timeline", H=H, D=D, L=L, B=B, acp=acp, fused_dq=fused,
+                           ms_stamped=round(ms_stamped, 4), ms_plain=round(ms_plain, 4),
+                           **summarise(buf.view(programs, SLOTS).cpu().tolist()))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv), records=records)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
