@@ -19,10 +19,6 @@ head dim 128), on BENCH.md's inputs.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
 import os
 import sys
 
@@ -32,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.fwd_timeline import (  # noqa: E402
     END, FIRST_DATA, FIRST_TILE, FIRST_TMA, GT_END, GT_START, LOOP_END, MASKED, SLOTS, SM, START, STAMP_HELPERS,
-    TILES, apply_patches, load_stamped, summarise)
+    TILES, apply_patches, load_stamped, timeline_main)
 
 SOURCE = os.path.join(ROOT, "kernels", "forgetting_attn", "gluon_bwd.py")
 
@@ -145,62 +141,14 @@ def compile_only():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="8192,16384")
-    ap.add_argument("--shapes", default="24x64")
-    ap.add_argument("--compile-only", action="store_true", help="patch and compile for sm_90, no GPU run")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.compile_only:
-        compile_only()
-        return
-
-    import torch
     import triton
-    import triton.testing
 
-    from benchmarks.attention import paper_like_inputs
-    from benchmarks.kernel_versions import KERNELS, capture, fresh
-    from fox_megatron.kernels import AcpConfig, forgetting_attention
-    from fox_megatron.kernels.forgetting_attn import gluon_bwd
+    from benchmarks.kernel_versions import KERNELS
 
-    _, _, outputs, accumulators = KERNELS["dkdv"]
-    module = load_patched()
-    records = []
-    for shape in args.shapes.split(","):
-        H, D = (int(x) for x in shape.split("x"))
-        for L in (int(x) for x in args.lengths.split(",")):
-            B = max(1, 32768 // L)
-            q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=0)
-            for acp in (False, True):
-                def step():
-                    cfg = AcpConfig(logit_bound=math.sqrt(D)) if acp else None
-                    out = forgetting_attention(q, k, v, log_f, acp=cfg)
-                    out.backward(torch.ones_like(out))
-
-                call = capture(gluon_bwd, "launch_dkdv", step)
-                block_n = gluon_bwd.CONFIGS[D][1]
-                programs = triton.cdiv(L, block_n) * B * k.shape[2]
-                buf = torch.zeros(programs * SLOTS, dtype=torch.int64, device="cuda")
-                module.TIMELINE["buf"] = buf
-                a, _ = fresh(call, outputs, accumulators)
-                ms_stamped = triton.testing.do_bench(lambda: module.launch_dkdv(*a), warmup=50, rep=200)
-                ms_plain = triton.testing.do_bench(lambda: gluon_bwd.launch_dkdv(*a), warmup=50, rep=200)
-                buf.zero_()
-                a, _ = fresh(call, outputs, accumulators)
-                module.launch_dkdv(*a)
-                torch.cuda.synchronize()
-                fused = len(call) > accumulators[0] and call[accumulators[0]] is not None
-                rec = dict(bench="dkdv_timeline", H=H, D=D, L=L, B=B, acp=acp, fused_dq=fused,
-                           ms_stamped=round(ms_stamped, 4), ms_plain=round(ms_plain, 4),
-                           **summarise(buf.view(programs, SLOTS).cpu().tolist()))
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv), records=records)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    fused_at = KERNELS["dkdv"][3][0]  # launch_dkdv's dq_acc: given when the dQ is fused
+    timeline_main(__doc__.split("\n\n")[0], "dkdv", "dkdv_timeline", load_patched, compile_only,
+                  lambda tree, D, L, B, H, Hkv: triton.cdiv(L, tree.CONFIGS[D][1]) * B * Hkv,
+                  lambda call: dict(fused_dq=len(call) > fused_at and call[fused_at] is not None))
 
 
 if __name__ == "__main__":

@@ -253,8 +253,14 @@ def _least_squares(rows, y):
     return torch.linalg.lstsq(x, torch.tensor(y, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timeline_main(description, kernel, bench, load, compile_only, programs, extra=lambda call: {}):
+    """The command line of a timeline tool: the stamped kernel (load()) run
+    once per case on BENCH.md's inputs, as the op calls it (its launch
+    captured from one forward + backward), its time with and without the
+    stamps, and summarise's phases.  kernel: kernel_versions.KERNELS' key;
+    programs(tree module, D, L, B, H, Hkv): the launch's grid size; extra(call):
+    fields to add to each record."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--lengths", default="8192,16384")
     ap.add_argument("--shapes", default="24x64")
     ap.add_argument("--compile-only", action="store_true", help="patch and compile for sm_90, no GPU run")
@@ -269,11 +275,12 @@ def main():
     import triton.testing
 
     from benchmarks.attention import paper_like_inputs
-    from benchmarks.kernel_versions import capture, fresh
+    from benchmarks.kernel_versions import KERNELS, capture, fresh
     from fox_megatron.kernels import AcpConfig, forgetting_attention
-    from fox_megatron.kernels.forgetting_attn import gluon_fwd
 
-    module = load_patched()
+    tree, fn_name, outputs, accumulators = KERNELS[kernel]
+    module = load()
+    stamped, plain = getattr(module, fn_name), getattr(tree, fn_name)
     records = []
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
@@ -286,19 +293,19 @@ def main():
                     out = forgetting_attention(q, k, v, log_f, acp=cfg)
                     out.backward(torch.ones_like(out))
 
-                call = capture(gluon_fwd, "launch_fwd", step)
-                block_m = gluon_fwd.CONFIGS[D][0]
-                programs = triton.cdiv(L, block_m) * B * H
-                buf = torch.zeros(programs * SLOTS, dtype=torch.int64, device="cuda")
+                call = capture(tree, fn_name, step)
+                n = programs(tree, D, L, B, H, k.shape[2])
+                buf = torch.zeros(n * SLOTS, dtype=torch.int64, device="cuda")
                 module.TIMELINE["buf"] = buf
-                a, _ = fresh(call, (5, 6), ())
-                ms_stamped = triton.testing.do_bench(lambda: module.launch_fwd(*a), warmup=50, rep=200)
-                ms_plain = triton.testing.do_bench(lambda: gluon_fwd.launch_fwd(*a), warmup=50, rep=200)
+                a, _ = fresh(call, outputs, accumulators)
+                ms_stamped = triton.testing.do_bench(lambda: stamped(*a), warmup=50, rep=200)
+                ms_plain = triton.testing.do_bench(lambda: plain(*a), warmup=50, rep=200)
                 buf.zero_()
-                module.launch_fwd(*a)
+                a, _ = fresh(call, outputs, accumulators)  # the adds of a fused pass start from zero
+                stamped(*a)
                 torch.cuda.synchronize()
-                rec = dict(bench="fwd_timeline", H=H, D=D, L=L, B=B, acp=acp, ms_stamped=round(ms_stamped, 4),
-                           ms_plain=round(ms_plain, 4), **summarise(buf.view(programs, SLOTS).cpu().tolist()))
+                rec = dict(bench=bench, H=H, D=D, L=L, B=B, acp=acp, **extra(call), ms_stamped=round(ms_stamped, 4),
+                           ms_plain=round(ms_plain, 4), **summarise(buf.view(n, SLOTS).cpu().tolist()))
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -306,6 +313,13 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def main():
+    import triton
+
+    timeline_main(__doc__.split("\n\n")[0], "fwd", "fwd_timeline", load_patched, compile_only,
+                  lambda tree, D, L, B, H, Hkv: triton.cdiv(L, tree.CONFIGS[D][0]) * B * H)
 
 
 if __name__ == "__main__":
