@@ -161,6 +161,13 @@ class LaunchConfig:
     python: Optional[str] = None
     # Extra environment for every process.
     env: dict[str, str] = field(default_factory=dict)
+    # torchrun --max-restarts: when a worker fails (it crashes, is killed,
+    # or a collective times out), torchrun stops the others and starts them
+    # all again, this many times at most; the trainer resumes from the
+    # latest checkpoint in `save` (so `save` is required, and save_interval
+    # bounds the work done again).  Needs the c10d rendezvous, which
+    # single-node runs then use too.
+    max_restarts: int = 0
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -196,6 +203,12 @@ class RunConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # How long a collective may wait before its process group gives up
+    # (Megatron-LM's --distributed-timeout-minutes): a rank that hangs (a
+    # lost node, a stuck GPU) then fails the job instead of stalling it, and
+    # torchrun can restart it (launch.max_restarts).  Long enough for the
+    # first steps' kernel compilation, which ranks do at different speeds.
+    distributed_timeout_minutes: int = 30
 
     # --- optimisation ---
     micro_batch_size: int = 1
@@ -638,7 +651,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
         "num_layers", "hidden_size", "num_attention_heads", "seq_length",
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
         "micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_iters",
-        "make_vocab_size_divisible_by",
+        "make_vocab_size_divisible_by", "distributed_timeout_minutes",
     ):
         v = getattr(cfg, key)
         need(v > 0, key, f"must be > 0, got {v}")
@@ -695,6 +708,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, check_files: bool
     la = cfg.launch
     need(la.nnodes >= 1, "launch.nnodes", f"must be >= 1, got {la.nnodes}")
     need(la.nproc_per_node >= 1, "launch.nproc_per_node", f"must be >= 1, got {la.nproc_per_node}")
+    need(la.max_restarts >= 0, "launch.max_restarts", f"must be >= 0, got {la.max_restarts}")
+    need(la.max_restarts == 0 or cfg.save is not None, "launch.max_restarts",
+         "restarted workers resume from the checkpoints in save, which is not set "
+         "(set save, and save_interval to bound the work done again)")
+    need(la.max_restarts == 0 or la.rdzv_backend == "c10d", "launch.rdzv_backend",
+         "restarts need the c10d rendezvous (after a static one the restarted workers "
+         "find the failed ones' addresses)")
     ws = cfg.world_size if world_size is None else world_size
     key_ws = "launch.nproc_per_node" if world_size is None else "world_size"
     need(ws > 0, key_ws, f"world size must be > 0, got {ws}")

@@ -96,7 +96,7 @@ def render_sbatch(cfg: RunConfig, name: str, workdir: Optional[str] = None) -> s
         out.append("MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))")
     out += ["export MASTER_ADDR MASTER_PORT", ""]
 
-    if la.nnodes == 1 or la.rdzv_backend == "static":
+    if (la.nnodes == 1 and not la.max_restarts) or la.rdzv_backend == "static":
         rdzv = Rendezvous(nnodes="$SLURM_NNODES", backend="static", master_addr="$MASTER_ADDR",
                           master_port="$MASTER_PORT", node_rank="$SLURM_NODEID")
     else:

@@ -48,6 +48,11 @@ def run_env(cfg: RunConfig) -> dict[str, str]:
         # megatron-core expects one connection per device so that
         # communication and computation kernels overlap in issue order.
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if cfg.launch.max_restarts:
+        # restarted workers must not share the rendezvous' TCP store with
+        # the failed ones: its keys from before the failure (process groups'
+        # addresses) would send them to dead peers (pytorch/pytorch#135712)
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.update(cfg.launch.env)
     return env
 
@@ -73,6 +78,10 @@ def torchrun_args(cfg: RunConfig, rdzv: Rendezvous, config_file: Optional[str] =
     """The argument vector: python -m torch.distributed.run ... -m fox_megatron.train --config FILE."""
     args = [python_executable(cfg), "-m", "torch.distributed.run",
             "--nnodes", rdzv.nnodes, "--nproc_per_node", str(cfg.launch.nproc_per_node)]
+    if cfg.launch.max_restarts:
+        # a failed worker takes the others down and all start again (the
+        # trainer resumes from its latest checkpoint)
+        args += ["--max-restarts", str(cfg.launch.max_restarts)]
     if rdzv.backend == "static":
         if rdzv.node_rank is not None:
             args += ["--node_rank", rdzv.node_rank]
@@ -92,9 +101,19 @@ def shell_join(args: list[str], dynamic: tuple[str, ...] = ()) -> str:
 def local_command(cfg: RunConfig, master_port: Optional[int] = None) -> list[str]:
     """torchrun for a single-node run on this machine."""
     port = master_port or cfg.launch.master_port or free_port()
-    rdzv = Rendezvous(nnodes="1", backend="static", master_addr=cfg.launch.master_addr,
-                      master_port=str(port))
+    if cfg.launch.max_restarts:
+        # restarts form the group again through a c10d rendezvous
+        rdzv = Rendezvous(nnodes="1", backend="c10d", endpoint=f"{cfg.launch.master_addr}:{port}",
+                          rdzv_id=run_id(cfg))
+    else:
+        rdzv = Rendezvous(nnodes="1", backend="static", master_addr=cfg.launch.master_addr,
+                          master_port=str(port))
     return torchrun_args(cfg, rdzv)
+
+
+def run_id(cfg: RunConfig) -> str:
+    """The c10d rendezvous id: launch.rdzv_id, else the run directory's name."""
+    return cfg.launch.rdzv_id or os.path.basename(cfg.launch.run_dir.rstrip("/")) or "fox"
 
 
 class LaunchError(ValueError):
@@ -128,7 +147,6 @@ def node_commands(cfg: RunConfig, master_addr: Optional[str] = None) -> list[lis
                           "of the nodes (set launch.rdzv_endpoint or pass --master-addr)")
     if ":" not in endpoint:
         endpoint = f"{endpoint}:{port}"
-    rdzv_id = la.rdzv_id or os.path.basename(la.run_dir.rstrip("/")) or "fox"
     cmd = torchrun_args(cfg, Rendezvous(nnodes=str(la.nnodes), backend="c10d",
-                                        endpoint=endpoint, rdzv_id=rdzv_id))
+                                        endpoint=endpoint, rdzv_id=run_id(cfg)))
     return [cmd for _ in range(la.nnodes)]

@@ -303,6 +303,24 @@ def test_sequence_parallel_needs_tp():
     assert e.key == "sequence_parallel" and "tensor_model_parallel_size > 1" in str(e)
 
 
+def test_max_restarts():
+    validate(make(launch__max_restarts=2, save="ckpt"))
+    assert error_of(launch__max_restarts=-1, save="ckpt").key == "launch.max_restarts"
+    # restarted workers resume from save: without it every restart starts over
+    err = error_of(launch__max_restarts=1)
+    assert err.key == "launch.max_restarts" and "save" in str(err)
+    many = dict(launch__max_restarts=1, save="ckpt", launch__nnodes=2, world_size=4)
+    validate(make(**{k: v for k, v in many.items() if k != "world_size"}), world_size=4)
+    # a static rendezvous leaves the failed workers' addresses to the restarted ones
+    assert error_of(launch__rdzv_backend="static", **many).key == "launch.rdzv_backend"
+    assert error_of(launch__rdzv_backend="static", launch__max_restarts=1, save="c").key == "launch.rdzv_backend"
+
+
+def test_distributed_timeout_minutes():
+    assert make().distributed_timeout_minutes == 30
+    assert error_of(distributed_timeout_minutes=0).key == "distributed_timeout_minutes"
+
+
 def test_missing_data_files(tmp_path):
     e = error_of(mock_data=False, data_path=[str(tmp_path / "corpus")])
     assert e.key == "data_path[0]" and "corpus.bin does not exist" in str(e)

@@ -18,7 +18,7 @@ import yaml
 
 from fox_megatron.config import load_config, resolve_run_paths
 from fox_megatron.launch import cli, slurm
-from fox_megatron.launch.torchrun import local_command, node_commands
+from fox_megatron.launch.torchrun import local_command, node_commands, run_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.yaml"
@@ -83,6 +83,26 @@ def test_local_command_one_node(tmp_path):
                        "--master_addr", "127.0.0.1", "--master_port", "29555",
                        "-m", "fox_megatron.train", "--config", f"{tmp_path}/run/config.yaml"]
     assert cmd[0] == sys.executable
+
+
+def test_max_restarts_reach_torchrun(tmp_path):
+    cfg = load_config(DEMO, [f"launch.run_dir={tmp_path}/run", "launch.max_restarts=3",
+                             "launch.master_port=29556"])
+    resolve_run_paths(cfg, "demo")
+    cmd = local_command(cfg)
+    # restarts go through a c10d rendezvous, even on one node, whose store
+    # the workers do not share
+    assert opt(cmd, "--max-restarts") == "3" and opt(cmd, "--rdzv_backend") == "c10d"
+    assert opt(cmd, "--rdzv_endpoint") == "127.0.0.1:29556" and opt(cmd, "--rdzv_id") == "run"
+    assert run_env(cfg)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    plain = load_config(DEMO, [f"launch.run_dir={tmp_path}/r0"])
+    assert "--max-restarts" not in local_command(plain) and "--master_port" in local_command(plain)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in run_env(plain)
+    for config in (PRESET, DEMO):  # many nodes, one node
+        _, script = render(config, f"launch.run_dir={tmp_path}/s", "launch.max_restarts=2", name="p")
+        srun = [line for line in script.splitlines() if line.startswith("srun ")]
+        assert "--max-restarts 2" in srun[0] and "--rdzv_backend c10d" in srun[0], srun
+        assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
 
 
 def test_local_command_picks_free_port(tmp_path):

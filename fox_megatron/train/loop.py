@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Optional
 
@@ -56,7 +57,7 @@ def _resume_point(cfg):
 
 
 def train(cfg) -> dict:
-    info = init_distributed(cfg)
+    info = init_distributed(cfg, cfg.distributed_timeout_minutes)
     set_seed(cfg.seed, info)
     _log(info, f"world {info.world_size} = TP {info.tp} x PP {info.pp} x CP {info.cp} x DP {info.dp} "
                f"on {info.device.type}; {'FoX' + (' + ACP' if cfg.fox.acp else '') if cfg.fox.enabled else 'standard transformer'}")
@@ -85,6 +86,11 @@ def train(cfg) -> dict:
                        f"to {cfg.global_batch_size}; the data order continues by sample count")
         engine.load_checkpoint(ckpt_dir)
         _log(info, f"resumed from {ckpt_dir} at iteration {iteration} ({consumed} samples consumed)")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts:
+        # torchrun started the workers again after one failed (launch.max_restarts)
+        where = f"from iteration {iteration}" if ckpt_dir is not None else "from the start (no checkpoint yet)"
+        _log(info, f"torchrun restart {restarts}: training goes on {where}")
 
     train_ds, valid_ds = build_datasets(cfg, tokenizer, info)
     nmicro = cfg.global_batch_size // (cfg.micro_batch_size * info.dp)
