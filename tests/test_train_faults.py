@@ -6,7 +6,6 @@ resumes from the latest checkpoint, and the run ends as an uninterrupted
 one does, loss for loss, bit for bit.  Without restarts the launcher
 reports the failure."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_preemption import _train_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -28,13 +28,6 @@ COMMON = ["log_interval=1", "eval_interval=null", "lr_decay_iters=400", f"train_
 def _launch(run_dir, *overrides):
     return [sys.executable, "-m", "fox_megatron.launch", str(DEMO), "--set", *COMMON,
             f"launch.run_dir={run_dir}", *overrides]
-
-
-def _train_records(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
 
 
 def _descendants(pid):
