@@ -138,3 +138,32 @@ def test_job_runs_one_torchrun_per_node(slurm_cluster, tmp_path):
     assert argv[argv.index("--master_addr") + 1] == node
     assert argv[argv.index("--master_port") + 1] == str(20000 + int(job_id) % 20000)
     assert argv[-2:] == ["--config", str(run_dir / "config.yaml")]
+
+
+@pytest.mark.skipif(not HAVE_TRAINER, reason="fox_megatron.train is not available")
+def test_killed_worker_restarts_under_slurm(slurm_cluster, tmp_path):
+    """launch.max_restarts under SLURM: the job's torchrun (a c10d rendezvous
+    on the allocation's first node) starts its workers again after one is
+    killed, and the job completes from the latest checkpoint."""
+    from test_train_faults import trainer_pid
+    from test_train_preemption import _train_records
+
+    run_dir = tmp_path / "faulty"
+    job_id = submit(run_dir, "launch.max_restarts=1", "train_iters=12", "save_interval=3", "log_interval=1",
+                    "eval_interval=null")
+    script = (run_dir / "sbatch.sh").read_text()
+    assert "--max-restarts 1" in script and "--rdzv_backend c10d" in script
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(_train_records(run_dir)) < 5:
+        state = job_state(job_id)
+        assert state in ("PENDING", "CONFIGURING", "RUNNING", "UNKNOWN"), f"job {job_id} is {state}"
+        assert time.monotonic() < deadline, "the job did not reach iteration 5"
+        time.sleep(0.5)
+    victim = trainer_pid(run_dir, 1)
+    assert victim is not None, "no worker of rank 1 found"
+    os.kill(victim, 9)
+    log = finished(run_dir, job_id)
+    assert "torchrun restart 1: training goes on from iteration" in log, log[-4000:]
+    final = {r["iteration"] for r in _train_records(run_dir)}
+    assert sorted(final) == list(range(1, 13))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000012"

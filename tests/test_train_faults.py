@@ -30,35 +30,22 @@ def _launch(run_dir, *overrides):
             f"launch.run_dir={run_dir}", *overrides]
 
 
-def _descendants(pid):
-    """Every process below pid (from /proc: Linux)."""
-    children = {}
+def trainer_pid(run_dir, rank):
+    """The trainer process of one rank of the run in run_dir (its workers are
+    started with --config <run_dir>/config.yaml; torchrun's own command line
+    names the module too, and is left out), found in /proc (Linux), or None."""
+    config = str(Path(run_dir) / "config.yaml").encode()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _worker_of_rank(launcher_pid, rank):
-    """The trainer process of one rank (torchrun's child, not torchrun)."""
-    for pid in _descendants(launcher_pid):
+        if not entry.name.isdigit():
+            continue
         try:
-            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"fox_megatron.train" in argv and b"torch.distributed.run" not in argv \
+        if b"fox_megatron.train" in argv and config in argv and b"torch.distributed.run" not in argv \
                 and f"RANK={rank}".encode() in env:
-            return pid
+            return int(entry.name)
     return None
 
 
@@ -83,8 +70,8 @@ def _fault_mid_run(run, fault, *overrides):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.time() < deadline, "the run did not reach iteration 5"
             time.sleep(0.2)
-        victim = _worker_of_rank(proc.pid, 1)
-        assert victim is not None, "no worker of rank 1 found below the launcher"
+        victim = trainer_pid(run, 1)
+        assert victim is not None, "no worker of rank 1 found"
         logged = len(_train_records(run))
         fault(victim)
         out, _ = proc.communicate(timeout=420)
@@ -139,7 +126,7 @@ def test_without_restarts_a_killed_worker_fails_the_run(tmp_path):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.time() < deadline, "the run did not start training"
             time.sleep(0.2)
-        victim = _worker_of_rank(proc.pid, 0)
+        victim = trainer_pid(run, 0)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
