@@ -120,23 +120,13 @@ def compile_only():
     """Compile the stamped kernel for sm_90 (no GPU needed): head dim 64
     without the fused dQ, 128 with it, ACP off and on."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import torch
-
     import triton_compile_worker as worker
-    from fox_megatron.kernels.forgetting_attn import triton_ops
 
     module = load_patched()
     for D, fused in ((64, False), (128, True)):
-        bm, bn, warps, stages = module.CONFIGS[D]
-        abm, abn = triton_ops.kernel_config("dkdv", D, torch.bfloat16)[:2]
         for acp in (False, True):
-            consts = dict(GROUP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp, STAGES=stages,
-                          ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
-            worker.compile_gluon(module._dkdv_kernel_sm90, consts, num_warps=warps, maxnreg=module.MAXNREG,
-                                 desc_block=(bm, D),
-                                 desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
-                                 desc_blocks={"dcq_desc": (bm, 16 if fused else D), "k_desc": (bn, D),
-                                              "v_desc": (bn, D)})
+            consts, opts = worker.gluon_dkdv_case(module, D, fused, group=1, acp=acp)
+            worker.compile_gluon(module._dkdv_kernel_sm90, consts, **opts)
             print(f"compiled: head dim {D}, fused dQ {fused}, ACP {acp}", flush=True)
 
 

@@ -182,19 +182,13 @@ def compile_only():
     """Compile the stamped kernel for sm_90 (no GPU needed), with and
     without ACP."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import torch
-
     import triton_compile_worker as worker
-    from fox_megatron.kernels.forgetting_attn import triton_ops
 
     module = load_patched()
-    for D, (bm, bn, _, stages) in module.CONFIGS.items():
-        abm, abn = triton_ops.fwd_blocks(D, torch.bfloat16)
+    for D in module.CONFIGS:
         for acp in (False, True):
-            consts = dict(GROUP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp, STAGES=stages,
-                          ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=4)
-            worker.compile_gluon(module._fwd_kernel_sm90_pingpong, consts, num_warps=4, maxnreg=module.MAXNREG,
-                                 desc_block=(bn, D), desc_blocks={"q_desc": (bm, D)})
+            consts, opts = worker.gluon_fwd_case(module, D, group=1, acp=acp)
+            worker.compile_gluon(module._fwd_kernel_sm90_pingpong, consts, **opts)
             print(f"compiled: head dim {D}, ACP {acp}", flush=True)
 
 

@@ -92,29 +92,45 @@ def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16"
     return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
 
+def gluon_fwd_case(module, head_dim, group, acp):
+    """(constexprs, compile_gluon options) of the forward kernel of module
+    (gluon_fwd.py, or a patched copy of it) as launch_fwd runs it: two
+    partitions of 4 MMA warps (ping-pong) and the load warp."""
+    bm, bn, _, stages = module.CONFIGS[head_dim]
+    abm, abn = triton_ops.fwd_blocks(head_dim, torch.bfloat16)
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp,
+                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=4)
+    return consts, dict(num_warps=4, maxnreg=module.MAXNREG, desc_block=(bn, head_dim),
+                        desc_blocks={"q_desc": (bm, head_dim)})
+
+
+def gluon_dkdv_case(module, head_dim, fused, group, acp):
+    """(constexprs, compile_gluon options) of the dK / dV kernel of module
+    (gluon_bwd.py, or a patched copy of it), with the dQ pass fused in or
+    not, as launch_dkdv runs it."""
+    bm, bn, warps, stages = module.CONFIGS[head_dim]
+    abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp,
+                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
+    return consts, dict(num_warps=warps, maxnreg=module.MAXNREG, desc_block=(bm, head_dim),
+                        desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
+                        desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim),
+                                     "k_desc": (bn, head_dim), "v_desc": (bn, head_dim)})
+
+
 def gluon_cases():
     from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd
 
     for precise in ("", "_precise"):
         f64 = dict(fp64_pointers=("CQ", "CK")) if precise else {}
-        for head_dim, (bm, bn, warps, stages) in gluon_fwd.CONFIGS.items():
-            abm, abn = triton_ops.fwd_blocks(head_dim, torch.bfloat16)
-            consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                          STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=warps)
-            # two partitions of 4 MMA warps (ping-pong) and the load warp
-            yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong, dict(consts, num_warps=4),
-                   dict(num_warps=4, maxnreg=gluon_fwd.MAXNREG, desc_block=(bn, head_dim),
-                        desc_blocks={"q_desc": (bm, head_dim)}, **f64))
-        for head_dim, (bm, bn, warps, stages) in gluon_bwd.CONFIGS.items():
-            abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
+        for head_dim in gluon_fwd.CONFIGS:
+            consts, opts = gluon_fwd_case(gluon_fwd, head_dim, group=2, acp=True)
+            yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong, consts, dict(opts, **f64))
+        for head_dim in gluon_bwd.CONFIGS:
             for fused in (False, True):  # with the dQ pass fused in
-                consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                              STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
+                consts, opts = gluon_dkdv_case(gluon_bwd, head_dim, fused, group=2, acp=True)
                 yield (f"gluon_dkdv{'_dq' if fused else ''}{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90,
-                       consts, dict(num_warps=warps, maxnreg=gluon_bwd.MAXNREG, desc_block=(bm, head_dim),
-                                    desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
-                                    desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim),
-                                                 "k_desc": (bn, head_dim), "v_desc": (bn, head_dim)}, **f64))
+                       consts, dict(opts, **f64))
 
 
 def cases():
