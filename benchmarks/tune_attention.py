@@ -117,7 +117,7 @@ def ab(kind, cfg, shapes, lengths, rounds):
     records = []
     for shape in shapes:
         H, D = (int(x) for x in shape.split("x"))
-        key = 64 if D <= 64 else 128
+        key = triton_ops.config_key(D)
         configs = {"base": triton_ops.CONFIGS[kind][key], "candidate": cfg}
         for L in lengths:
             B = max(TOKENS // L, 1)
@@ -183,7 +183,7 @@ def main():
         B = max(32768 // L, 1)
         q, k, v, log_f = paper_like_inputs(B, L, H, D, seed=1)
         acp = AcpConfig(logit_bound=math.sqrt(D))
-        key = 64 if D <= 64 else 128
+        key = triton_ops.config_key(D)
         if not args.no_profile:
             cu = doc_cu_seqlens(B, L, 8, q.device)
             for label, a, c in (("dense", None, None), ("acp", acp, None), ("docs8", None, cu),

@@ -81,10 +81,15 @@ CONFIGS = {
 FP32_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 
 
+def config_key(head_dim: int) -> int:
+    """The CONFIGS row a head dim uses (<= 64, or 128)."""
+    return 64 if head_dim <= 64 else 128
+
+
 def kernel_config(kind: str, head_dim: int, dtype: torch.dtype = torch.bfloat16):
     if dtype == torch.float32:
         return FP32_CONFIGS[kind]
-    return CONFIGS[kind][64 if head_dim <= 64 else 128]
+    return CONFIGS[kind][config_key(head_dim)]
 
 
 # ACP's boundaries and statistics are found in the Triton forward's tiles;
