@@ -14,11 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_preemption import _train_records
+from test_train_preemption import DEMO, ENV, REPO, _train_records
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 ITERS, SAVE_EVERY = 12, 3
 # the LR schedule must not depend on train_iters; log every step
 COMMON = ["log_interval=1", "eval_interval=null", "lr_decay_iters=400", f"train_iters={ITERS}",
@@ -58,27 +55,34 @@ def reference_losses(tmp_path_factory):
     return [r["loss"] for r in _train_records(ref)]
 
 
-def _fault_mid_run(run, fault, *overrides):
-    """Launch the demo with one restart allowed, apply fault(pid of rank 1's
-    worker) past the first checkpoint, wait for the end: (output, the number
-    of iterations logged before the fault)."""
-    proc = subprocess.Popen(_launch(run, "launch.max_restarts=1", *overrides), cwd=REPO, env=ENV,
+def _fault_mid_run(run, fault, *overrides, rank=1, after=SAVE_EVERY + 2):
+    """Launch the demo, apply fault(pid of rank's worker) once `after`
+    iterations are logged (by default past the first checkpoint), wait for
+    the end: (exit code, output, the number of iterations logged before the
+    fault)."""
+    proc = subprocess.Popen(_launch(run, *overrides), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
-        while len(_train_records(run)) < SAVE_EVERY + 2:
+        while len(_train_records(run)) < after:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "the run did not reach iteration 5"
+            assert time.time() < deadline, f"the run did not reach iteration {after}"
             time.sleep(0.2)
-        victim = trainer_pid(run, 1)
-        assert victim is not None, "no worker of rank 1 found"
+        victim = trainer_pid(run, rank)
+        assert victim is not None, f"no worker of rank {rank} found"
         logged = len(_train_records(run))
         fault(victim)
         out, _ = proc.communicate(timeout=420)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    return proc.returncode, out, logged
+
+
+def _restarted(run, fault, *overrides):
+    """_fault_mid_run with one restart allowed; the run must succeed."""
+    rc, out, logged = _fault_mid_run(run, fault, "launch.max_restarts=1", *overrides)
+    assert rc == 0, out[-4000:]
     return out, logged
 
 
@@ -100,7 +104,7 @@ def _check_resumed(run, out, logged, reference_losses):
 
 def test_killed_worker_restarts_and_resumes_bit_exact(tmp_path, reference_losses):
     run = tmp_path / "killed"
-    out, logged = _fault_mid_run(run, lambda pid: os.kill(pid, signal.SIGKILL))
+    out, logged = _restarted(run, lambda pid: os.kill(pid, signal.SIGKILL))
     _check_resumed(run, out, logged, reference_losses)
 
 
@@ -110,28 +114,14 @@ def test_hung_worker_times_out_restarts_and_resumes(tmp_path, reference_losses):
     its failure takes the group down and torchrun restarts it."""
     run = tmp_path / "hung"
     t0 = time.time()
-    out, logged = _fault_mid_run(run, lambda pid: os.kill(pid, signal.SIGSTOP), "distributed_timeout_minutes=1")
+    out, logged = _restarted(run, lambda pid: os.kill(pid, signal.SIGSTOP), "distributed_timeout_minutes=1")
     assert time.time() - t0 > 60  # the restart waited for the timeout
     _check_resumed(run, out, logged, reference_losses)
 
 
 def test_without_restarts_a_killed_worker_fails_the_run(tmp_path):
     """max_restarts = 0 (the default): the launcher reports the failure."""
-    run = tmp_path / "fails"
-    proc = subprocess.Popen(_launch(run, "train_iters=400", "save_interval=null", "save=null", "load=null"),
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while not _train_records(run):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "the run did not start training"
-            time.sleep(0.2)
-        victim = trainer_pid(run, 0)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
+    rc, out, _ = _fault_mid_run(tmp_path / "fails", lambda pid: os.kill(pid, signal.SIGKILL), "train_iters=400",
+                                "save_interval=null", "save=null", "load=null", rank=0, after=1)
+    assert rc != 0
     assert "torchrun restart" not in out
