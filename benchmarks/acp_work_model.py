@@ -6,10 +6,12 @@ Each attention kernel's time is modelled as
 
 (programs: launched programs that do any work; plain tiles: tiles without a
 mask; masked tiles: tiles with the causal and / or the ACP element mask).
-The counts come from the kernels' own tile rules (the ranges in
-kernels/forgetting_attn/triton_ops.py), evaluated here in torch on BENCH.md's
-paper-like gates; the times from committed per-kernel GPU profiles of the
-same kernel code (dense and ACP, several lengths).  The fit says what a
+The counts come from the tile rules of the kernels that the profiles
+timed, evaluated here in torch on BENCH.md's paper-like gates; the times
+from committed per-kernel GPU profiles of that kernel code (dense and ACP,
+several lengths).  Those kernels masked the pruned pairs of ACP's kept
+tiles element by element (the ACP masks counted below); the current ones
+compute kept tiles whole, so only the diagonal tiles are masked.  The fit says what a
 program's fixed work and a masked tile cost in plain-tile units, and from
 that how far ACP's translation efficiency E can go without changing them.
 

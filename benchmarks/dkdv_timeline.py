@@ -11,8 +11,7 @@ block of one key / value head), the SM clock at its start, when the load
 warp has issued the K and V loads, when the MMA warps have their first Q /
 dO tile, after that first tile, after the last one (before dK and dV are
 stored) and after the stores, plus its SM, its tiles over all query heads
-of the group, how many of them take the element masks (the diagonal ones
-and ACP's partially pruned ones) and the global timer. The kernel runs as
+of the group, how many of them take the causal mask (the diagonal ones) and the global timer. The kernel runs as
 the backward calls it (with the fused dQ where gluon_bwd.DISPATCH says so,
 head dim 128), on BENCH.md's inputs.
 """
@@ -37,27 +36,27 @@ PATCHES = [
     ("helpers", "    @gluon.jit\n    def _bwd_load_partition(",
      STAMP_HELPERS + "    @gluon.jit\n    def _bwd_load_partition("),
     ("load warp signature",
-     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,\n",
-     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, tl_base,\n"),
+     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h,\n",
+     "stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, tl_base,\n"),
     ("first TMA",
      "        tma_load(v_desc, [v_r0, v_c0], kv_ready, v_smem)\n",
      "        tma_load(v_desc, [v_r0, v_c0], kv_ready, v_smem)\n"
      "        TL_L: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])\n"
      f"        _tl_put(tl_base, {FIRST_TMA}, _tl_clock(TL_L), TL_L)\n"),
     ("MMA partition signature",
-     "stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,\n"
+     "stride_qbhi_s, stride_qbhi_h, scale, scale2,\n"
      "                           GROUP: gl.constexpr,",
-     "stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2, tl_base,\n"
+     "stride_qbhi_s, stride_qbhi_h, scale, scale2, tl_base,\n"
      "                           GROUP: gl.constexpr,"),
     ("counters",
-     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            mid, part_lo, hi =",
+     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            # [lo, mid)",
      "        TL_M: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
      "        tl_tiles = 0\n        tl_masked = 0\n"
-     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            mid, part_lo, hi ="),
+     "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            # [lo, mid)"),
     ("tile count",
      "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n",
      "            tl_tiles += hi - lo\n"
-     "            tl_masked += (mid - lo) + (hi - part_lo)\n"
+     "            tl_masked += mid - lo\n"
      "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n"),
     ("first data",
      "                mbarrier.wait(ready.index(b), (it // STAGES) & 1)\n                q_buf = q_bufs.index(b)\n",
@@ -95,11 +94,11 @@ PATCHES = [
      f"            _tl_put(tl_base, {GT_START}, _tl_gtimer(TL_K), TL_K)\n"
      f"            _tl_put(tl_base, {SM}, _tl_smid(TL_K), TL_K)\n"),
     ("MMA partition's arguments",
-     "stride_qbhi_h, stride_qbhi_r, scale,\n                                       scale2, GROUP,",
-     "stride_qbhi_h, stride_qbhi_r, scale,\n                                       scale2, tl_base, GROUP,"),
+     "stride_qbhi_h, scale,\n                                       scale2, GROUP,",
+     "stride_qbhi_h, scale,\n                                       scale2, tl_base, GROUP,"),
     ("load warp's arguments",
-     "stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n",
-     "stride_qbhi_h, stride_qbhi_r, tl_base, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n"),
+     "stride_qbhi_h, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n",
+     "stride_qbhi_h, tl_base, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n"),
     ("launch",
      "dk, dv, dc_k, dqa_desc, dcq_desc,\n",
      "dk, dv, dc_k, dqa_desc, dcq_desc, TIMELINE['buf'],\n"),

@@ -10,8 +10,7 @@ clock (%clock64) at its start, when its load warp has issued the query
 block's TMA, when its first warpgroup has its first query and key tiles,
 when that warpgroup has the first tile's probabilities, before its
 last P V, and after its output stores, plus its SM (%smid), its tile count, how
-many of those tiles take the element masks (the diagonal ones and ACP's
-partially pruned ones) and the global timer (%globaltimer, to turn clocks
+many of those tiles take the causal mask (the diagonal ones) and the global timer (%globaltimer, to turn clocks
 into microseconds). A patch whose anchor is no longer in the source stops
 the tool with its name (the kernel changed: update PATCHES).
 
@@ -83,8 +82,8 @@ PATCHES = [
      "            TL_L: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])\n"
      f"            _tl_put(tl_base, {FIRST_TMA}, _tl_clock(TL_L), TL_L)\n"),
     ("MMA partition signature",
-     "o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,",
-     "o_base, stride_ot, lse_base, tl_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,"),
+     "o_base, stride_ot, lse_base, CAUSAL: gl.constexpr,",
+     "o_base, stride_ot, lse_base, tl_base, CAUSAL: gl.constexpr,"),
     ("first tile",
      "            p_op = gl.convert_layout(p.to(dtype), P_L)\n            for i in range(1, n):\n",
      "            p_op = gl.convert_layout(p.to(dtype), P_L)\n"
@@ -110,8 +109,8 @@ PATCHES = [
      f"            _tl_put(tl_base, {END}, _tl_clock(TL_E), TL_E)\n"
      f"            _tl_put(tl_base, {GT_END}, _tl_gtimer(TL_E), TL_E)\n"),
     ("kernel signature",
-     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,\n",
-     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO, TLB,\n"),
+     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,\n",
+     "q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO, TLB,\n"),
     ("start",
      "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n",
      "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n"
@@ -125,16 +124,16 @@ PATCHES = [
      "            n = hi - lo\n",
      "            n = hi - lo\n"
      f"            _tl_put(tl_base, {TILES}, gl.full([1], 0, gl.int64, TL_K) + n, TL_K)\n"
-     f"            _tl_put(tl_base, {MASKED}, gl.full([1], 0, gl.int64, TL_K) + (full_lo - lo) + (hi - mid), TL_K)\n"),
+     f"            _tl_put(tl_base, {MASKED}, gl.full([1], 0, gl.int64, TL_K) + (hi - mid), TL_K)\n"),
     ("MMA partitions' arguments",
-     "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,",
-     "full_lo, mid, n, scale2, o_base, stride_ot, lse_base, tl_base, USE_ACP, CAUSAL,"),
+     "o_base, stride_ot, lse_base, CAUSAL, STAGES,",
+     "o_base, stride_ot, lse_base, tl_base, CAUSAL, STAGES,"),
     ("load warp's arguments",
      "row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],",
      "row * v_cols_b + hk * stride_vh, lo, n, tl_base, STAGES, BLOCK_N))],"),
     ("launch",
-     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,\n",
-     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i, TIMELINE['buf'],\n"),
+     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,\n",
+     "q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, TIMELINE['buf'],\n"),
     ("buffer", "\ndef launch_fwd(", "\nTIMELINE = {'buf': None}\n\n\ndef launch_fwd("),
 ]
 # anchors that occur more than once, each replaced everywhere

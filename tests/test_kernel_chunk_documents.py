@@ -5,8 +5,10 @@ pieces (``ChunkSegments``).  Each backend's chunk forward / backward is
 checked against a float64 oracle written from the formula with an
 independent document mask (document id of every token): output, lse, and
 the gradients dq, dk, dv, dc_q, dc_k given the merged (whole-sequence) output
-and lse, as the ring's backward uses them.  The Triton kernels run in
-Triton's interpreter on CPU (fp32, small shapes).
+and lse, as the ring's backward uses them.  With ACP the Triton kernels
+are checked against the oracle with their tile rule (tile_oracle.py: each
+pass skips whole tiles of its own, counted from each piece's start).  The
+Triton kernels run in Triton's interpreter on CPU (fp32, small shapes).
 """
 
 import math
@@ -21,6 +23,7 @@ from fox_megatron.kernels import (
     naive_forgetting_attention,
 )
 from fox_megatron.kernels.forgetting_attn.naive import token_document_ids
+from tile_oracle import pass_tiles, piece_tokens, prune_decays
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,10 +47,13 @@ def _inputs(Hq, Hkv, D, seed):
     return q, k, v, log_f, do
 
 
-def _oracle(q, k, v, c, do, out_m, lse_m, qr, kr, causal, scale, thr_doc, doc):
+def _oracle(q, k, v, c, do, out_m, lse_m, qr, kr, causal, scale, thr_doc, doc, prune=None):
     """float64: (out, lse) of the pair and the gradients of
     G = sum_ij p_ij (do_i . v_j - do_i . o_i), p_ij = exp(s_ij - lse_i)
-    (lse, o the merged ones), whose gradients are the chunk backward's."""
+    (lse, o the merged ones), whose gradients are the chunk backward's.
+    prune: {"fwd" | "dq" | "dkdv": decay the threshold is compared with}
+    (tile_oracle.prune_decays): each result with its pass's tile rule;
+    None: the element rule everywhere."""
     Hq, Hkv = q.shape[2], k.shape[2]
     qs, ks = slice(qr[0], qr[0] + qr[1]), slice(kr[0], kr[0] + kr[1])
     leaves = [t.detach().clone().requires_grad_() for t in (q[:, qs], k[:, ks], v[:, ks], c[:, qs], c[:, ks])]
@@ -60,21 +66,30 @@ def _oracle(q, k, v, c, do, out_m, lse_m, qr, kr, causal, scale, thr_doc, doc):
     keep = (dq_[:, :, None] == dk_[:, None, :])[:, None]
     if causal:
         keep = keep & torch.ones(qr[1], kr[1], dtype=torch.bool).tril()
+
+    def kept(which):
+        if thr_doc is None:
+            return keep
+        d = decay if prune is None else prune[which]
+        return keep & (d >= thr_doc[dq_].permute(0, 2, 1)[..., None])
+
+    keep_fwd = kept("fwd")
     if thr_doc is not None:
-        kept = keep & (decay >= thr_doc[dq_].permute(0, 2, 1)[..., None])
-        assert (keep & ~kept).any() and kept.any()  # the thresholds prune some pairs, not all
-        keep = kept
-    s_kept = s.masked_fill(~keep, float("-inf"))
+        assert (keep & ~keep_fwd).any() and keep_fwd.any()  # the thresholds prune some pairs, not all
+    s_kept = s.masked_fill(~keep_fwd, float("-inf"))
     lse = torch.logsumexp(s_kept, -1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = torch.einsum("bhij,bjhd->bihd", torch.exp(s_kept - safe[..., None]), vv_)
-    p = torch.where(keep, torch.exp(s - lse_m[:, :, qs][..., None]), torch.zeros_like(s))
     dov = torch.einsum("bihd,bjhd->bhij", do[:, qs], vv_)
     delta = (do[:, qs] * out_m[:, qs]).sum(-1).permute(0, 2, 1)
-    G = (p * (dov - delta[..., None])).sum()
-    grads = torch.autograd.grad(G, leaves)
-    dc_q, dc_k = grads[3].permute(0, 2, 1), grads[4].permute(0, 2, 1)
-    return out.detach(), lse.detach(), (grads[0], grads[1], grads[2], dc_q, dc_k)
+
+    def G(which):
+        p = torch.where(kept(which), torch.exp(s - lse_m[:, :, qs][..., None]), torch.zeros_like(s))
+        return (p * (dov - delta[..., None])).sum()
+
+    dq, dc_q = torch.autograd.grad(G("dq"), (qq, cq), retain_graph=True)
+    dk, dv, dc_k = torch.autograd.grad(G("dkdv"), (kk, vv, ck))
+    return out.detach(), lse.detach(), (dq, dk, dv, dc_q.permute(0, 2, 1), dc_k.permute(0, 2, 1))
 
 
 def _close(a, b, what, tol=2e-4):
@@ -128,13 +143,17 @@ def test_chunk_pair_with_documents_matches_oracle(backend, acp, pair):
     qr = Q_RANGE
     kr = Q_RANGE if pair == "diagonal" else K_RANGE
     causal = pair == "diagonal"
-    ref_out, ref_lse, ref_grads = _oracle(q, k, v, c, do, out_m, lse_m, qr, kr, causal, scale, thr_doc, doc)
+    seg = ChunkSegments.from_documents(cu, L, *qr, *kr)
+    qs, ks = slice(qr[0], qr[0] + qr[1]), slice(kr[0], kr[0] + kr[1])
+    prune = None
+    if acp and backend == "triton":
+        prune = prune_decays(c[:, qs].permute(0, 2, 1), c[:, ks].permute(0, 2, 1), pass_tiles(D, torch.float32),
+                             piece_tokens(seg, B, qr[1], kr[1]))
+    ref_out, ref_lse, ref_grads = _oracle(q, k, v, c, do, out_m, lse_m, qr, kr, causal, scale, thr_doc, doc, prune)
     if not causal:
         assert torch.isinf(ref_lse).any() and torch.isfinite(ref_lse).any()  # some queries see nothing here
 
-    seg = ChunkSegments.from_documents(cu, L, *qr, *kr)
     dt = torch.float32
-    qs, ks = slice(qr[0], qr[0] + qr[1]), slice(kr[0], kr[0] + kr[1])
     dev = lambda t: t.to(DEVICE, dt)  # noqa: E731
     cq, ck = (c[:, s].permute(0, 2, 1).contiguous().to(DEVICE, torch.float32) for s in (qs, ks))
     thr = thr_doc[seg.doc].to(DEVICE, torch.float32) if acp else None

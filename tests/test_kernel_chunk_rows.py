@@ -6,8 +6,9 @@ whole query tensors, the forward merges into a running (out, lse) and the
 backward adds to running dq / dc_q.  Each backend is checked against a
 float64 oracle built from the plain chunk functions on gathered rows
 (``attention_chunk_forward`` + ``merge_partial_attention``, the backward
-from its formula), rows left out must stay untouched.  The Triton kernels
-run in Triton's interpreter on CPU (fp32, small odd shapes, GQA).
+from its formula), rows left out must stay untouched.  With ACP the Triton kernels are
+checked against the oracle of their tile rule (tile_oracle.py).  The Triton
+kernels run in Triton's interpreter on CPU (fp32, small odd shapes, GQA).
 """
 
 import math
@@ -26,6 +27,7 @@ from fox_megatron.kernels import (
 )
 from fox_megatron.kernels.forgetting_attn.interface import _torch_chunk_backward
 from fox_megatron.kernels.forgetting_attn.naive import token_document_ids
+from tile_oracle import chunk_backward, chunk_forward, pass_tiles, prune_decays
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BQ, HQ, HKV, D = 5, 4, 2, 16
@@ -71,14 +73,21 @@ def _dev(*ts, dt=torch.float32):
 @pytest.mark.parametrize("acp", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_into_and_backward_into_match_gathered_rows(backend, acp, causal):
-    q, k, v, c_q, c_k, do, acc_out, acc_lse, thr = _case(causal, seed=5 + 2 * acp + causal)
+    # with ACP, chunks of several tiles: the kernels skip whole tiles only
+    sizes = dict(tq=150, tk=97) if acp else {}
+    q, k, v, c_q, c_k, do, acc_out, acc_lse, thr = _case(causal, seed=5 + 2 * acp + causal, **sizes)
     thr = thr if acp else None
     rows = torch.tensor(ROWS)
     scale = 1 / math.sqrt(D)
 
     # oracle: gather, attend, merge (float64)
-    out_p, lse_p = attention_chunk_forward(q[rows], k, v, c_q[rows], c_k, causal=causal, softmax_scale=scale,
-                                           acp_threshold=thr, backend="torch")
+    tile_rule = acp and backend == "triton"
+    decays = prune_decays(c_q[rows], c_k, pass_tiles(D, torch.float32)) if tile_rule else None
+    if tile_rule:
+        out_p, lse_p = chunk_forward(q[rows], k, v, c_q[rows], c_k, causal, scale, thr, decays)
+    else:
+        out_p, lse_p = attention_chunk_forward(q[rows], k, v, c_q[rows], c_k, causal=causal, softmax_scale=scale,
+                                               acp_threshold=thr, backend="torch")
     o_m, lse_m = merge_partial_attention(acc_out[rows], acc_lse[rows], out_p, lse_p)
     ref_out, ref_lse = acc_out.clone(), acc_lse.clone()
     ref_out[rows], ref_lse[rows] = o_m, lse_m
@@ -100,8 +109,12 @@ def test_forward_into_and_backward_into_match_gathered_rows(backend, acp, causal
     g = torch.Generator().manual_seed(1)
     dq0 = torch.randn(q.shape, generator=g, dtype=torch.float64)
     dcq0 = torch.randn(c_q.shape, generator=g, dtype=torch.float64)
-    dq, dk, dv, dcq, dck = _torch_chunk_backward(do[rows], q[rows], k, v, c_q[rows], c_k, None, ref_lse[rows],
-                                                 causal, scale, thr, delta=delta[rows])
+    if tile_rule:
+        dq, dk, dv, dcq, dck = chunk_backward(do[rows], q[rows], k, v, c_q[rows], c_k, None, ref_lse[rows], causal,
+                                              scale, thr, decays, delta=delta[rows])
+    else:
+        dq, dk, dv, dcq, dck = _torch_chunk_backward(do[rows], q[rows], k, v, c_q[rows], c_k, None, ref_lse[rows],
+                                                     causal, scale, thr, delta=delta[rows])
     ref_dq, ref_dcq = dq0.clone(), dcq0.clone()
     ref_dq[rows] += dq
     ref_dcq[rows] += dcq.double()

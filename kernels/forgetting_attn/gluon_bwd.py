@@ -45,12 +45,11 @@ dS over the pairs that cross each token in one rounding (the rest cancels).
 
 Everything else follows triton_ops._dkdv_kernel: the pair table, the query
 block ranges (tile_ranges.py, called by both kernels: [lo, mid) diagonal,
-[mid, part_lo) fully kept, [part_lo, hi) ACP's partial tiles), decays relative to each query block's first query,
-lse = +inf for rows past the end (their p is exactly 0) and the one-compare
-masks.  ACP's boundaries (qbhi) come in the Triton kernel's tiles
-(ACP_BLOCK_M x ACP_BLOCK_N) and are widened to this kernel's: a key
-block's queries end where its last part's do, and a tile is fully kept
-only where all its parts are.
+[mid, hi) the kept tiles after them), decays relative to each query block's
+first query, lse = +inf for rows past the end (their p is exactly 0) and the
+one-compare causal mask.  ACP's boundaries (qbhi) come in the Triton
+kernel's tiles (ACP_BLOCK_M x ACP_BLOCK_N) and are widened to this kernel's:
+a key block's queries end where its last part's do.
 
 Measured on an H200 against the Triton kernels (DISPATCH says what runs):
 at head dim 128 the fwd + bwd step 5.6-8.5% faster (8k and 16k, with and
@@ -141,7 +140,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _bwd_load_partition(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_smem, v_smem, ready, empty, kv_ready,
                             QBHI, s_id, hk, pid_n, qlen, klen, lo, full_lo, q_r0, q_c0, stride_qh, do_r0, do_c0,
-                            stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
+                            stride_doh, k_r0, k_c0, v_r0, v_c0, stride_qbhi_s, stride_qbhi_h,
                             GROUP: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr):
         # one warp: TMA loads of the CTA's K and V, then of each query
@@ -154,8 +153,8 @@ if HAVE_GLUON:
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            _, _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
-                                     klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
+            _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, pid_n, qlen, klen, full_lo, USE_ACP,
+                                BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
             for mb in range(lo, hi):
                 b = it % STAGES
                 mbarrier.wait(empty.index(b), (it // STAGES) & 1)
@@ -167,7 +166,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _bwd_dq_write_partition(dqa_desc, dcq_desc, dq_smem, rs_smem, dq_full, dq_empty, QBHI, s_id, hk, pid_n, qlen,
                                 klen, lo, full_lo, dqa_r0, dqa_c0, stride_dqah, dcq_r0, dcq_c0, stride_dcqh,
-                                stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, GROUP: gl.constexpr,
+                                stride_qbhi_s, stride_qbhi_h, GROUP: gl.constexpr,
                                 USE_ACP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr):
         # one warp (fused dQ): each tile's dQ and dc_q row sums, staged by the
@@ -179,8 +178,8 @@ if HAVE_GLUON:
             it = 0
             for g in range(GROUP):
                 h = hk * GROUP + g
-                _, _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
-                                         klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
+                _, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, pid_n, qlen, klen, full_lo,
+                                    USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
                 for mb in range(lo, hi):
                     mbarrier.wait(dq_full, it & 1)
                     tma_reduce_add(dqa_desc, [dqa_r0 + mb * BLOCK_M, dqa_c0 + h * stride_dqah], dq_smem)
@@ -204,11 +203,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_mma_partition(k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem, colp_smem,
-                           dlt_smem, cklim_smem, ready, empty, kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT, THR,
+                           dlt_smem, ready, empty, kv_ready, dq_full, dq_empty, CQ, CK, LSE, DLT,
                            QBHI, DCK, DK, DV, s_id, hk, pid_n, row, qrow, q0, k0, qlen, klen, lo, full_lo,
                            stride_cqb, stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                            stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                           stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale, scale2,
+                           stride_qbhi_s, stride_qbhi_h, scale, scale2,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, USE_ACP: gl.constexpr,
                            STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr,
@@ -241,9 +240,6 @@ if HAVE_GLUON:
         # (acp_probe_8192_h200.json).  Staged, the kernel alone is 1.4-2.0%
         # faster at head dim 64 without ACP and 3.3-4.2% with it, 1.6-2.9%
         # with ACP at head dim 128 (gluon_dkdv_row_terms_smem_h200.json).
-        # The threshold term is stored only where a mask may use it and read
-        # only in masked tiles: 1.5-1.8% faster again at head dim 64 without
-        # ACP and 4.9-5.2% with it (gluon_dkdv_cklim_branch_h200.json)
         VEC_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         offs_v = gl.arange(0, BLOCK_M, layout=VEC_L)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=G_L)
@@ -274,18 +270,14 @@ if HAVE_GLUON:
         it = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            mid, part_lo, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n,
-                                             qlen, klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
-                                             ACP_BLOCK_N)
+            # [lo, mid): the diagonal tiles (none without the causal mask)
+            mid, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, pid_n, qlen, klen, full_lo,
+                                  USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N)
             ck_base = CK + row * stride_ckb + h * stride_ckh + k0
             ck = gl.load(ck_base + offs_n, mask=kmask, other=0.0)
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
-            if USE_ACP:
-                thr2 = gl.load(THR + s_id * stride_thr_s + h) * _LOG2E
-            else:
-                thr2 = 0.0
             dck = gl.zeros([BLOCK_N], gl.float32, layout=KEYS)
             c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, lo, qlen, offs_v, BLOCK_M)
             for mb in range(lo, hi):
@@ -297,9 +289,6 @@ if HAVE_GLUON:
                 # rows past the end: lse = +inf, p = 0
                 colp_smem.index(tb).store((cq_v - lse_n) * _LOG2E)
                 dlt_smem.index(tb).store(dlt_n)
-                if USE_ACP or not CAUSAL:
-                    # the largest key decay a query keeps (log2 units)
-                    cklim_smem.index(tb).store(cq_v * _LOG2E - thr2)
                 cta_barrier()
                 colp = colp_smem.index(tb).load(QUERIES)
                 dlt = dlt_smem.index(tb).load(QUERIES)
@@ -311,16 +300,8 @@ if HAVE_GLUON:
                 s_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
                 p = gl.exp2(s * scale2 - ck2[:, None] + colp[None, :])
-                if (mb < mid) | (mb >= part_lo):
-                    # (read here: only masked tiles use it)
-                    ck_lim = cklim_smem.index(tb).load(QUERIES)
-                    if CAUSAL:
-                        keep = offs_m[None, :] >= offs_n[:, None]
-                        if USE_ACP:
-                            keep = keep & (ck2[:, None] <= ck_lim[None, :])
-                    else:
-                        keep = ck2[:, None] <= ck_lim[None, :]
-                    p = gl.where(keep, p, 0.0)
+                if mb < mid:
+                    p = gl.where(offs_m[None, :] >= offs_n[:, None], p, 0.0)
                 # dP^T only now: issued beside S^T, its registers made the
                 # kernel spill (and slower, on an H200)
                 dp_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -369,7 +350,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_kernel_sm90(
-        q_desc, k_desc, v_desc, do_desc, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
+        q_desc, k_desc, v_desc, do_desc, CQ, CK, LSE, DLT, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh,
@@ -381,7 +362,7 @@ if HAVE_GLUON:
         stride_lb, stride_lh,
         stride_dckb, stride_dckh,
         dqa_rows_b, dqa_cols_b, stride_dqah, dcq_rows_b, dcq_cols_b, stride_dcqh,
-        stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
+        stride_qbhi_s, stride_qbhi_h,
         scale, scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
@@ -432,7 +413,6 @@ if HAVE_GLUON:
             ROWS_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
             colp_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
             dlt_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
-            cklim_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], ROWS_SL)
             ready, empty = ring_barriers(STAGES)
             # dQ's staging buffers: full (MMA warps -> write warp), empty
             # (back; starts free)
@@ -443,12 +423,12 @@ if HAVE_GLUON:
             # the write warp idles without FUSED_DQ
             gl.warp_specialize(
                 [(_bwd_mma_partition, (k_smem, v_smem, q_bufs, do_bufs, ds_bufs, dq_smem, rs_smem, ones_smem,
-                                       colp_smem, dlt_smem, cklim_smem, ready, empty, kv_ready, dq_full, dq_empty,
-                                       CQ, CK, LSE, DLT, THR, QBHI, DCK, DK, DV, s_id, hk, pid_n, row,
+                                       colp_smem, dlt_smem, ready, empty, kv_ready, dq_full, dq_empty,
+                                       CQ, CK, LSE, DLT, QBHI, DCK, DK, DV, s_id, hk, pid_n, row,
                                        qrow.to(gl.int64), q0.to(gl.int64), k0, qlen, klen, lo, full_lo, stride_cqb,
                                        stride_cqh, stride_ckb, stride_ckh, stride_lb, stride_lh, stride_dckb,
                                        stride_dckh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
-                                       stride_dvh, stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r, scale,
+                                       stride_dvh, stride_qbhi_s, stride_qbhi_h, scale,
                                        scale2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, USE_ACP, STAGES,
                                        ACP_BLOCK_M, ACP_BLOCK_N, FUSED_DQ, num_warps)),
                  (_bwd_load_partition, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_smem, v_smem, ready, empty,
@@ -459,13 +439,13 @@ if HAVE_GLUON:
                                         (row * k_cols_b + hk * stride_kh).to(gl.int32),
                                         (row * v_rows_b + k0 + pid_n * BLOCK_N).to(gl.int32),
                                         (row * v_cols_b + hk * stride_vh).to(gl.int32), stride_qbhi_s,
-                                        stride_qbhi_h, stride_qbhi_r, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,
+                                        stride_qbhi_h, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,
                                         ACP_BLOCK_M, ACP_BLOCK_N)),
                  (_bwd_dq_write_partition, (dqa_desc, dcq_desc, dq_smem, rs_smem, dq_full, dq_empty, QBHI, s_id, hk,
                                             pid_n, qlen, klen, lo, full_lo, qrow * dqa_rows_b + q0,
                                             qrow * dqa_cols_b, stride_dqah, qrow * dcq_rows_b + q0,
                                             qrow * dcq_cols_b, stride_dcqh, stride_qbhi_s, stride_qbhi_h,
-                                            stride_qbhi_r, GROUP, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
+                                            GROUP, USE_ACP, BLOCK_M, BLOCK_N, ACP_BLOCK_M,
                                             ACP_BLOCK_N, FUSED_DQ))],
                 [1, 1], [24, 24])
 
@@ -486,8 +466,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     use_acp = thr is not None
     S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
-    dummy_f = thr if use_acp else c_q
-    qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
+    qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     fused = dq_acc is not None
     if fused:
         dqa, dcq = dq_acc
@@ -498,7 +477,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         dqa_desc, dcq_desc, dqa_view, dcq_view = descs[0], descs[0], views[0], views[0]
         dqa = dcq = q
     _dkdv_kernel_sm90[grid](
-        descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
+        descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         views[0][2], views[0][3], q.stride(2),
         kv_views[0][2], kv_views[0][3], k.stride(2),
@@ -510,7 +489,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         lse.stride(0), lse.stride(1),
         dc_k.stride(0), dc_k.stride(1),
         dqa_view[2], dqa_view[3], dqa.stride(2), dcq_view[2], dcq_view[3], dcq.stride(2),
-        dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
+        qb.stride(0), qb.stride(1),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
         ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, num_warps=warps, maxnreg=MAXNREG,

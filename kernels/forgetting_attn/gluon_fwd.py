@@ -32,11 +32,12 @@ FlashAttention-3 does (Shah et al., 2024):
 Everything else follows triton_ops._fwd_kernel: the same pair table, tile
 ranges (tile_ranges.key_tiles, called by both), ACP boundaries, relative
 decays (t = scale * q.k - (c_j - ref), log2 units) and one-compare masks,
-so both kernels give the same result up to float32 summation order.  A
-query block visits its tiles in one pass over
-[lo, hi); a tile takes the element masks only when it lies in ACP's partial
-range [lo, full_lo) or the diagonal range [mid, hi) (a branch per tile:
-the pipelined MMAs want one loop).
+so without ACP both kernels give the same result up to float32 summation
+order (with it, the larger tiles here may keep a few more pairs below the
+threshold: tile_ranges.py).  A query block visits its tiles in one pass
+over [lo, hi); a tile takes the causal / length mask only when it lies in
+the diagonal range [mid, hi) (a branch per tile: the pipelined MMAs want
+one loop).
 
 K and V are read through a 2-D TMA view (rows of the token stride, see
 _tma_rows_view), so a tile that runs past the end of a sequence reads the
@@ -153,15 +154,12 @@ def _is_sm90(device_index: int) -> bool:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP: gl.constexpr):
+    def _softmax_tile(s, ck2, offs_k, k_last, m_i, l_i, scale2, masked):
         # one tile's online softmax (triton_ops._fwd_tiles): t is the score
         # without the row's decay, so m_i is a maximum of t
         t = s * scale2 - ck2[None, :]
         if masked:
-            keep = offs_k[None, :] <= k_last[:, None]
-            if USE_ACP:
-                keep = keep & (ck2[None, :] <= ck_min2[:, None])
-            t = gl.where(keep, t, float("-inf"))
+            t = gl.where(offs_k[None, :] <= k_last[:, None], t, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(t, 1))
             # a row with nothing kept yet keeps m = -inf; shift by 0 instead
             m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -228,8 +226,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                turns, cq_base, ck_base, c_ref, thr2, pid_m, qlen, klen, lo, full_lo, mid, n, scale2,
-                                o_base, stride_ot, lse_base, USE_ACP: gl.constexpr, CAUSAL: gl.constexpr,
+                                turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
+                                o_base, stride_ot, lse_base, CAUSAL: gl.constexpr,
                                 STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
         # one warpgroup: rows [WG * BLOCK_M, (WG + 1) * BLOCK_M) of the
@@ -252,10 +250,6 @@ if HAVE_GLUON:
         offs_m = pid_m * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
         qmask = offs_m < qlen
         cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
-        if USE_ACP:
-            ck_min2 = cq2 - thr2
-        else:
-            ck_min2 = cq2
         if CAUSAL:
             k_last = gl.minimum(offs_m, klen - 1)
         else:
@@ -282,8 +276,8 @@ if HAVE_GLUON:
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(0), count=1)
-            masked = (lo < full_lo) | (lo >= mid)
-            p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked, USE_ACP)
+            masked = lo >= mid
+            p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, m_i, l_i, scale2, masked)
             p_op = gl.convert_layout(p.to(dtype), P_L)
             for i in range(1, n):
                 kb = lo + i
@@ -300,9 +294,8 @@ if HAVE_GLUON:
                 mbarrier.arrive(their_turn, count=1)
                 s = warpgroup_mma_wait(1, deps=(s_tok,))
                 mbarrier.arrive(k_empty.index(b), count=1)
-                masked = (kb < full_lo) | (kb >= mid)
-                p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, ck_min2, m_i, l_i, scale2, masked,
-                                                   USE_ACP)
+                masked = kb >= mid
+                p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, m_i, l_i, scale2, masked)
                 acc = warpgroup_mma_wait(0, deps=(o_tok,))
                 mbarrier.arrive(v_empty.index(pb), count=1)
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
@@ -324,14 +317,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_kernel_sm90_pingpong(
-        q_desc, k_desc, v_desc, CQ, CK, O, LSE, THR, KBLO,
+        q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,
         ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
         stride_ob, stride_ot, stride_oh,
         stride_cqb, stride_cqh, stride_ckb, stride_ckh,
         stride_lb, stride_lh,
-        stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
+        stride_kblo_s, stride_kblo_h,
         scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
@@ -378,21 +371,20 @@ if HAVE_GLUON:
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
             c_ref = gl.load(cq_base + pid_m * BLOCK_M)
             ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
-            lo, full_lo, mid, hi, thr_shift = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, 0.0, stride_thr_s,
-                                                        stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M,
-                                                        BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+            lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                                    ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
             n = hi - lo
             o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             gl.warp_specialize(
                 [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
-                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
-                                            STAGES, HALF, BLOCK_N, HEAD_DIM, num_warps)),
+                                            turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
+                                            o_base, stride_ot, lse_base, CAUSAL, STAGES, HALF, BLOCK_N, HEAD_DIM,
+                                            num_warps)),
                  (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                            turns, cq_base, ck_base, c_ref, -thr_shift, pid_m, qlen, klen, lo,
-                                            full_lo, mid, n, scale2, o_base, stride_ot, lse_base, USE_ACP, CAUSAL,
-                                            STAGES, HALF, BLOCK_N, HEAD_DIM, 4)),
+                                            turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
+                                            o_base, stride_ot, lse_base, CAUSAL, STAGES, HALF, BLOCK_N, HEAD_DIM,
+                                            4)),
                  (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,
                                         v_ready, v_empty, (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32),
                                         (qrow * q_cols_b + h * stride_qh).to(gl.int32), row * k_rows_b + k0,
@@ -446,19 +438,18 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     use_acp = thr is not None
     S = pairs.row.numel()
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
-    dummy_f = thr if use_acp else c_q
-    dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
+    kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
     (q_desc,), (q_view,) = tma_descriptors((q,), BM)
     _fwd_kernel_sm90_pingpong[grid](
-        q_desc, descs[0], descs[1], c_q, c_k, out, lse, dummy_f, dummy_i,
+        q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q_view[2], q_view[3], q.stride(2),
         kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
-        dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
+        kb.stride(0), kb.stride(1),
         scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
         ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=4, maxnreg=MAXNREG,

@@ -770,7 +770,9 @@ def attention_chunk_backward_into(
 
 
 def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, same_doc=None, query_thr=None,
-                          delta=None):
+                          delta=None, prune_decay=None):
+    # prune_decay: what the threshold is compared with instead of the pair's
+    # decay (naive.tile_rule_decay: a kernel's tile rule)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Tq, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -786,10 +788,11 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, s
     keep = keep.expand_as(s)
     if same_doc is not None:
         keep = keep & same_doc[:, None]
+    d = decay if prune_decay is None else prune_decay.to(cd)
     if query_thr is not None:
-        keep = keep & (decay >= query_thr.to(cd).permute(0, 2, 1)[..., None])
+        keep = keep & (d >= query_thr.to(cd).permute(0, 2, 1)[..., None])
     elif thr is not None:
-        keep = keep & (decay >= thr.to(cd)[:, :, None, None])
+        keep = keep & (d >= thr.to(cd)[:, :, None, None])
     lse_c = lse.to(cd)
     safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
     p = torch.where(keep, torch.exp(s - safe[..., None]), torch.zeros_like(s))

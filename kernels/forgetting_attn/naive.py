@@ -2,9 +2,13 @@
 
 Everything here materialises the full score matrix, so it is meant for short
 sequences (tests, CPU demo runs).  It is differentiable through autograd, runs
-in float64 when given float64 inputs, and applies exactly the pruning rule of
-the Triton kernels (see ``forgetting_attention``): with a threshold ``thr``
-the pair (i, j) is dropped when ``D_ij = c_i - c_j < thr``.
+in float64 when given float64 inputs.  With a threshold ``thr`` the pair
+(i, j) is dropped when ``D_ij = c_i - c_j < thr``: every pair that ACP's
+bound allows to drop.  The kernels skip whole tiles only (every pair of a
+skipped tile is below the threshold), so they drop a subset of those pairs,
+which one depending on their tile shape; given ``prune_decay`` from
+``tile_rule_decay``, the reference drops exactly what a kernel with those
+tiles drops (the tests' oracle of the kernels' own pruning).
 
 All tensors here use the [batch, seq, heads, dim] ("bshd") layout.
 """
@@ -25,6 +29,7 @@ __all__ = [
     "cumulative_log_decay_bht",
     "reverse_cumulative_sum_bht",
     "pair_decay",
+    "tile_rule_decay",
 ]
 
 
@@ -101,6 +106,50 @@ def pair_decay(c_q: torch.Tensor, c_k: torch.Tensor, dtype: torch.dtype) -> torc
     return (c_q.to(wide)[..., :, None] - c_k.to(wide)[..., None, :]).to(dtype)
 
 
+def _tile_edges(T: int, block: int, piece, last: bool, device) -> torch.Tensor:
+    # per token: the index of its tile's first (last=False) or last token,
+    # tiles counted from its sequence's start; [B, T] or [T]
+    t = torch.arange(T, device=device)
+    if piece is None:
+        start, length = torch.zeros_like(t), torch.full_like(t, T)
+    else:
+        start, length = (x.to(device=device, dtype=torch.long) for x in piece)
+    tile = (t - start) // block
+    if last:
+        edge = torch.minimum(start + (tile + 1) * block, start + length) - 1
+    else:
+        edge = start + tile * block
+    return edge.clamp(0, T - 1)  # tokens of no sequence: any index (their pairs are masked)
+
+
+def tile_rule_decay(
+    c_q: torch.Tensor,
+    c_k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    q_piece: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    k_piece: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The decay that ACP's tile rule compares with the threshold, per pair.
+
+    c_q: [B, Tq, H], c_k: [B, Tk, H].  Returns [B, H, Tq, Tk] (float64):
+    c_q at the first query of the pair's (block_m x block_n) tile minus c_k
+    at the tile's last key, the largest decay in the tile, so that the
+    threshold drops a pair exactly when the kernels skip its tile.  Tiles
+    start at each sequence's first query and key: q_piece / k_piece, optional
+    (start, length) int tensors [B, Tq] / [B, Tk], give every token its
+    sequence (document piece) within the chunk; without them the chunk is
+    one sequence.
+    """
+    B, Tq, H = c_q.shape
+    Tk = c_k.shape[1]
+    iq = _tile_edges(Tq, block_m, q_piece, False, c_q.device).expand(B, Tq)
+    ik = _tile_edges(Tk, block_n, k_piece, True, c_k.device).expand(B, Tk)
+    cq = torch.gather(c_q.double(), 1, iq[..., None].expand(B, Tq, H))
+    ck = torch.gather(c_k.double(), 1, ik[..., None].expand(B, Tk, H))
+    return pair_decay(cq.permute(0, 2, 1), ck.permute(0, 2, 1), torch.float64)
+
+
 def naive_attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,6 +162,7 @@ def naive_attention_chunk(
     acp_threshold: Optional[torch.Tensor] = None,
     same_doc: Optional[torch.Tensor] = None,
     query_threshold: Optional[torch.Tensor] = None,
+    prune_decay: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of a query chunk against a key/value chunk with given decays.
 
@@ -124,6 +174,8 @@ def naive_attention_chunk(
     query_threshold: [B, Tq, Hq] per-query threshold, overrides acp_threshold
     (used for packed documents, where it is per document).
     same_doc: optional [B, Tq, Tk] bool mask of allowed pairs.
+    prune_decay: optional [B, Hq, Tq, Tk], what the threshold is compared
+    with instead of D_ij (``tile_rule_decay``: the kernels' tile rule).
 
     Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] in the compute
     dtype, natural log).  A query whose keys are all dropped gets out = 0 and
@@ -145,10 +197,11 @@ def naive_attention_chunk(
     keep = keep.expand(B, Hq, Tq, Tk)
     if same_doc is not None:
         keep = keep & same_doc[:, None]
+    d = decay if prune_decay is None else prune_decay.to(cd)
     if query_threshold is not None:
-        keep = keep & (decay >= query_threshold.to(cd).permute(0, 2, 1)[..., None])
+        keep = keep & (d >= query_threshold.to(cd).permute(0, 2, 1)[..., None])
     elif acp_threshold is not None:
-        keep = keep & (decay >= acp_threshold.to(cd)[:, :, None, None])
+        keep = keep & (d >= acp_threshold.to(cd)[:, :, None, None])
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # B H Tq
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))

@@ -19,25 +19,25 @@ ACP (Lin et al., COLM 2025): a tile whose largest decay c[first q] - c[last k]
 is below the threshold holds only pruned pairs and is never visited.  The
 kept tiles of a query block form one range [kstart, diagonal]; the boundary
 kernel finds kstart for every query block, and the mirror end of the kept
-query range for every key block (and beside each, where the tiles that may
-hold pruned pairs end), from the M + N block-edge decays alone (no
+query range for every key block, from the M + N block-edge decays alone (no
 pass over the L x L matrix): each boundary is the length of a monotone
 prefix, so every row and column bisects for it at once, log2(N) dependent
 steps deep (a serial two-pointer walk does O(M + N) loads, but each waits for
-the last, and that latency cost 3% of a 16k step).  Inside kept
-tiles the rule is applied per element (D_ij < delta is dropped), so the
-result does not depend on block sizes and the forward and both backward
-passes agree exactly with the torch reference.
+the last, and that latency cost 3% of a 16k step).  Kept tiles are computed
+whole, as in the ACP paper's kernels: every pair left out has D_ij < delta,
+so at most eps of a query's attention mass is lost, but which of those pairs
+are left out depends on the tile shape (the forward and the two backward
+passes may differ there).  The torch reference leaves out every pair below
+delta, the most the bound allows; the kernels agree with it to within that
+mass.  Earlier versions masked the pruned pairs of kept tiles element by
+element; computing those tiles whole made the ACP step 0.6-2.5% faster on an
+H200 (8k and 16k, both head dims, 2 alternating rounds) with the same
+output and gradients but for dq's summation order
+(benchmarks/results/attention_tile_rule_ab_h200.json).
 
-Each kernel visits three ranges of tiles: tiles that may hold pruned pairs
-(element mask), fully kept tiles below the diagonal (no mask at all: the
-fast path), and diagonal / ragged-edge tiles (causal and bounds masks).
-With ACP the first and the last run in one masked loop: each loop pays its
-software pipeline's fill and drain, and a separate loop for one or two
-partial tiles made an ACP step 1.3-3.2% slower on an H200
-(benchmarks/results/attention_masked_loops_h200.json).  One loop for all
-three ranges, every tile masked, was 22-26% slower: the masks' element-wise
-work is most of a masked tile's extra cost.
+Each kernel visits two ranges of tiles: the tiles below the diagonal (no
+mask at all: the fast path) and the diagonal / ragged-edge tiles (causal and
+bounds masks), with or without ACP.
 
 Sequences are described by a table of (row, start, length) for queries and
 keys, so packed documents, plain batches and context-parallel chunk pairs
@@ -192,8 +192,8 @@ def _acp_boundary_kernel(
     CQ, CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     THR, stride_thr_s,
-    KBLO, stride_kb_s, stride_kb_h, stride_kb_r,
-    QBHI, stride_qb_s, stride_qb_h, stride_qb_r,
+    KBLO, stride_kb_s, stride_kb_h,
+    QBHI, stride_qb_s, stride_qb_h,
     TILES, stride_tl_s, stride_tl_h,
     SEARCH_STEPS_N, SEARCH_STEPS_M,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr,
@@ -232,27 +232,16 @@ def _acp_boundary_kernel(
             live = m < num_m
             m_in = tl.minimum(m, num_m - 1)
             c_first_q = tl.load(cq_ptr + m_in * BLOCK_M)
-            c_last_q = tl.load(cq_ptr + tl.minimum((m_in + 1) * BLOCK_M, qlen) - 1)
-            # two searches side by side: lo, the pruned key blocks (largest
-            # decay, first query - last key, below thr), and part, the key
-            # blocks whose smallest decay (last query - first key) is below
-            # thr: the kept ones among them take the element mask
+            # lo: the pruned key blocks (largest decay, first query - last
+            # key, below thr)
             lo = tl.zeros([LANES], dtype=tl.int32)
             hi = tl.zeros([LANES], dtype=tl.int32) + num_n
-            part = tl.zeros([LANES], dtype=tl.int32)
-            part_hi = tl.zeros([LANES], dtype=tl.int32) + num_n
             for _ in range(SEARCH_STEPS_N):
                 mid = (lo + hi) // 2
                 c_last_k = tl.load(ck_ptr + tl.minimum((mid + 1) * BLOCK_N, klen) - 1)
                 pruned = (mid < hi) & (c_first_q - c_last_k < thr)
                 lo = tl.where(pruned, mid + 1, lo)
                 hi = tl.where(pruned | (mid >= hi), hi, mid)
-                mid_p = (part + part_hi) // 2
-                c_first_k = tl.load(ck_ptr + tl.minimum(mid_p * BLOCK_N, klen - 1))
-                partial = (mid_p < part_hi) & (c_last_q - c_first_k < thr)
-                part = tl.where(partial, mid_p + 1, part)
-                part_hi = tl.where(partial | (mid_p >= part_hi), part_hi, mid_p)
-            tl.store(KBLO + s * stride_kb_s + h * stride_kb_h + stride_kb_r + m, part, mask=live)
             if CAUSAL:
                 n_end = (tl.minimum((m + 1) * BLOCK_M, qlen) - 1) // BLOCK_N + 1
             else:
@@ -276,26 +265,14 @@ def _acp_boundary_kernel(
             live_n = n < num_n2
             n_in = tl.minimum(n, num_n2 - 1)
             c_last_k2 = tl.load(ck_ptr + tl.minimum((n_in + 1) * QB_BLOCK_N, klen) - 1)
-            c_first_k2 = tl.load(ck_ptr + n_in * QB_BLOCK_N)
-            # and side by side: the query blocks whose smallest decay against
-            # this key block is at or above thr (fully kept, before the
-            # causal cut); the kept blocks after them take the element mask
             lo2 = tl.zeros([LANES], dtype=tl.int32)
             hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m2
-            full2 = tl.zeros([LANES], dtype=tl.int32)
-            full_hi2 = tl.zeros([LANES], dtype=tl.int32) + num_m2
             for _ in range(SEARCH_STEPS_M):
                 mid2 = (lo2 + hi2) // 2
                 c_first_q2 = tl.load(cq_ptr + tl.minimum(mid2 * QB_BLOCK_M, qlen - 1))
                 kept_q = (mid2 < hi2) & (c_first_q2 - c_last_k2 >= thr)
                 lo2 = tl.where(kept_q, mid2 + 1, lo2)
                 hi2 = tl.where(kept_q | (mid2 >= hi2), hi2, mid2)
-                mid_f = (full2 + full_hi2) // 2
-                c_last_q2 = tl.load(cq_ptr + tl.minimum((mid_f + 1) * QB_BLOCK_M, qlen) - 1)
-                full_q = (mid_f < full_hi2) & (c_last_q2 - c_first_k2 >= thr)
-                full2 = tl.where(full_q, mid_f + 1, full2)
-                full_hi2 = tl.where(full_q | (mid_f >= full_hi2), full_hi2, mid_f)
-            tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + stride_qb_r + n, full2, mask=live_n)
             if CAUSAL:
                 lo2 = tl.maximum(lo2, (n * QB_BLOCK_N) // QB_BLOCK_M)
             tl.store(QBHI + s * stride_qb_s + h * stride_qb_h + n, lo2, mask=live_n)
@@ -314,22 +291,18 @@ def _boundary_table(kind, shape, device):
 @functools.lru_cache(maxsize=16)
 def _dummy_table(device):
     # stands in for the outputs a launch does not ask for (never written)
-    return torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device)
+    return torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
 
 
 def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=True, want_qbhi=False, tiles=None,
                      qbhi_blocks=None):
     """Run the boundary kernel.  c_q/c_k: [B, H, T] float32 or float64
     (precise decays: compared in float64).  Returns
-    (kblo [S, H, 2, M] int32 or None, qbhi [S, H, 2, N] int32 or None; M
-    and N count blocks of the table's own tile shape).
-    kblo[..., 0, m]: the first kept key block of query block m (capped at
-    the diagonal); kblo[..., 1, m]: the number of key blocks whose smallest
-    decay against it is below the threshold (those from kblo[..., 0, m] on
-    take the element mask).  qbhi[..., 0, n]: the end of the kept query
-    blocks of key block n (at least the diagonal); qbhi[..., 1, n]: the
-    number of query blocks whose smallest decay against it is at or above
-    the threshold (the kept ones after them take the element mask).
+    (kblo [S, H, M] int32 or None, qbhi [S, H, N] int32 or None; M and N
+    count blocks of the table's own tile shape).
+    kblo[..., m]: the first kept key block of query block m (capped at the
+    diagonal); qbhi[..., n]: the end of the kept query blocks of key block n
+    (at least the diagonal).
     ``tiles``: optional int32 [S, H, 2] (with want_kblo) that receives the
     kept and the total (causal) tiles of every (sequence, head): ACP's
     statistics without a pass over the boundaries on the host side.
@@ -342,8 +315,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     M2 = max(triton.cdiv(seq.max_qlen, qb_m), 1)
     N2 = max(triton.cdiv(seq.max_klen, qb_n), 1)
     dev = c_q.device
-    kblo = _boundary_table("kblo", (S, H, 2, M), dev) if want_kblo else None
-    qbhi = _boundary_table("qbhi", (S, H, 2, N2), dev) if want_qbhi else None
+    kblo = _boundary_table("kblo", (S, H, M), dev) if want_kblo else None
+    qbhi = _boundary_table("qbhi", (S, H, N2), dev) if want_qbhi else None
     dummy = _dummy_table(dev)
     kb, qb = (kblo if kblo is not None else dummy), (qbhi if qbhi is not None else dummy)
     count = tiles is not None and want_kblo
@@ -352,8 +325,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
         c_q, c_k, c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         seq.row, seq.qrow, seq.qstart, seq.qlen, seq.kstart, seq.klen,
         thr, thr.stride(0),
-        kb, kb.stride(0), kb.stride(1), kb.stride(2),
-        qb, qb.stride(0), qb.stride(1), qb.stride(2),
+        kb, kb.stride(0), kb.stride(1),
+        qb, qb.stride(0), qb.stride(1),
         tl_, tl_.stride(0), tl_.stride(1),
         # bisection over [0, N] takes bit_length(N) halvings
         int(N).bit_length(), int(M2).bit_length(),
@@ -443,28 +416,6 @@ def cumulative_decay_grad(dc_q, dc_k, seqs):
     return _segmented_scan(t(dc_q), t(dc_k), seqs, reverse=True).permute(0, 2, 1)
 
 
-@triton.jit
-def _range_count(n1, lo2, hi2, TWO_RANGES: tl.constexpr):
-    """Iterations of a tile loop over [lo, lo + n1) and, with TWO_RANGES,
-    [lo2, hi2) after it (neither range reversed)."""
-    if TWO_RANGES:
-        n = n1 + (hi2 - lo2)
-    else:
-        n = n1
-    return n
-
-
-@triton.jit
-def _tile_index(i, n1, lo, lo2, TWO_RANGES: tl.constexpr):
-    # the i-th tile of [lo, lo + n1) followed by [lo2, ...): ACP's partial
-    # tiles and the diagonal ones in one loop (module docstring: why)
-    if TWO_RANGES:
-        idx = tl.where(i < n1, lo + i, lo2 + (i - n1))
-    else:
-        idx = lo + i
-    return idx
-
-
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -482,34 +433,16 @@ def _last_keys(offs_m, klen, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP: tl.constexpr, MASK_POS: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] pairs a (query row, key) tile keeps: MASK_POS, keys
-    up to the row's k_last (_last_keys); MASK_ACP, keys whose relative decay
-    ck2 (log2 units) is at most the row's ck_min2 (ACP: c_i - c_j >= delta).
-    One compare per mask."""
-    if MASK_POS:
-        keep = offs_k[None, :] <= k_last[:, None]
-        if MASK_ACP:
-            keep = keep & (ck2[None, :] <= ck_min2[:, None])
-    else:
-        keep = ck2[None, :] <= ck_min2[:, None]
-    return keep
-
-
-@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base, stride_kt, stride_vt,
-    kb_lo, kb_hi, kb_lo2, kb_hi2, klen, k_last, ck_min2, offs_n, offs_d,
-    BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_POS: tl.constexpr,
-    TWO_RANGES: tl.constexpr, scale2, PRECISION: tl.constexpr,
+    kb_lo, kb_hi, klen, k_last, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, MASK_POS: tl.constexpr, scale2, PRECISION: tl.constexpr,
 ):
-    # TWO_RANGES: [kb_lo, kb_hi) then [kb_lo2, kb_hi2) in one loop (see
-    # _tile_index).  Scores are kept without the row's decay (t, see "precise
-    # decays" above), so m_i is a maximum of t.  MASK_POS / MASK_ACP: the
-    # masks of _keep_keys (MASK_POS also masks the loads at klen).
-    n1 = kb_hi - kb_lo
-    for i in range(0, _range_count(n1, kb_lo2, kb_hi2, TWO_RANGES)):
-        kb = _tile_index(i, n1, kb_lo, kb_lo2, TWO_RANGES)
+    # Scores are kept without the row's decay (t, see "precise decays"
+    # above), so m_i is a maximum of t.  MASK_POS: keys up to each row's
+    # k_last (_last_keys: the causal and length masks in one compare); it
+    # also masks the loads at klen.
+    for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
         if MASK_POS:
             kmask = offs_k < klen
@@ -521,8 +454,8 @@ def _fwd_tiles(
             v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :])
             ck2 = _decay_rel(ck_base, offs_k, offs_k, c_ref, False) * 1.4426950408889634
         t = tl.dot(q, k, input_precision=PRECISION) * scale2 - ck2[None, :]
-        if MASK_ACP or MASK_POS:
-            t = tl.where(_keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP, MASK_POS), t, float("-inf"))
+        if MASK_POS:
+            t = tl.where(offs_k[None, :] <= k_last[:, None], t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             # a row with nothing kept yet keeps m = -inf; shift by 0 instead
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -539,7 +472,7 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, CQ, CK, O, LSE, THR, KBLO,
+    Q, K, V, CQ, CK, O, LSE, KBLO,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -547,7 +480,7 @@ def _fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
-    stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
+    stride_kblo_s, stride_kblo_h,
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -585,27 +518,17 @@ def _fwd_kernel(
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
 
-    lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
-                                              stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                              BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
+    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # With ACP: its partial tiles and the diagonal / ragged-edge ones in one
-    # masked loop, then the fully kept ones in an unmasked loop.  Without:
-    # the unmasked tiles, then the diagonal ones.
-    if USE_ACP:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base,
-                                   stride_kt, stride_vt, lo, full_lo, mid, hi, klen, k_last, ck_min2, offs_n, offs_d,
-                                   BLOCK_N, True, True, True, scale2, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base,
-                               stride_kt, stride_vt, full_lo, mid, 0, 0, klen, k_last, ck_min2, offs_n, offs_d,
-                               BLOCK_N, False, False, False, scale2, PRECISION)
-    if not USE_ACP:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base,
-                                   stride_kt, stride_vt, mid, hi, 0, 0, klen, k_last, ck_min2, offs_n, offs_d,
-                                   BLOCK_N, False, True, False, scale2, PRECISION)
+    # the unmasked tiles, then the diagonal / ragged-edge ones
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base, stride_kt, stride_vt,
+                               lo, mid, klen, k_last, offs_n, offs_d, BLOCK_N, False, scale2, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, c_ref, k_base, v_base, ck_base, stride_kt, stride_vt,
+                               mid, hi, klen, k_last, offs_n, offs_d, BLOCK_N, True, scale2, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -670,15 +593,12 @@ def _row_delta(out, do):
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-    stride_qt, stride_dot, mb_lo, mb_hi, mb_lo2, mb_hi2, qlen, thr2, offs_d,
-    BLOCK_M: tl.constexpr, MASK_ACP: tl.constexpr, MASK_CAUSAL: tl.constexpr, TWO_RANGES: tl.constexpr,
-    scale2, PRECISION: tl.constexpr,
+    stride_qt, stride_dot, mb_lo, mb_hi, qlen, offs_d,
+    BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr, scale2, PRECISION: tl.constexpr,
 ):
     # transposed tiles (keys x queries); p as in _dq_tiles, with decays
     # relative to the tile's first query
-    n1 = mb_hi - mb_lo
-    for i in range(0, _range_count(n1, mb_lo2, mb_hi2, TWO_RANGES)):
-        mb = _tile_index(i, n1, mb_lo, mb_lo2, TWO_RANGES)
+    for mb in range(mb_lo, mb_hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         qmask = offs_m < qlen
         qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qmask[None, :], other=0.0)
@@ -691,14 +611,8 @@ def _dkdv_tiles(
         dlt = tl.load(dlt_base + offs_m, mask=qmask, other=0.0)
         tT = tl.dot(k, qT, input_precision=PRECISION) * scale2 - ck2[:, None]
         pT = tl.math.exp2(tT + (cq2 - lse2)[None, :])
-        if MASK_ACP or MASK_CAUSAL:
-            if MASK_CAUSAL:
-                keep = offs_m[None, :] >= offs_n[:, None]
-                if MASK_ACP:
-                    keep = keep & (ck2[:, None] <= (cq2 - thr2)[None, :])
-            else:
-                keep = ck2[:, None] <= (cq2 - thr2)[None, :]
-            pT = tl.where(keep, pT, 0.0)
+        if MASK_CAUSAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - dlt[None, :])
@@ -709,7 +623,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, CQ, CK, LSE, DLT, THR, QBHI, DK, DV, DCK,
+    Q, K, V, DO, CQ, CK, LSE, DLT, QBHI, DK, DV, DCK,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -720,7 +634,7 @@ def _dkdv_kernel(
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
     stride_dckb, stride_dckh,
-    stride_thr_s, stride_qbhi_s, stride_qbhi_h, stride_qbhi_r,
+    stride_qbhi_s, stride_qbhi_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
@@ -757,20 +671,13 @@ def _dkdv_kernel(
         lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
         dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
         dck = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if USE_ACP:
-            thr2 = tl.load(THR + s_id * stride_thr_s + h) * 1.4426950408889634
-        else:
-            thr2 = 0.0
-        mid, part_lo, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, stride_qbhi_r, pid_n, qlen,
-                                       klen, full_lo, USE_ACP, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
-        # the diagonal tiles (causal mask) and, with ACP, the tiles that may
-        # hold pruned pairs (ACP mask) in one masked loop; then the fully kept
+        mid, hi = query_tiles(QBHI, s_id * stride_qbhi_s + h * stride_qbhi_h, pid_n, qlen, klen, full_lo, USE_ACP,
+                              BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
+        # the diagonal tiles (causal mask), then the kept ones after them
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                  stride_qt, stride_dot, lo, mid, part_lo, hi, qlen, thr2, offs_d,
-                                  BLOCK_M, USE_ACP, CAUSAL, USE_ACP, scale2, PRECISION)
+                                  stride_qt, stride_dot, lo, mid, qlen, offs_d, BLOCK_M, CAUSAL, scale2, PRECISION)
         dk, dv, dck = _dkdv_tiles(dk, dv, dck, k, v, ck, offs_n, q_base, do_base, cq_base, lse_base, dlt_base,
-                                  stride_qt, stride_dot, mid, part_lo, 0, 0, qlen, thr2, offs_d,
-                                  BLOCK_M, False, False, False, scale2, PRECISION)
+                                  stride_qt, stride_dot, mid, hi, qlen, offs_d, BLOCK_M, False, scale2, PRECISION)
         tl.store(DCK + row * stride_dckb + h * stride_dckh + k0 + offs_n, -dck, mask=kmask)
     tl.store(DK + row * stride_dkb + hk * stride_dkh + (k0 + offs_n)[:, None] * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
@@ -781,15 +688,12 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base, stride_kt, stride_vt,
-    kb_lo, kb_hi, kb_lo2, kb_hi2, klen, k_last, ck_min2, offs_n, offs_d,
-    BLOCK_N: tl.constexpr, MASK_ACP: tl.constexpr, MASK_POS: tl.constexpr,
-    TWO_RANGES: tl.constexpr, scale2, PRECISION: tl.constexpr,
+    kb_lo, kb_hi, klen, k_last, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, MASK_POS: tl.constexpr, scale2, PRECISION: tl.constexpr,
 ):
     # p = exp2(t + p_row2) with t as in _fwd_tiles and p_row2 = c_i - lse
     # (relative decay, log2 units); masks as there
-    n1 = kb_hi - kb_lo
-    for i in range(0, _range_count(n1, kb_lo2, kb_hi2, TWO_RANGES)):
-        kb = _tile_index(i, n1, kb_lo, kb_lo2, TWO_RANGES)
+    for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_N + offs_n
         if MASK_POS:
             kmask = offs_k < klen
@@ -802,8 +706,8 @@ def _dq_tiles(
             ck2 = _decay_rel(ck_base, offs_k, offs_k, c_ref, False) * 1.4426950408889634
         t = tl.dot(q, kT, input_precision=PRECISION) * scale2 - ck2[None, :]
         p = tl.math.exp2(t + p_row2[:, None])
-        if MASK_ACP or MASK_POS:
-            p = tl.where(_keep_keys(offs_k, ck2, k_last, ck_min2, MASK_ACP, MASK_POS), p, 0.0)
+        if MASK_POS:
+            p = tl.where(offs_k[None, :] <= k_last[:, None], p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - dlt[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -813,7 +717,7 @@ def _dq_tiles(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, O, CQ, CK, LSE, DLT, THR, KBLO, DQ, DCQ,
+    Q, K, V, DO, O, CQ, CK, LSE, DLT, KBLO, DQ, DCQ,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -824,7 +728,7 @@ def _dq_kernel(
     stride_cqb, stride_cqh, stride_ckb, stride_ckh,
     stride_lb, stride_lh,
     stride_dcqb, stride_dcqh,
-    stride_thr_s, stride_kblo_s, stride_kblo_h, stride_kblo_r,
+    stride_kblo_s, stride_kblo_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -880,24 +784,16 @@ def _dq_kernel(
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
-    lo, full_lo, mid, hi, ck_min2 = key_tiles(THR, KBLO, s_id, h, pid_m, qlen, klen, cq2, stride_thr_s,
-                                              stride_kblo_s, stride_kblo_h, stride_kblo_r, BLOCK_M, BLOCK_N,
-                                              BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
+    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # masked and unmasked tiles in the order of _fwd_kernel
-    if USE_ACP:
-        dq, dcq = _dq_tiles(dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base,
-                            stride_kt, stride_vt, lo, full_lo, mid, hi, klen, k_last, ck_min2, offs_n, offs_d,
-                            BLOCK_N, True, True, True, scale2, PRECISION)
-    dq, dcq = _dq_tiles(dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base,
-                        stride_kt, stride_vt, full_lo, mid, 0, 0, klen, k_last, ck_min2, offs_n, offs_d,
-                        BLOCK_N, False, False, False, scale2, PRECISION)
-    if not USE_ACP:
-        dq, dcq = _dq_tiles(dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base,
-                            stride_kt, stride_vt, mid, hi, 0, 0, klen, k_last, ck_min2, offs_n, offs_d,
-                            BLOCK_N, False, True, False, scale2, PRECISION)
+    # unmasked and masked tiles in the order of _fwd_kernel
+    dq, dcq = _dq_tiles(dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base, stride_kt, stride_vt,
+                        lo, mid, klen, k_last, offs_n, offs_d, BLOCK_N, False, scale2, PRECISION)
+    dq, dcq = _dq_tiles(dq, dcq, q, do, c_ref, p_row2, dlt, k_base, v_base, ck_base, stride_kt, stride_vt,
+                        mid, hi, klen, k_last, offs_n, offs_d, BLOCK_N, True, scale2, PRECISION)
     dq_ptrs = DQ + qrow * stride_dqb + h * stride_dqh + (q0 + offs_m)[:, None] * stride_dqt + offs_d[None, :]
     dq = dq * scale
     if ACCUMULATE:
@@ -1010,10 +906,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
                            scale, causal, group, (BM, BN))):
         return out, lse, kblo, tiles, qbhi
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
-    dummy_f = thr if use_acp else c_q
-    dummy_i = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
+    kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _fwd_kernel[grid](
-        q, k, v, c_q, c_k, out, lse, dummy_f, dummy_i,
+        q, k, v, c_q, c_k, out, lse, kb,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1021,7 +916,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         out.stride(0), out.stride(1), out.stride(2),
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
-        dummy_f.stride(0), dummy_i.stride(0), dummy_i.stride(1), dummy_i.stride(2),
+        kb.stride(0), kb.stride(1),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=acc is not None, num_warps=warps, num_stages=stages,
@@ -1072,7 +967,6 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     if S == 0:
         return dq, dk, dv, dc_q, dc_k
     scale2 = scale * LOG2E
-    dummy_f = thr if use_acp else c_q
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     gluon_mode = (gluon_bwd.mode(q, k, v, do, use_acp) if USE_GLUON_DKDV and allow_gluon and not partial
                   and kv_grad_dtype is None and gluon_bwd.takes_boundaries(D, BM1, BN1) else None)
@@ -1095,9 +989,9 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     BM2, BN2, w2, st2 = kernel_config("dq", D, q.dtype)
     if use_acp and (kblo is None or (BM2, BN2) != fwd_blocks(D, q.dtype)):
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
-    kb = kblo if use_acp else pairs.row.view(1, 1, 1, -1)
+    kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
-        q, k, v, do, o_arg, c_q, c_k, lse, dlt, dummy_f, kb, dq, dc_q,
+        q, k, v, do, o_arg, c_q, c_k, lse, dlt, kb, dq, dc_q,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1108,7 +1002,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_q.stride(0), dc_q.stride(1),
-        dummy_f.stride(0), kb.stride(0), kb.stride(1), kb.stride(2),
+        kb.stride(0), kb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
         ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, num_warps=w2, num_stages=st2,
@@ -1116,9 +1010,9 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     if gluon_mode and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr,
                                  qbhi, dk, dv, dc_k, pairs, scale, causal, group, (BM1, BN1)):
         return dq, dk, dv, dc_q, dc_k
-    qb = qbhi if use_acp else pairs.row.view(1, 1, 1, -1)
+    qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
-        q, k, v, do, c_q, c_k, lse, dlt, dummy_f, qb, dk, dv, dc_k,
+        q, k, v, do, c_q, c_k, lse, dlt, qb, dk, dv, dc_k,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1129,7 +1023,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
         lse.stride(0), lse.stride(1),
         dc_k.stride(0), dc_k.stride(1),
-        dummy_f.stride(0), qb.stride(0), qb.stride(1), qb.stride(2),
+        qb.stride(0), qb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
         num_warps=w1, num_stages=st1,
