@@ -14,8 +14,9 @@ and adds Adaptive Computation Pruning at the granularity of chunk sub-blocks:
   the directions in which causal attention needs them (skip_table.py);
 - few kernel calls per ring step: rows (batch row, head) that keep
   different key suffixes read the longest one, and the keys a row does not
-  hold are hidden behind a decay below the threshold, so the kernels skip
-  them as pruned tiles (``RingPlan.merge_pairs``); both query chunks are one
+  hold are hidden behind a decay far below the threshold, so the kernels
+  skip the tiles they fill and give them exactly zero weight in a tile they
+  share with held keys (``RingPlan.merge_pairs``); both query chunks are one
   tensor of rows, so a step's two diagonal pairs are one call and its pairs
   with earlier key chunks another (a query chunk's two earlier key chunks
   concatenated in sequence order: c keeps falling along the keys);
@@ -65,7 +66,10 @@ __all__ = ["RingStats", "ring_attention"]
 # chunks) stay clear of the halo's (halo.py)
 _TAG_KV, _TAG_C, _TAG_GRAD, _TAG_C_GRAD = 31, 32, 33, 34
 # c_k of keys hidden from a merged pair: c_q - c_k is then about -1e30, below
-# every ACP threshold, and finite (no inf - inf in the kernels)
+# every ACP threshold, and finite (no inf - inf in the kernels).  A kept tile
+# computes them (the kernels skip whole tiles only), with weight exp(-1e30)
+# = 0: hidden keys are a prefix of the pair's keys, so a row that sees one in
+# a kept tile also sees that tile's held keys, which set its running maximum
 _HIDDEN_KEY_DECAY = 1e30
 
 
