@@ -101,6 +101,9 @@ def main():
     import torch
     import triton
 
+    sys.path.insert(0, ROOT)
+    from benchmarks.kernel_ab import max_rel
+
     label = args.tree_label or subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip() or "tree"
     workdir = args.workdir or tempfile.mkdtemp(prefix="tree_ab_")
@@ -130,8 +133,7 @@ def main():
               f"({100 * rec['change']:+.1f}%)", flush=True)
     for ct, cb in zip(runs["tree"][0]["checks"], runs["base"][0]["checks"]):
         a, b = torch.load(ct["path"]), torch.load(cb["path"])
-        diff = {n: round(((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-6)).item(), 6)
-                for n, x, y in zip(("out", "dq", "dk", "dv", "dlog_f"), a, b)}
+        diff = {n: round(max_rel(x, y), 6) for n, x, y in zip(("out", "dq", "dk", "dv", "dlog_f"), a, b)}
         result["checks"].append(dict(H=ct["H"], D=ct["D"], L=4096, acp=True, max_rel_diff=diff))
         print(f"check {ct['H']}x{ct['D']}: {diff}", flush=True)
     if args.out:

@@ -20,6 +20,7 @@
   compile for sm_90; its summary reads phases off the stamps.  So do
   dkdv_timeline.py's to the Gluon dK / dV kernel's (with and without the
   fused dQ).
+- tree_ab.py refuses a base that is not a checkout of the project.
 """
 
 import json
@@ -279,3 +280,11 @@ def test_fwd_timeline_summary_reads_the_phases():
     fit = s["loop_fit_plain_masked_us"]
     assert fit["a"] == pytest.approx(1.0, abs=1e-3) and fit["b"] == pytest.approx(1.3, abs=1e-3)
     assert fit["c"] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_tree_ab_wants_a_checkout_as_its_base(tmp_path):
+    # a base that is not a checkout of the project is refused with its name
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tree_ab.py"), "--base", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "--base: expected a checkout of the project" in run.stderr
+    assert str(tmp_path) in run.stderr
