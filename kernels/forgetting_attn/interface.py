@@ -476,8 +476,12 @@ def forgetting_attention(
             never waits for the device; without it they are read back once.
         softmax_scale: default 1 / sqrt(D).
         acp: ``AcpConfig`` to prune with Adaptive Computation Pruning, or None.
-            Calls whose longest sequence is shorter than ``acp.min_seqlen``
-            run without pruning.
+            The Triton kernels skip the tiles whose pairs all have a decay
+            below the threshold and compute the others whole; the torch
+            backend drops every such pair (acp.py; both lose at most eps of
+            a query's attention mass when the bound holds).  Calls whose
+            longest sequence is shorter than ``acp.min_seqlen`` run without
+            pruning.
         backend: "auto" (Triton on CUDA, torch reference on CPU), "triton",
             or "torch".
         return_stats: also return ``AcpStats`` (None when ``acp`` is None;
