@@ -114,7 +114,8 @@ _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 
 # (BLOCK_M, BLOCK_N, MMA warps, STAGES) per head dim.  Two stages ran as fast
 # as three on an H200 (attention_gluon_fwd_128_h200.json); head dim 64 takes
-# the same tiles (attention_gluon_fwd_d64_h200.json).
+# the same tiles (attention_gluon_fwd_d64_h200.json), and three stages there
+# were no faster with ACP either (gluon_fwd_stages3_d64_h200.json).
 CONFIGS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
 # registers a thread at launch: one CTA per SM
 MAXNREG = 168
