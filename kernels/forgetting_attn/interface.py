@@ -30,6 +30,7 @@ from .naive import (
     naive_attention_chunk,
     naive_forgetting_attention,
     pair_decay,
+    pair_keep,
     token_document_ids,
 )
 
@@ -786,17 +787,7 @@ def _torch_chunk_backward(do, q, k, v, c_q, c_k, out, lse, causal, scale, thr, s
     dof = do.to(cd).permute(0, 2, 1, 3)
     decay = pair_decay(c_q, c_k, cd)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale + decay
-    keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device)
-    if causal:
-        keep = torch.tril(keep)
-    keep = keep.expand_as(s)
-    if same_doc is not None:
-        keep = keep & same_doc[:, None]
-    d = decay if prune_decay is None else prune_decay.to(cd)
-    if query_thr is not None:
-        keep = keep & (d >= query_thr.to(cd).permute(0, 2, 1)[..., None])
-    elif thr is not None:
-        keep = keep & (d >= thr.to(cd)[:, :, None, None])
+    keep = pair_keep(decay, causal, same_doc, thr, query_thr, prune_decay)
     lse_c = lse.to(cd)
     safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
     p = torch.where(keep, torch.exp(s - safe[..., None]), torch.zeros_like(s))

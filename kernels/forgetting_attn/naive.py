@@ -29,6 +29,7 @@ __all__ = [
     "cumulative_log_decay_bht",
     "reverse_cumulative_sum_bht",
     "pair_decay",
+    "pair_keep",
     "tile_rule_decay",
 ]
 
@@ -150,6 +151,32 @@ def tile_rule_decay(
     return pair_decay(cq.permute(0, 2, 1), ck.permute(0, 2, 1), torch.float64)
 
 
+def pair_keep(
+    decay: torch.Tensor,
+    causal: bool,
+    same_doc: Optional[torch.Tensor] = None,
+    acp_threshold: Optional[torch.Tensor] = None,
+    query_threshold: Optional[torch.Tensor] = None,
+    prune_decay: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[B, Hq, Tq, Tk] bool: the pairs the reference keeps.  decay:
+    [B, Hq, Tq, Tk] (its dtype is the compare's); the other arguments as
+    for ``naive_attention_chunk``."""
+    B, Hq, Tq, Tk = decay.shape
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=decay.device)
+    if causal:
+        keep = torch.tril(keep)
+    keep = keep.expand(B, Hq, Tq, Tk)
+    if same_doc is not None:
+        keep = keep & same_doc[:, None]
+    d = decay if prune_decay is None else prune_decay.to(decay.dtype)
+    if query_threshold is not None:
+        keep = keep & (d >= query_threshold.to(decay.dtype).permute(0, 2, 1)[..., None])
+    elif acp_threshold is not None:
+        keep = keep & (d >= acp_threshold.to(decay.dtype)[:, :, None, None])
+    return keep
+
+
 def naive_attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,18 +217,7 @@ def naive_attention_chunk(
     vf = v.to(cd).repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
     decay = pair_decay(c_q.permute(0, 2, 1), c_k.permute(0, 2, 1), cd)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale + decay
-    Tk = k.shape[1]
-    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = torch.tril(keep)
-    keep = keep.expand(B, Hq, Tq, Tk)
-    if same_doc is not None:
-        keep = keep & same_doc[:, None]
-    d = decay if prune_decay is None else prune_decay.to(cd)
-    if query_threshold is not None:
-        keep = keep & (d >= query_threshold.to(cd).permute(0, 2, 1)[..., None])
-    elif acp_threshold is not None:
-        keep = keep & (d >= acp_threshold.to(cd)[:, :, None, None])
+    keep = pair_keep(decay, causal, same_doc, acp_threshold, query_threshold, prune_decay)
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # B H Tq
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
