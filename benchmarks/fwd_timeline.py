@@ -112,8 +112,8 @@ PATCHES = [
      "q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,\n",
      "q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO, TLB,\n"),
     ("start",
-     "        if pid_m * BLOCK_M < qlen:\n",
-     "        if pid_m * BLOCK_M < qlen:\n"
+     "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n",
+     "        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):\n"
      "            TL_K: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])\n"
      "            tl_prog = gl.program_id(0) + gl.num_programs(0) * (s_id + gl.num_programs(1) * h)\n"
      f"            tl_base = TLB + tl_prog.to(gl.int64) * {SLOTS}\n"

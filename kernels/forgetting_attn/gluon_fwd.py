@@ -227,7 +227,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pingpong_mma_partition(WG: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                turns, cq_base, ck_base, pid_m, qlen, klen, lo, mid, n, scale2,
+                                turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
                                 o_base, stride_ot, lse_base, CAUSAL: gl.constexpr,
                                 STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
@@ -250,10 +250,6 @@ if HAVE_GLUON:
         their_turn = turns.index(1 - WG)
         offs_m = pid_m * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
         qmask = offs_m < qlen
-        # decays relative to the query block's first (both warpgroups'),
-        # loaded here rather than before the partitions start, where the
-        # load warp's first copies would wait for it
-        c_ref = gl.load(cq_base + pid_m * (2 * BLOCK_M))
         cq2 = (gl.load(cq_base + offs_m, mask=qmask, other=0.0) - c_ref).to(gl.float32) * _LOG2E
         if CAUSAL:
             k_last = gl.minimum(offs_m, klen - 1)
@@ -348,22 +344,17 @@ if HAVE_GLUON:
 
         s_id = gl.program_id(1)
         h = gl.program_id(2)
-        # the last query blocks (the most tiles) first; the index does not
-        # depend on the sequence's length (tile_ranges.query_block), so the
-        # table entries and the ACP boundary load at once
+        qlen = gl.load(QLEN + s_id)
         if CAUSAL:
-            pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - gl.program_id(0)
         else:
             pid_m = gl.program_id(0)
-        qlen = gl.load(QLEN + s_id)
-        klen = gl.load(KLEN + s_id)
-        row = gl.load(ROW + s_id)
-        qrow = gl.load(QROW + s_id).to(gl.int64)
-        q0 = gl.load(QSTART + s_id).to(gl.int64)
-        k0 = gl.load(KSTART_POS + s_id)
-        lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
-                                ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-        if pid_m * BLOCK_M < qlen:
+        if (pid_m >= 0) & (pid_m * BLOCK_M < qlen):
+            klen = gl.load(KLEN + s_id)
+            row = gl.load(ROW + s_id)
+            qrow = gl.load(QROW + s_id).to(gl.int64)
+            q0 = gl.load(QSTART + s_id).to(gl.int64)
+            k0 = gl.load(KSTART_POS + s_id)
             hk = h // GROUP
             q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
             q_ready = load_barrier()
@@ -379,17 +370,20 @@ if HAVE_GLUON:
             fence_async_shared()
 
             cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
+            c_ref = gl.load(cq_base + pid_m * BLOCK_M)
             ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
+            lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                                    ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
             n = hi - lo
             o_base = O + qrow * stride_ob + h * stride_oh + q0 * stride_ot
             lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
             gl.warp_specialize(
                 [(_pingpong_mma_partition, (0, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                            turns, cq_base, ck_base, pid_m, qlen, klen, lo, mid, n, scale2,
+                                            turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
                                             o_base, stride_ot, lse_base, CAUSAL, STAGES, HALF, BLOCK_N, HEAD_DIM,
                                             num_warps)),
                  (_pingpong_mma_partition, (1, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                                            turns, cq_base, ck_base, pid_m, qlen, klen, lo, mid, n, scale2,
+                                            turns, cq_base, ck_base, c_ref, pid_m, qlen, klen, lo, mid, n, scale2,
                                             o_base, stride_ot, lse_base, CAUSAL, STAGES, HALF, BLOCK_N, HEAD_DIM,
                                             4)),
                  (_fwd_load_partition, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty,

@@ -16,20 +16,6 @@ import triton.language as tl
 
 
 @triton.jit
-def query_block(CAUSAL: tl.constexpr):
-    """This program's query block (forward and dQ pass).  Causal grids start
-    with the last blocks, which have the most tiles.  The grid covers the
-    longest sequence, and the index does not depend on the program's own
-    sequence (programs past a shorter one's end find no rows), so that the
-    sequence's table entries and its ACP boundary load at once instead of
-    one after the other."""
-    if CAUSAL:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        return tl.program_id(0)
-
-
-@triton.jit
 def first_query_blocks(pid_n, qlen, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(lo, full_lo) of key block pid_n: causal, the first query block that
     sees any of its keys and the first whose every row is at or after every

@@ -56,7 +56,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 from . import gluon_bwd, gluon_fwd
-from .tile_ranges import first_query_blocks, key_tiles, query_block, query_tiles
+from .tile_ranges import first_query_blocks, key_tiles, query_tiles
 
 
 LOG2E = 1.4426950408889634
@@ -492,19 +492,17 @@ def _fwd_kernel(
     # is merged into by the log-sum-exp rule.
     s_id = tl.program_id(1)
     h = tl.program_id(2)
-    pid_m = query_block(CAUSAL)
-    # the table entries and the ACP boundary, all loaded at once
     qlen = tl.load(QLEN + s_id)
+    # causal: the last query blocks have the most tiles; launch them first
+    pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    # the grid covers the longest sequence: blocks past this one's end
+    if (pid_m < 0) | (pid_m * BLOCK_M >= qlen):
+        return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
     qrow = tl.load(QROW + s_id).to(tl.int64)
     q0 = tl.load(QSTART + s_id).to(tl.int64)
     k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
-    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
-                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
-    # the grid covers the longest sequence: blocks past this one's end
-    if pid_m * BLOCK_M >= qlen:
-        return
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -520,6 +518,8 @@ def _fwd_kernel(
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
 
+    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -746,19 +746,17 @@ def _dq_kernel(
     # (relative norm) on an H200 at 8k-16k.
     s_id = tl.program_id(1)
     h = tl.program_id(2)
-    pid_m = query_block(CAUSAL)
-    # the table entries and the ACP boundary, all loaded at once
     qlen = tl.load(QLEN + s_id)
+    # causal: the last query blocks have the most tiles; launch them first
+    pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    # the grid covers the longest sequence: blocks past this one's end
+    if (pid_m < 0) | (pid_m * BLOCK_M >= qlen):
+        return
     klen = tl.load(KLEN + s_id)
     row = tl.load(ROW + s_id).to(tl.int64)
     qrow = tl.load(QROW + s_id).to(tl.int64)
     q0 = tl.load(QSTART + s_id).to(tl.int64)
     k0 = tl.load(KSTART_POS + s_id).to(tl.int64)
-    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
-                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
-    # the grid covers the longest sequence: blocks past this one's end
-    if pid_m * BLOCK_M >= qlen:
-        return
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -786,6 +784,8 @@ def _dq_kernel(
     k_base = K + row * stride_kb + hk * stride_kh + k0 * stride_kt
     v_base = V + row * stride_vb + hk * stride_vh + k0 * stride_vt
     ck_base = CK + row * stride_ckb + h * stride_ckh + k0
+    lo, mid, hi = key_tiles(KBLO, s_id, h, pid_m, qlen, klen, stride_kblo_s, stride_kblo_h, BLOCK_M, BLOCK_N,
+                            BLOCK_M, BLOCK_N, CAUSAL, USE_ACP)
     k_last = _last_keys(offs_m, klen, CAUSAL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
