@@ -331,6 +331,50 @@ def test_triton_acp_skips_whole_tiles_only():
     assert rel_err(o_elem, o_ref) > 1e-2
 
 
+def test_heavy_first_orders_pairs_by_kept_tiles():
+    from fox_megatron.kernels.forgetting_attn.triton_ops import heavy_first
+
+    kept = torch.tensor([[3, 9, 3, 0], [7, 1, 9, 5]], dtype=torch.int32)  # [S = 2, H = 4]
+    tiles = torch.stack([kept, torch.full_like(kept, 99)], -1).to(DEVICE)  # kept, total
+    # entries are s + S * h; ties keep the grid's order (heads outermost)
+    assert heavy_first(tiles).tolist() == [2, 5, 1, 7, 0, 4, 3, 6]
+    # by key / value head (two query heads each): sums [[12, 3], [8, 14]]
+    assert heavy_first(tiles, group=2).tolist() == [3, 0, 1, 2]
+    # a random case against a stable sort
+    kept = torch.randint(0, 6, (7, 40), dtype=torch.int32)
+    tiles = torch.stack([kept, kept], -1).to(DEVICE)
+    expect = torch.argsort(kept.t().reshape(-1), descending=True, stable=True)
+    assert heavy_first(tiles).tolist() == expect.tolist()
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_triton_launch_order_by_kept_tiles_changes_no_result(docs, monkeypatch):
+    # under ACP the kernels launch the (sequence, head) pairs with the most
+    # kept tiles first; every program writes only its own rows, so the
+    # order changes nothing in the results, bit for bit
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    q, k, v, log_f = make_inputs(2, 300, 4, 2, 16, torch.float32, decay_scale=3.0, seed=31)
+    with torch.no_grad():  # the fast-forgetting heads first: the grid's order is the wrong one
+        log_f.copy_(log_f.flip(-1))
+    cu = torch.tensor([0, 120, 300, 301, 600], dtype=torch.int32, device=DEVICE) if docs else None
+    do = torch.randn_like(q)
+    orders = []
+    monkeypatch.setattr(triton_ops, "heavy_first",
+                        lambda *a, _f=triton_ops.heavy_first: orders.append(_f(*a)) or orders[-1])
+    results = {}
+    for ordered in (True, False):
+        monkeypatch.setattr(triton_ops, "ORDER_BY_KEPT_TILES", ordered)
+        results[ordered] = run(q, k, v, log_f, do, backend="triton", cu_seqlens=cu, acp=AcpConfig(log_eps=-4.0))
+    # one order of the query heads, one of the key / value heads (GQA)
+    assert len(orders) == 2
+    assert orders[0].tolist() != sorted(orders[0].tolist()), "the inputs should reorder the pairs"
+    (o1, g1), (o0, g0) = results[True], results[False]
+    assert torch.equal(o1, o0)
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), g1, g0):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_stats_agree_between_backends(packed):
     # the Triton path counts tiles in the boundary kernel, the torch path

@@ -99,7 +99,7 @@ def gluon_fwd_case(module, head_dim, group, acp):
     bm, bn, _, stages = module.CONFIGS[head_dim]
     abm, abn = triton_ops.fwd_blocks(head_dim, torch.bfloat16)
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp,
-                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, num_warps=4)
+                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, ORDERED=acp, num_warps=4)
     return consts, dict(num_warps=4, maxnreg=module.MAXNREG, desc_block=(bn, head_dim),
                         desc_blocks={"q_desc": (bm, head_dim)})
 
@@ -111,7 +111,7 @@ def gluon_dkdv_case(module, head_dim, fused, group, acp):
     bm, bn, warps, stages = module.CONFIGS[head_dim]
     abm, abn = triton_ops.kernel_config("dkdv", head_dim, torch.bfloat16)[:2]
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=acp,
-                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, num_warps=warps)
+                  STAGES=stages, ACP_BLOCK_M=abm, ACP_BLOCK_N=abn, FUSED_DQ=fused, ORDERED=acp, num_warps=warps)
     return consts, dict(num_warps=warps, maxnreg=module.MAXNREG, desc_block=(bm, head_dim),
                         desc_dtypes={n: "fp32" if fused else "bf16" for n in ("dqa_desc", "dcq_desc")},
                         desc_blocks={"dcq_desc": (bm, 16 if fused else head_dim),
@@ -144,6 +144,8 @@ def cases():
            dict(BLOCK_M=128, BLOCK_N=64, LANES=t._BOUNDARY_LANES, CAUSAL=True,
                 DO_KBLO=True, DO_QBHI=True, DO_COUNT=True, QB_BLOCK_M=32, QB_BLOCK_N=128),
            dict(fp64_pointers=("CQ", "CK")))
+    for group in (1, 2):
+        yield f"heavy_first_group{group}", t._heavy_first_kernel, dict(GROUP=group, BLOCK=128, CHUNK=64), {}
     yield "decay_scan", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK), {}
     yield ("decay_scan_precise", t._segmented_scan_kernel, dict(HAS_Y=False, REVERSE=False, BLOCK_T=t._SCAN_BLOCK),
            dict(fp64_pointers=("OUT",)))
@@ -157,7 +159,7 @@ def cases():
         for head_dim in (64, 128):
             bm, bn, warps, stages = t.kernel_config(kind, head_dim, torch.bfloat16)
             consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, USE_ACP=True,
-                          PRECISION="tf32")
+                          PRECISION="tf32", ORDERED=True)
             if kind in accumulates:
                 consts["ACCUMULATE"] = False
             if kind == "dq":  # delta from o and do
@@ -167,7 +169,7 @@ def cases():
             yield (f"{kind}_precise_d{head_dim}", kernel, consts,
                    dict(num_warps=warps, num_stages=stages, fp64_pointers=("CQ", "CK")))
             if kind in accumulates:
-                acc_consts = {**consts, "CAUSAL": False, "ACCUMULATE": True}
+                acc_consts = {**consts, "CAUSAL": False, "ACCUMULATE": True, "ORDERED": False}
                 if kind == "dq":  # the ring passes delta
                     acc_consts["DELTA_FROM_O"] = False
                 yield (f"{kind}_accumulate_d{head_dim}", kernel, acc_consts,

@@ -89,7 +89,7 @@ import torch
 import triton
 
 from .gluon_fwd import _LOG2E, HAVE_GLUON, LOG2E, hopper_tma_ready, tma_descriptors
-from .tile_ranges import first_query_blocks, query_tiles
+from .tile_ranges import first_query_blocks, query_tiles, sequence_and_head
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -351,7 +351,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkdv_kernel_sm90(
         q_desc, k_desc, v_desc, do_desc, CQ, CK, LSE, DLT, QBHI, DK, DV, DCK, dqa_desc, dcq_desc,
-        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh,
         v_rows_b, v_cols_b, stride_vh,
@@ -366,7 +366,7 @@ if HAVE_GLUON:
         scale, scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr, ACP_BLOCK_M: gl.constexpr,
-        ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr, num_warps: gl.constexpr,
+        ACP_BLOCK_N: gl.constexpr, FUSED_DQ: gl.constexpr, ORDERED: gl.constexpr, num_warps: gl.constexpr,
     ):
         # warp-specialised: num_warps warps of MMAs (the default partition)
         # and one warp of TMA loads; K / V / Q / dO of (row, token t, head)
@@ -378,8 +378,7 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_N % ACP_BLOCK_N == 0)
 
         pid_n = gl.program_id(0)
-        s_id = gl.program_id(1)
-        hk = gl.program_id(2)
+        s_id, hk = sequence_and_head(ORDER, ORDERED)
         klen = gl.load(KLEN + s_id)
         if pid_n * BLOCK_N < klen:
             qlen = gl.load(QLEN + s_id)
@@ -458,13 +457,15 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     dc_q16 [B, Tq, Hq, 16] float32), zeroed: the kernel also adds each
     tile's dQ (scaled) and row sums of dS there (the fused dQ; dc_q16's 16
     columns get the same sums, the smallest MMA being 16 wide), and dlt
-    holds the rows' delta already."""
+    holds the rows' delta already.  The pairs are launched in the table's
+    ``order_kv`` when it has one (triton_ops.heavy_first)."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, views = tma_descriptors((q, do), BM)
     kv_descs, kv_views = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
+    order = pairs.order_kv
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
     qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     fused = dq_acc is not None
@@ -479,6 +480,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     _dkdv_kernel_sm90[grid](
         descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        order if order is not None else pairs.row,
         views[0][2], views[0][3], q.stride(2),
         kv_views[0][2], kv_views[0][3], k.stride(2),
         kv_views[1][2], kv_views[1][3], v.stride(2),
@@ -492,5 +494,6 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         qb.stride(0), qb.stride(1),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, num_warps=warps, maxnreg=MAXNREG,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, ORDERED=order is not None,
+        num_warps=warps, maxnreg=MAXNREG,
     )

@@ -74,7 +74,7 @@ import functools
 import torch
 import triton
 
-from .tile_ranges import key_tiles
+from .tile_ranges import key_tiles, sequence_and_head
 
 try:  # Gluon and its Hopper module exist from Triton 3.6 on
     from triton.experimental import gluon
@@ -319,7 +319,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _fwd_kernel_sm90_pingpong(
         q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,
-        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
         stride_ob, stride_ot, stride_oh,
@@ -329,7 +329,7 @@ if HAVE_GLUON:
         scale2,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
-        ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+        ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, ORDERED: gl.constexpr, num_warps: gl.constexpr,
     ):
         # the query block's two warpgroups in separate partitions that take
         # turns on the tensor cores: the default partition (num_warps = 4)
@@ -342,8 +342,7 @@ if HAVE_GLUON:
         HALF: gl.constexpr = BLOCK_M // 2
         gl.static_assert(HALF == 16 * num_warps)
 
-        s_id = gl.program_id(1)
-        h = gl.program_id(2)
+        s_id, h = sequence_and_head(ORDER, ORDERED)
         qlen = gl.load(QLEN + s_id)
         if CAUSAL:
             pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - gl.program_id(0)
@@ -432,12 +431,14 @@ def tma_descriptors(tensors, block_rows):
 def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, group, acp_blocks):
     """Launch the Gluon forward with triton_ops._forward's arguments (no
     partial result to merge into; ``supported`` holds); acp_blocks: the
-    (BLOCK_M, BLOCK_N) of kblo's tiles."""
+    (BLOCK_M, BLOCK_N) of kblo's tiles.  The pairs are launched in the
+    table's ``order_q`` when it has one (triton_ops.heavy_first)."""
     D = q.shape[-1]
     BM, BN, warps, stages = CONFIGS[D]
     descs, kv = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
+    order = pairs.order_q
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
@@ -445,6 +446,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     _fwd_kernel_sm90_pingpong[grid](
         q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+        order if order is not None else pairs.row,
         q_view[2], q_view[3], q.stride(2),
         kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -453,5 +455,6 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
         kb.stride(0), kb.stride(1),
         scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], num_warps=4, maxnreg=MAXNREG,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
+        maxnreg=MAXNREG,
     )

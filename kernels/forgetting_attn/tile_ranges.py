@@ -16,6 +16,24 @@ import triton.language as tl
 
 
 @triton.jit
+def sequence_and_head(ORDER, ORDERED: tl.constexpr):
+    """(sequence, head) of this program, from grid axes 1 and 2.  ORDERED:
+    the grid's (sequence, head) slots, in the order the GPU launches them,
+    take the pairs that ORDER lists (s + S * h, most kept tiles first:
+    triton_ops.heavy_first), so that under ACP the longest programs start
+    first whatever the heads' order, and the last wave is short."""
+    if ORDERED:
+        S = tl.num_programs(1)
+        sh = tl.load(ORDER + tl.program_id(1) + S * tl.program_id(2))
+        s_id = sh % S
+        h = sh // S
+    else:
+        s_id = tl.program_id(1)
+        h = tl.program_id(2)
+    return s_id, h
+
+
+@triton.jit
 def first_query_blocks(pid_n, qlen, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(lo, full_lo) of key block pid_n: causal, the first query block that
     sees any of its keys and the first whose every row is at or after every

@@ -56,7 +56,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 from . import gluon_bwd, gluon_fwd
-from .tile_ranges import first_query_blocks, key_tiles, query_tiles
+from .tile_ranges import first_query_blocks, key_tiles, query_tiles, sequence_and_head
 
 
 LOG2E = 1.4426950408889634
@@ -120,6 +120,14 @@ USE_GLUON_DKDV = True
 # bitwise reproducible: the dQ kernel runs whenever
 # torch.use_deterministic_algorithms is on.
 USE_GLUON_FUSED_DQ = True
+
+
+# True: under ACP the kernels launch the (sequence, head) pairs with the
+# most kept tiles first (heavy_first), instead of in the heads' order.
+# Pruning leaves the heads very different amounts of work, and the GPU
+# starts programs in grid order, so heads that happen to come last with
+# long programs leave a long last wave (tile_ranges.sequence_and_head).
+ORDER_BY_KEPT_TILES = True
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16):
@@ -336,6 +344,51 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     return kblo, qbhi
 
 
+# the most (sequence, head) pairs heavy_first ranks (one program, a
+# compare of every pair with every other); more run in the grid's order
+_ORDER_MAX_PAIRS = 4096
+
+
+@triton.jit
+def _heavy_first_kernel(TILES, stride_ts, stride_th, ORDER, num_seqs, num_pairs, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    # pair i = s + S * h (S = num_seqs; h a head of GROUP query heads: a key / value head
+    # when GROUP > 1) has w_i kept tiles; its rank is the number of pairs
+    # with more, or as many and a lower index, and ORDER[rank] = i
+    i = tl.arange(0, BLOCK)
+    w_i = tl.zeros([BLOCK], dtype=tl.int32)
+    for g in tl.static_range(GROUP):
+        w_i += tl.load(TILES + (i % num_seqs) * stride_ts + ((i // num_seqs) * GROUP + g) * stride_th, mask=i < num_pairs, other=0)
+    rank = tl.zeros([BLOCK], dtype=tl.int32)
+    for j0 in range(0, num_pairs, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        w_j = tl.zeros([CHUNK], dtype=tl.int32)
+        for g in tl.static_range(GROUP):
+            w_j += tl.load(TILES + (j % num_seqs) * stride_ts + ((j // num_seqs) * GROUP + g) * stride_th, mask=j < num_pairs, other=0)
+        before = (w_j[None, :] > w_i[:, None]) | ((w_j[None, :] == w_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((before & (j[None, :] < num_pairs)).to(tl.int32), 1)
+    tl.store(ORDER + rank, i, mask=i < num_pairs)
+
+
+def heavy_first(tiles: torch.Tensor, group: int = 1):
+    """Launch order of the (sequence, head) pairs, from the boundary
+    kernel's counts: tiles int32 [S, Hq, 2] (kept tiles first); group > 1
+    orders (sequence, key / value head) pairs by their query heads' sum.
+    Returns int32 [S * H] of s + S * h, most kept tiles first (ties in the
+    grid's own order, heads outermost), or None above _ORDER_MAX_PAIRS
+    pairs.  One launch, no sort: its cost is a launch's."""
+    S, Hq = tiles.shape[:2]
+    n = S * (Hq // group)
+    if n > _ORDER_MAX_PAIRS:
+        return None
+    order = torch.empty(n, dtype=torch.int32, device=tiles.device)
+    block = max(triton.next_power_of_2(n), 16)
+    chunk = max(16, min(64, 8192 // block))
+    _heavy_first_kernel[(1,)](tiles, tiles.stride(0), tiles.stride(1), order, S, n, GROUP=group, BLOCK=block,
+                              CHUNK=chunk, num_warps=4)
+    return order
+
+
 # --------------------------------------------------------------------------
 # cumulative decay and its gradient: one segmented scan per (sequence, head)
 # --------------------------------------------------------------------------
@@ -472,7 +525,7 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, CQ, CK, O, LSE, KBLO,
+    Q, K, V, CQ, CK, O, LSE, KBLO, ORDER,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -484,14 +537,14 @@ def _fwd_kernel(
     scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     # ROW indexes the batch of K, V and CK; QROW that of Q, CQ, O and LSE
     # (the same table for plain attention; a context-parallel pair reads
     # selected query rows of whole tensors in place).  ACCUMULATE: O (fp32)
     # and LSE already hold a partial result over other keys, which this one
     # is merged into by the log-sum-exp rule.
-    s_id = tl.program_id(1)
-    h = tl.program_id(2)
+    s_id, h = sequence_and_head(ORDER, ORDERED)
     qlen = tl.load(QLEN + s_id)
     # causal: the last query blocks have the most tiles; launch them first
     pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -623,7 +676,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, CQ, CK, LSE, DLT, QBHI, DK, DV, DCK,
+    Q, K, V, DO, CQ, CK, LSE, DLT, QBHI, ORDER, DK, DV, DCK,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -637,11 +690,10 @@ def _dkdv_kernel(
     stride_qbhi_s, stride_qbhi_h,
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ORDERED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    s_id = tl.program_id(1)
-    hk = tl.program_id(2)
+    s_id, hk = sequence_and_head(ORDER, ORDERED)
     klen = tl.load(KLEN + s_id)
     if pid_n * BLOCK_N >= klen:
         return
@@ -717,7 +769,7 @@ def _dq_tiles(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, O, CQ, CK, LSE, DLT, KBLO, DQ, DCQ,
+    Q, K, V, DO, O, CQ, CK, LSE, DLT, KBLO, ORDER, DQ, DCQ,
     ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -732,7 +784,7 @@ def _dq_kernel(
     scale, scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ACP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DELTA_FROM_O: tl.constexpr,
+    DELTA_FROM_O: tl.constexpr, ORDERED: tl.constexpr,
 ):
     # rows as in _fwd_kernel; ACCUMULATE: DQ (fp32) and DCQ are added to.
     # DELTA_FROM_O: delta = do . o is computed here and written to DLT for
@@ -744,8 +796,7 @@ def _dq_kernel(
     # that rounding error, which the column sums carry too, and the two
     # cancel in dL/dlog f.  Without the row sums, dlog f moved by 5-11%
     # (relative norm) on an H200 at 8k-16k.
-    s_id = tl.program_id(1)
-    h = tl.program_id(2)
+    s_id, h = sequence_and_head(ORDER, ORDERED)
     qlen = tl.load(QLEN + s_id)
     # causal: the last query blocks have the most tiles; launch them first
     pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -818,10 +869,14 @@ class _PairTable:
     and the query gradients): the same tensor unless a context-parallel pair
     reads selected query rows of whole tensors in place (``with_query_rows``)."""
 
-    def __init__(self, row, qstart, qlen, kstart, klen, max_qlen, max_klen, qrow=None):
+    def __init__(self, row, qstart, qlen, kstart, klen, max_qlen, max_klen, qrow=None, order_q=None,
+                 order_kv=None):
         self.row, self.qstart, self.qlen, self.kstart, self.klen = row, qstart, qlen, kstart, klen
         self.qrow = row if qrow is None else qrow
         self.max_qlen, self.max_klen = max_qlen, max_klen
+        # launch orders of the (entry, query head) and (entry, key / value
+        # head) programs (heavy_first), or None: the grid's own
+        self.order_q, self.order_kv = order_q, order_kv
 
     @staticmethod
     def self_attention(seqs):
@@ -839,6 +894,11 @@ class _PairTable:
         mv = lambda t: t.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
         return _PairTable(mv(seg.row), mv(seg.qstart), mv(seg.qlen), mv(seg.kstart), mv(seg.klen),
                           seg.max_qlen, seg.max_klen)
+
+    def launched_in(self, order_q, order_kv):
+        """The same entries, their programs launched in these orders."""
+        return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
+                          qrow=self.qrow, order_q=order_q, order_kv=order_kv)
 
     def with_query_rows(self, qrow):
         """The same entries reading queries at batch rows ``qrow`` (int32, one per entry)."""
@@ -872,7 +932,10 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
     decays (``decay_precision``).  Returns out, lse, kblo,
     tiles (kept and total tiles per sequence and head, int32 [S, H, 2]; None
     without ACP), qbhi (with ACP and ``for_backward``: the dK / dV kernel's
-    boundaries, found in the same launch as the forward's; else None).
+    boundaries, found in the same launch as the forward's; else None),
+    orders (with ACP and counted tiles: the launch order of the query
+    heads' programs and, for the backward, of the key / value heads'
+    (``heavy_first``); else None).
     partial: the table may leave queries uncovered (packed chunk pairs):
     those keep out = 0, lse = -inf.
     acc: (out fp32, lse) shaped like q's output, a partial result that this
@@ -895,20 +958,27 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     S = pairs.row.numel()
     if S == 0:
-        return out, lse, None, None, None
-    kblo = tiles = qbhi = None
+        return out, lse, None, None, None, None
+    kblo = tiles = qbhi = orders = None
     if use_acp:
         tiles = torch.empty(S, Hq, 2, dtype=torch.int32, device=q.device) if count_tiles else None
         kblo, qbhi = block_boundaries(c_q, c_k, pairs, thr, BM, BN, causal, want_kblo=True, tiles=tiles,
                                       want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
+        if tiles is not None and ORDER_BY_KEPT_TILES and S * Hq > 1:
+            order = heavy_first(tiles)
+            # the dK / dV pass has a program per key / value head
+            kv_order = order if group == 1 else heavy_first(tiles, group)
+            orders = (order, kv_order)
+            pairs = pairs.launched_in(*orders)
     if (USE_GLUON_FWD and allow_gluon and acc is None and gluon_fwd.supported(q, k, v, out)
             and _run_gluon("USE_GLUON_FWD", gluon_fwd.launch_fwd, q, k, v, c_q, c_k, out, lse, thr, kblo, pairs,
                            scale, causal, group, (BM, BN))):
-        return out, lse, kblo, tiles, qbhi
+        return out, lse, kblo, tiles, qbhi, orders
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
+    order = pairs.order_q
     _fwd_kernel[grid](
-        q, k, v, c_q, c_k, out, lse, kb,
+        q, k, v, c_q, c_k, out, lse, kb, order if order is not None else kb,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -919,9 +989,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         kb.stride(0), kb.stride(1),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=acc is not None, num_warps=warps, num_stages=stages,
+        ACCUMULATE=acc is not None, ORDERED=order is not None, num_warps=warps, num_stages=stages,
     )
-    return out, lse, kblo, tiles, qbhi
+    return out, lse, kblo, tiles, qbhi, orders
 
 
 def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=None, partial=False,
@@ -933,7 +1003,8 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     (``_forward``), found again when not given; dq_acc: (dq fp32, dc_q)
     that the query gradients are added to in place (context-parallel
     accumulation); kv_grad_dtype: dk and dv are written in it (contiguous),
-    else in k's dtype."""
+    else in k's dtype.  Programs launch in the table's orders (the
+    forward's, ``_PairTable.launched_in``) when it has them."""
     do, q, k, v = _check_unit_stride(do, q, k, v)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -967,6 +1038,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     if S == 0:
         return dq, dk, dv, dc_q, dc_k
     scale2 = scale * LOG2E
+    order_q, order_kv = pairs.order_q, pairs.order_kv
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     gluon_mode = (gluon_bwd.mode(q, k, v, do, use_acp) if USE_GLUON_DKDV and allow_gluon and not partial
                   and kv_grad_dtype is None and gluon_bwd.takes_boundaries(D, BM1, BN1) else None)
@@ -991,7 +1063,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
-        q, k, v, do, o_arg, c_q, c_k, lse, dlt, kb, dq, dc_q,
+        q, k, v, do, o_arg, c_q, c_k, lse, dlt, kb, order_q if order_q is not None else kb, dq, dc_q,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1005,14 +1077,15 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         kb.stride(0), kb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, num_warps=w2, num_stages=st2,
+        ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, ORDERED=order_q is not None, num_warps=w2,
+        num_stages=st2,
     )
     if gluon_mode and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr,
                                  qbhi, dk, dv, dc_k, pairs, scale, causal, group, (BM1, BN1)):
         return dq, dk, dv, dc_q, dc_k
     qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
-        q, k, v, do, c_q, c_k, lse, dlt, qb, dk, dv, dc_k,
+        q, k, v, do, c_q, c_k, lse, dlt, qb, order_kv if order_kv is not None else qb, dk, dv, dc_k,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1026,7 +1099,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         qb.stride(0), qb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
-        num_warps=w1, num_stages=st1,
+        ORDERED=order_kv is not None, num_warps=w1, num_stages=st1,
     )
     return dq, dk, dv, dc_q, dc_k
 
@@ -1039,10 +1112,10 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         # [B, H, T] (float64 if precise), time innermost: the kernels read c along time
         c = cumulative_decay(log_fgate.detach(), seqs, precise_decay)
         pairs = _PairTable.self_attention(seqs)
-        out, lse, kblo, tiles, qbhi = _forward(q, k, v, c, c, pairs, scale, thr, causal=True,
-                                               for_backward=any(ctx.needs_input_grad[:4]), allow_gluon=True)
+        out, lse, kblo, tiles, qbhi, orders = _forward(q, k, v, c, c, pairs, scale, thr, causal=True,
+                                                       for_backward=any(ctx.needs_input_grad[:4]), allow_gluon=True)
         ctx.save_for_backward(q, k, v, out, lse, c, thr, kblo, qbhi)
-        ctx.seqs, ctx.scale = seqs, scale
+        ctx.seqs, ctx.scale, ctx.orders = seqs, scale, orders
         ctx.mark_non_differentiable(tiles) if tiles is not None else None
         return out, tiles
 
@@ -1051,6 +1124,8 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, c, thr, kblo, qbhi = ctx.saved_tensors
         seqs = ctx.seqs
         pairs = _PairTable.self_attention(seqs)
+        if ctx.orders is not None:
+            pairs = pairs.launched_in(*ctx.orders)
         dq, dk, dv, dc_q, dc_k = _backward(do, q, k, v, c, c, out, lse, pairs, ctx.scale, thr, True, kblo,
                                            qbhi=qbhi, allow_gluon=True)
         dlogf = cumulative_decay_grad(dc_q, dc_k, seqs)  # [B, T, H]
@@ -1075,8 +1150,8 @@ def chunk_forward(q, k, v, c_q, c_k, causal, scale, thr, segments=None):
     pairs = _chunk_pairs(q, k, segments)
     c_q, c_k = decay_precision(c_q, c_k)
     thr = thr.float().contiguous() if thr is not None else None
-    out, lse, _, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
-                                 count_tiles=False)
+    out, lse, _, _, _, _ = _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=segments is not None,
+                                    count_tiles=False)
     return out, lse
 
 
