@@ -347,6 +347,18 @@ def test_heavy_first_orders_pairs_by_kept_tiles():
     assert heavy_first(tiles).tolist() == expect.tolist()
 
 
+def test_heavy_first_sorts_many_pairs_with_torch(monkeypatch):
+    from fox_megatron.kernels.forgetting_attn import triton_ops
+
+    kept = torch.randint(0, 6, (9, 8), dtype=torch.int32)
+    tiles = torch.stack([kept, kept], -1).to(DEVICE)
+    ranked = [triton_ops.heavy_first(tiles, g) for g in (1, 2)]
+    monkeypatch.setattr(triton_ops, "_ORDER_MAX_PAIRS", 8)  # above it: a torch sort
+    for g, r in zip((1, 2), ranked):
+        order = triton_ops.heavy_first(tiles, g)
+        assert order.dtype == torch.int32 and torch.equal(order, r), g
+
+
 @pytest.mark.parametrize("docs", [False, True])
 def test_triton_launch_order_by_kept_tiles_changes_no_result(docs, monkeypatch):
     # under ACP the kernels launch the (sequence, head) pairs with the most

@@ -344,8 +344,8 @@ def block_boundaries(c_q, c_k, seq, thr, block_m, block_n, causal, want_kblo=Tru
     return kblo, qbhi
 
 
-# the most (sequence, head) pairs heavy_first ranks (one program, a
-# compare of every pair with every other); more run in the grid's order
+# the most (sequence, head) pairs heavy_first ranks in one program (a
+# compare of every pair with every other); more are sorted by torch
 _ORDER_MAX_PAIRS = 4096
 
 
@@ -375,12 +375,13 @@ def heavy_first(tiles: torch.Tensor, group: int = 1):
     kernel's counts: tiles int32 [S, Hq, 2] (kept tiles first); group > 1
     orders (sequence, key / value head) pairs by their query heads' sum.
     Returns int32 [S * H] of s + S * h, most kept tiles first (ties in the
-    grid's own order, heads outermost), or None above _ORDER_MAX_PAIRS
-    pairs.  One launch, no sort: its cost is a launch's."""
+    grid's own order, heads outermost).  Up to _ORDER_MAX_PAIRS pairs one
+    launch and no sort (its cost is a launch's); above, a torch sort."""
     S, Hq = tiles.shape[:2]
     n = S * (Hq // group)
     if n > _ORDER_MAX_PAIRS:
-        return None
+        kept = tiles[..., 0].view(S, Hq // group, group).sum(-1)
+        return torch.argsort(kept.t().reshape(-1), descending=True, stable=True).to(torch.int32)
     order = torch.empty(n, dtype=torch.int32, device=tiles.device)
     block = max(triton.next_power_of_2(n), 16)
     chunk = max(16, min(64, 8192 // block))
