@@ -350,21 +350,27 @@ _ORDER_MAX_PAIRS = 4096
 
 
 @triton.jit
-def _heavy_first_kernel(TILES, stride_ts, stride_th, ORDER, num_seqs, num_pairs, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-                        CHUNK: tl.constexpr):
-    # pair i = s + S * h (S = num_seqs; h a head of GROUP query heads: a key / value head
-    # when GROUP > 1) has w_i kept tiles; its rank is the number of pairs
-    # with more, or as many and a lower index, and ORDER[rank] = i
-    i = tl.arange(0, BLOCK)
-    w_i = tl.zeros([BLOCK], dtype=tl.int32)
+def _pair_kept_tiles(TILES, stride_ts, stride_th, idx, num_seqs, num_pairs, GROUP: tl.constexpr):
+    """Kept tiles of pairs idx = s + S * h (S = num_seqs), h a head of GROUP
+    query heads: a key / value head when GROUP > 1 (0 past the last pair)."""
+    w = tl.zeros(idx.shape, dtype=tl.int32)
     for g in tl.static_range(GROUP):
-        w_i += tl.load(TILES + (i % num_seqs) * stride_ts + ((i // num_seqs) * GROUP + g) * stride_th, mask=i < num_pairs, other=0)
+        head = (idx // num_seqs) * GROUP + g
+        w += tl.load(TILES + (idx % num_seqs) * stride_ts + head * stride_th, mask=idx < num_pairs, other=0)
+    return w
+
+
+@triton.jit
+def _heavy_first_kernel(TILES, stride_ts, stride_th, ORDER, num_seqs, num_pairs, GROUP: tl.constexpr,
+                        BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    # one program: pair i's rank is the number of pairs with more kept
+    # tiles, or as many and a lower index, and ORDER[rank] = i
+    i = tl.arange(0, BLOCK)
+    w_i = _pair_kept_tiles(TILES, stride_ts, stride_th, i, num_seqs, num_pairs, GROUP)
     rank = tl.zeros([BLOCK], dtype=tl.int32)
     for j0 in range(0, num_pairs, CHUNK):
         j = j0 + tl.arange(0, CHUNK)
-        w_j = tl.zeros([CHUNK], dtype=tl.int32)
-        for g in tl.static_range(GROUP):
-            w_j += tl.load(TILES + (j % num_seqs) * stride_ts + ((j // num_seqs) * GROUP + g) * stride_th, mask=j < num_pairs, other=0)
+        w_j = _pair_kept_tiles(TILES, stride_ts, stride_th, j, num_seqs, num_pairs, GROUP)
         before = (w_j[None, :] > w_i[:, None]) | ((w_j[None, :] == w_i[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((before & (j[None, :] < num_pairs)).to(tl.int32), 1)
     tl.store(ORDER + rank, i, mask=i < num_pairs)
