@@ -781,6 +781,64 @@ def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, head_dim, m
         assert rel_err(a, b) < 1e-2, name
 
 
+@pytest.mark.parametrize("acp", [False, True])
+def test_gluon_launches_take_the_launch_order(acp, monkeypatch):
+    """Under ACP the Gluon forward and dK / dV kernels get the (sequence,
+    head) launch order that the kept tiles give (most first; by key / value
+    head in the dK / dV pass), and no order without ACP.  The order changes
+    no result, so the GPU tests cannot see it: here stand-in kernels record
+    their launches (on a CPU; the boundary and ranking kernels interpreted)."""
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops
+
+    kernels = {"fwd": gluon_fwd._fwd_kernel_sm90_pingpong, "dkdv": gluon_bwd._dkdv_kernel_sm90}
+    launches = {}
+
+    class StandIn:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                named = dict(zip(kernels[self.name].arg_names, args))
+                for out in ("O", "LSE", "DK", "DV", "DCK"):  # what the dQ kernel and autograd read on
+                    if out in named:
+                        named[out].zero_()
+                launches[self.name] = (named, constexprs)
+            return launch
+
+    monkeypatch.setattr(gluon_fwd, "_fwd_kernel_sm90_pingpong", StandIn("fwd"))
+    monkeypatch.setattr(gluon_bwd, "_dkdv_kernel_sm90", StandIn("dkdv"))
+    monkeypatch.setattr(gluon_fwd, "supported", lambda *a: True)
+    monkeypatch.setattr(gluon_bwd, "mode", lambda *a, **kw: "dkdv")
+    monkeypatch.setattr(gluon_bwd, "takes_boundaries", lambda *a: True)
+    B, T, Hq, Hkv, D = 2, 700, 4, 2, 64
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.float16, seed=41)
+    with torch.no_grad():  # the fast-forgetting heads first, and rows that differ
+        log_f.copy_(log_f.flip(-1))
+        log_f[1] *= 4.0
+    cfg = AcpConfig(logit_bound=math.sqrt(D)) if acp else None
+    o = forgetting_attention(q, k, v, log_f, backend="triton", acp=cfg)
+    o.backward(torch.randn_like(o))
+    args_f, consts_f = launches["fwd"]
+    args_b, consts_b = launches["dkdv"]
+    assert consts_f["ORDERED"] is acp and consts_b["ORDERED"] is acp
+    if not acp:
+        return
+    # the kept tiles per (row, head), from the reference boundaries in the
+    # forward's tiles; pair index s + S * h, most kept tiles first
+    bm, bn = triton_ops.fwd_blocks(D, torch.float16)
+    c = cumulative_log_decay(log_f.detach().double()).permute(0, 2, 1)  # [B, H, T]
+    thr = torch.full((B, Hq), -2 * math.sqrt(D) - math.log(T) - 10.0, dtype=torch.float64)
+    kstart = reference_block_boundaries(c, thr, bm, bn).long()  # [B, H, M]
+    diag = ((torch.arange(kstart.shape[-1]) + 1) * bm).clamp(max=T) - 1
+    kept = (diag // bn + 1 - kstart).sum(-1)  # [B, H]
+    kv_kept = kept.view(B, Hkv, Hq // Hkv).sum(-1)
+    for order, w in ((args_f["ORDER"], kept), (args_b["ORDER"], kv_kept)):
+        expect = torch.argsort(w.t().reshape(-1), descending=True, stable=True)
+        assert order.tolist() == expect.tolist()
+        assert expect.tolist() != sorted(expect.tolist()), "the inputs should reorder the pairs"
+
+
 def test_gluon_kernel_that_does_not_compile_falls_back(monkeypatch):
     """Gluon's API moves between Triton releases: a Gluon kernel that this
     Triton cannot compile turns its switch off with a warning, and the caller
