@@ -13,10 +13,11 @@ Tiles.  D_ij = c_i - c_j grows with j and falls with i (c never increases),
 so the largest D of a (query block, key block) tile sits at (first query,
 last key).  A tile whose largest D is below delta holds only droppable
 pairs and is skipped; the kernels compute the tiles they keep whole (the
-torch reference drops every pair below delta: naive.py).  For a query block the kept key blocks are one contiguous
-range [kstart_m, diagonal] with kstart_m non-decreasing in m: every boundary
-follows from the M + N block-edge decays alone (a two-pointer walk, or, as
-the Triton kernel does it, a bisection per row run for all rows at once).
+torch reference drops every pair below delta: naive.py).  For a query
+block the kept key blocks are one contiguous range [kstart_m, diagonal]
+with kstart_m non-decreasing in m: every boundary follows from the M + N
+block-edge decays alone (a two-pointer walk, or, as the Triton kernel does
+it, a bisection per row run for all rows at once).
 """
 
 from __future__ import annotations

@@ -973,8 +973,12 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
                                       want_qbhi=for_backward, qbhi_blocks=kernel_config("dkdv", D, q.dtype)[:2])
         if tiles is not None and ORDER_BY_KEPT_TILES and S * Hq > 1:
             order = heavy_first(tiles)
-            # the dK / dV pass has a program per key / value head
-            kv_order = order if group == 1 else heavy_first(tiles, group)
+            # the dK / dV pass has a program per key / value head (none
+            # runs when no backward follows)
+            if group == 1:
+                kv_order = order
+            else:
+                kv_order = heavy_first(tiles, group) if for_backward else None
             orders = (order, kv_order)
             pairs = pairs.launched_in(*orders)
     if (USE_GLUON_FWD and allow_gluon and acc is None and gluon_fwd.supported(q, k, v, out)
