@@ -781,8 +781,51 @@ def test_gpu_gluon_forward_matches_triton_forward(layout, acp, docs, head_dim, m
         assert rel_err(a, b) < 1e-2, name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctas", [1, 3, None])
 @pytest.mark.parametrize("acp", [False, True])
-def test_gluon_launches_take_the_launch_order(acp, monkeypatch):
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_persistent_forward_is_the_per_block_forward(ctas, acp, docs, head_dim, monkeypatch):
+    """The persistent Gluon forward (CTAs that take query blocks from a
+    counter) gives the per-block kernel's output, log-sum-exp and so
+    gradients bit for bit: each block is computed by the same code in the
+    same order, whichever CTA takes it.  With one or three CTAs each walks
+    dozens of blocks (ring and query-buffer phases, records reused, and
+    the empty blocks of short documents skipped); None: one CTA per SM."""
+    from fox_megatron.kernels.forgetting_attn import gluon_fwd, triton_ops
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is for Hopper (sm_90)")
+    B, T, Hq, Hkv, D = 2, 1531, 4, 2, head_dim
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, device="cuda", seed=23, decay_scale=3.0)
+    cu = torch.tensor([0, 130, 131, 1531, 2000, 3062], dtype=torch.int32, device="cuda") if docs else None
+    kw = dict(cu_seqlens=cu, acp=AcpConfig() if acp else None)
+    do = torch.randn_like(q)
+    monkeypatch.setattr(triton_ops, "USE_GLUON_FWD", True)
+    monkeypatch.setattr(gluon_fwd, "PERSISTENT_CTAS", ctas)
+    results, lses = {}, {}
+    for persistent in (True, False):
+        monkeypatch.setattr(gluon_fwd, "PERSISTENT", persistent)
+        o = forgetting_attention(q, k, v, log_f, **kw)
+        node = o.grad_fn
+        while type(node).__name__ != "ForgettingAttentionFunctionBackward":
+            node = node.next_functions[0][0]
+        lses[persistent] = node.saved_tensors[4]  # q, k, v, o, lse, ...
+        results[persistent] = o, torch.autograd.grad(o, (q, k, v, log_f), do)
+    (o_p, grads_p), (o_b, grads_b) = results[True], results[False]
+    assert torch.isfinite(o_p).all()
+    assert torch.equal(o_p, o_b), "output"
+    assert torch.equal(lses[True], lses[False]), "log-sum-exp"
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), grads_p, grads_b):
+        assert torch.equal(a, b), name
+    ref_o, _ = reference(q, k, v, log_f, do, **kw)
+    assert rel_err(o_p, ref_o) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("acp", [False, True])
+def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
     """Under ACP the Gluon forward and dK / dV kernels get the (sequence,
     head) launch order that the kept tiles give (most first; by key / value
     head in the dK / dV pass), and no order without ACP.  The order changes
@@ -790,7 +833,10 @@ def test_gluon_launches_take_the_launch_order(acp, monkeypatch):
     their launches (on a CPU; the boundary and ranking kernels interpreted)."""
     from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops
 
-    kernels = {"fwd": gluon_fwd._fwd_kernel_sm90_pingpong, "dkdv": gluon_bwd._dkdv_kernel_sm90}
+    fwd_name = "_fwd_kernel_sm90_persistent" if persistent else "_fwd_kernel_sm90_pingpong"
+    monkeypatch.setattr(gluon_fwd, "PERSISTENT", persistent)
+    monkeypatch.setattr(gluon_fwd, "_sm_count", lambda device: 4)
+    kernels = {"fwd": getattr(gluon_fwd, fwd_name), "dkdv": gluon_bwd._dkdv_kernel_sm90}
     launches = {}
 
     class StandIn:
@@ -806,7 +852,7 @@ def test_gluon_launches_take_the_launch_order(acp, monkeypatch):
                 launches[self.name] = (named, constexprs)
             return launch
 
-    monkeypatch.setattr(gluon_fwd, "_fwd_kernel_sm90_pingpong", StandIn("fwd"))
+    monkeypatch.setattr(gluon_fwd, fwd_name, StandIn("fwd"))
     monkeypatch.setattr(gluon_bwd, "_dkdv_kernel_sm90", StandIn("dkdv"))
     monkeypatch.setattr(gluon_fwd, "supported", lambda *a: True)
     monkeypatch.setattr(gluon_bwd, "mode", lambda *a, **kw: "dkdv")

@@ -126,6 +126,8 @@ def gluon_cases():
         for head_dim in gluon_fwd.CONFIGS:
             consts, opts = gluon_fwd_case(gluon_fwd, head_dim, group=2, acp=True)
             yield (f"gluon_fwd{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_pingpong, consts, dict(opts, **f64))
+            yield (f"gluon_fwd_persistent{precise}_d{head_dim}", gluon_fwd._fwd_kernel_sm90_persistent, consts,
+                   dict(opts, **f64))
         for head_dim in gluon_bwd.CONFIGS:
             for fused in (False, True):  # with the dQ pass fused in
                 consts, opts = gluon_dkdv_case(gluon_bwd, head_dim, fused, group=2, acp=True)

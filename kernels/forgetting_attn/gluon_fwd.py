@@ -74,7 +74,7 @@ import functools
 import torch
 import triton
 
-from .tile_ranges import key_tiles, sequence_and_head
+from .tile_ranges import key_tiles, pair_of_slot, sequence_and_head
 
 try:  # Gluon and its Hopper module exist from Triton 3.6 on
     from triton.experimental import gluon
@@ -119,6 +119,12 @@ _LOG2E = gl.constexpr(LOG2E) if HAVE_GLUON else LOG2E
 CONFIGS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
 # registers a thread at launch: one CTA per SM
 MAXNREG = 168
+# the persistent kernel (_fwd_kernel_sm90_persistent) instead of one
+# program per query block
+PERSISTENT = True
+# at most this many CTAs in the persistent kernel (None: one per SM); the
+# tests take a few, so that every CTA walks many items
+PERSISTENT_CTAS = None
 
 
 def supported(q, k, v, out) -> bool:
@@ -144,6 +150,15 @@ def hopper_tma_ready(tensors, streamed) -> bool:
     if any(_tma_rows_view(t) is None for t in streamed):
         return False
     return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,6 +407,388 @@ if HAVE_GLUON:
                                         row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],
                 [4, 1], [240, 24])
 
+    # ---- the persistent forward -------------------------------------------
+    # One CTA per SM walks work items (query block, sequence, head) that it
+    # takes from a global counter, as FlashAttention-3's dynamic persistent
+    # scheduler does: the item order is the non-persistent grid's launch
+    # order (query blocks fastest, longest first), and a CTA takes the next
+    # item when it is ready for one, as the GPU hands a free SM the next
+    # program.  What it saves is each program's fixed cost: the CTA's launch
+    # and set-up, and the wait for its first tiles, which the load warp now
+    # issues while the MMA warps finish the item before (two query buffers).
+    # The load warp finds each item, publishes its record (REC_FIELDS int32
+    # in SCHED, two slots a CTA, mbarriers per slot) an item ahead, and the
+    # MMA warps read it before the previous item's epilogue, so that its
+    # decay loads are in flight during that epilogue.
+    REC_FIELDS = gl.constexpr(16)
+
+    @gluon.jit
+    def _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
+                  BLOCK_M: gl.constexpr):
+        # item w: query block fastest (longest first when causal), then the
+        # (sequence, head) slot as the grid's axes 1 and 2; valid (1 / 0):
+        # w < total and the block holds queries
+        wc = gl.minimum(w, total - 1)
+        x = wc % NUM_M
+        slot = wc // NUM_M
+        s_id, h = pair_of_slot(ORDER, ORDERED, slot % S, slot // S, S)
+        qlen = gl.load(QLEN + s_id)
+        if CAUSAL:
+            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - x
+        else:
+            pid_m = x
+        valid = ((w < total) & (pid_m >= 0) & (pid_m * BLOCK_M < qlen)).to(gl.int32)
+        return s_id, h, pid_m, qlen, valid
+
+    @gluon.jit
+    def _next_fwd_item(w, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
+                       BLOCK_M: gl.constexpr):
+        # the first valid item from w on, taking further ones from the
+        # counter; w >= total when none is left
+        s_id, h, pid_m, qlen, valid = _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
+        while (w < total) & (valid == 0):
+            w = P + gl.atomic_add(CNT, 1)
+            s_id, h, pid_m, qlen, valid = _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
+        return w, s_id, h, pid_m, qlen
+
+    @gluon.jit
+    def _publish_fwd_item(SCHED, pid, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
+                          row, qrow, q0, k0):
+        # the CTA's t-th item record, in slot t % 2 once both MMA
+        # warpgroups have read the record before it there; w = -1 ends
+        slot = t % 2
+        mbarrier.wait(item_empty.index(slot), (t // 2) & 1)
+        rec = SCHED + (pid * 2 + slot) * REC_FIELDS
+        gl.store(rec + 0, gl.where(w < total, w, -1))
+        gl.store(rec + 1, s_id)
+        gl.store(rec + 2, h)
+        gl.store(rec + 3, pid_m)
+        gl.store(rec + 4, qlen)
+        gl.store(rec + 5, klen)
+        gl.store(rec + 6, lo)
+        gl.store(rec + 7, mid)
+        gl.store(rec + 8, n)
+        gl.store(rec + 9, row)
+        gl.store(rec + 10, qrow)
+        gl.store(rec + 11, q0)
+        gl.store(rec + 12, k0)
+        mbarrier.arrive(item_ready.index(slot), count=1)
+
+    @gluon.jit
+    def _fwd_item_tables(w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN,
+                         stride_kblo_s, stride_kblo_h, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                         USE_ACP: gl.constexpr):
+        # an item's pair-table entries and key tiles [lo, hi) (diagonal
+        # ones from mid); n = 0 past the last item
+        ok = w < total
+        klen = gl.load(KLEN + s_id)
+        row = gl.load(ROW + s_id)
+        qrow = gl.load(QROW + s_id)
+        q0 = gl.load(QSTART + s_id)
+        k0 = gl.load(KSTART_POS + s_id)
+        lo, mid, hi = key_tiles(KBLO, s_id, h, gl.maximum(pid_m, 0), qlen, klen, stride_kblo_s, stride_kblo_h,
+                                BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+        n = gl.where(ok, hi - lo, 0)
+        return klen, row, qrow, q0, k0, lo, mid, n
+
+    @gluon.jit
+    def _persistent_load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready,
+                                   k_empty, v_ready, v_empty, item_ready, item_empty, SCHED, CNT, KBLO, ROW, QROW,
+                                   QSTART, QLEN, KSTART_POS, KLEN, ORDER, NUM_M, S, total,
+                                   q_rows_b, q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh,
+                                   v_rows_b, v_cols_b, stride_vh, stride_kblo_s, stride_kblo_h,
+                                   GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                   ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                                   USE_ACP: gl.constexpr, ORDERED: gl.constexpr, STAGES: gl.constexpr):
+        # one warp: for each item, its Q block and first K tile, then the
+        # next item's record (so that it is found while they load), then the
+        # item's other K and V tiles as _fwd_load_partition streams them;
+        # ring positions and phases run on over the items
+        k_bytes: gl.constexpr = k_desc.block_type.nbytes
+        v_bytes: gl.constexpr = v_desc.block_type.nbytes
+        q_bytes: gl.constexpr = q_desc.block_type.nbytes
+        pid = gl.program_id(0)
+        P = gl.num_programs(0)
+        w, s_id, h, pid_m, qlen = _next_fwd_item(pid, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL,
+                                                 BLOCK_M)
+        klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
+            w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s, stride_kblo_h,
+            BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+        _publish_fwd_item(SCHED, pid, 0, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
+                          row, qrow, q0, k0)
+        t = 0
+        kv = 0
+        qc = 0
+        while w < total:
+            hk = h // GROUP
+            q_r = (qrow * q_rows_b + q0 + pid_m * BLOCK_M).to(gl.int32)
+            q_c = (qrow * q_cols_b + h * stride_qh).to(gl.int32)
+            k_r = row * k_rows_b + k0
+            k_c = row * k_cols_b + hk * stride_kh
+            v_r = row * v_rows_b + k0
+            v_c = row * v_cols_b + hk * stride_vh
+            cur_lo = lo
+            cur_n = n
+            if cur_n > 0:
+                qb = qc % 2
+                mbarrier.wait(q_empty.index(qb), (qc // 2) & 1)
+                mbarrier.expect(q_ready.index(qb), q_bytes)
+                tma_load(q_desc, [q_r, q_c], q_ready.index(qb), q_bufs.index(qb))
+                b = kv % STAGES
+                mbarrier.wait(k_empty.index(b), (kv // STAGES) & 1)
+                mbarrier.expect(k_ready.index(b), k_bytes)
+                tma_load(k_desc, [k_r + cur_lo * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
+            # the next item, found and published while those tiles load
+            w, s_id, h, pid_m, qlen = _next_fwd_item(P + gl.atomic_add(CNT, 1), P, total, CNT, NUM_M, S, ORDER,
+                                                     QLEN, ORDERED, CAUSAL, BLOCK_M)
+            klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
+                w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s,
+                stride_kblo_h, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
+            t += 1
+            _publish_fwd_item(SCHED, pid, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid,
+                              n, row, qrow, q0, k0)
+            if cur_n > 0:
+                for i in range(1, cur_n + 1):
+                    if i < cur_n:
+                        g = kv + i
+                        b = g % STAGES
+                        mbarrier.wait(k_empty.index(b), (g // STAGES) & 1)
+                        mbarrier.expect(k_ready.index(b), k_bytes)
+                        tma_load(k_desc, [k_r + (cur_lo + i) * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
+                    g = kv + i - 1
+                    b = g % STAGES
+                    mbarrier.wait(v_empty.index(b), (g // STAGES) & 1)
+                    mbarrier.expect(v_ready.index(b), v_bytes)
+                    tma_load(v_desc, [v_r + (cur_lo + i - 1) * BLOCK_N, v_c], v_ready.index(b), v_bufs.index(b))
+                kv += cur_n
+                qc += 1
+
+    @gluon.jit
+    def _read_fwd_item(SCHED, pid, t, item_ready, item_empty):
+        # the CTA's t-th item record (_publish_fwd_item)
+        slot = t % 2
+        mbarrier.wait(item_ready.index(slot), (t // 2) & 1)
+        rec = SCHED + (pid * 2 + slot) * REC_FIELDS
+        w = gl.load(rec + 0, volatile=True)
+        s_id = gl.load(rec + 1, volatile=True)
+        h = gl.load(rec + 2, volatile=True)
+        pid_m = gl.load(rec + 3, volatile=True)
+        qlen = gl.load(rec + 4, volatile=True)
+        klen = gl.load(rec + 5, volatile=True)
+        lo = gl.load(rec + 6, volatile=True)
+        mid = gl.load(rec + 7, volatile=True)
+        n = gl.load(rec + 8, volatile=True)
+        row = gl.load(rec + 9, volatile=True)
+        qrow = gl.load(rec + 10, volatile=True)
+        q0 = gl.load(rec + 11, volatile=True)
+        k0 = gl.load(rec + 12, volatile=True)
+        mbarrier.arrive(item_empty.index(slot), count=1)
+        return w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0
+
+    @gluon.jit
+    def _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb, stride_cqh, stride_ckb,
+                         stride_ckh, offs_mr, offs_c, BLOCK_M2: gl.constexpr, BLOCK_N: gl.constexpr):
+        # an item's decay loads, issued before they are needed: the
+        # reference decay, the rows' decays and the first two key tiles'
+        # (nothing past the last item)
+        ok = w >= 0
+        cq_base = CQ + qrow.to(gl.int64) * stride_cqb + h * stride_cqh + q0
+        c_ref = gl.load(cq_base + pid_m * BLOCK_M2, mask=ok, other=0.0)
+        offs_m = pid_m * BLOCK_M2 + offs_mr
+        cq = gl.load(cq_base + offs_m, mask=ok & (offs_m < qlen), other=0.0)
+        ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
+        ck_a = gl.load(ck_base + lo * BLOCK_N + offs_c, mask=ok & (lo * BLOCK_N + offs_c < klen), other=0.0)
+        ck_b = gl.load(ck_base + (lo + 1) * BLOCK_N + offs_c, mask=ok & ((lo + 1) * BLOCK_N + offs_c < klen),
+                       other=0.0)
+        return c_ref, cq, ck_a, ck_b
+
+    @gluon.jit
+    def _persistent_mma_partition(WG: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
+                                  v_ready, v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                  stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+                                  stride_lb, stride_lh, scale2, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                  num_warps: gl.constexpr):
+        # _pingpong_mma_partition over the CTA's items: the ring positions
+        # (kv), the query buffer (qc) and the turns run on over the items
+        dtype: gl.constexpr = k_bufs.dtype
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        COL_S: gl.constexpr = gl.SliceLayout(0, S_L)
+        CK_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        my_turn = turns.index(WG)
+        their_turn = turns.index(1 - WG)
+        pid = gl.program_id(0)
+        offs_mr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
+        offs_n = gl.arange(0, BLOCK_N, layout=COL_S)
+        offs_c = gl.arange(0, BLOCK_N, layout=CK_L)
+        offs_dr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
+        offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
+        w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(SCHED, pid, 0, item_ready,
+                                                                                      item_empty)
+        c_ref, cq, ck_a, ck_b = _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb,
+                                                 stride_cqh, stride_ckb, stride_ckh, offs_mr, offs_c, 2 * BLOCK_M,
+                                                 BLOCK_N)
+        t = 0
+        kv = 0
+        qc = 0
+        turn = 0
+        while w >= 0:
+            offs_m = pid_m * (2 * BLOCK_M) + offs_mr
+            cq2 = (cq - c_ref).to(gl.float32) * _LOG2E
+            if CAUSAL:
+                k_last = gl.minimum(offs_m, klen - 1)
+            else:
+                k_last = gl.zeros_like(offs_m) + (klen - 1)
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=ROW_S)
+            l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_L)
+            if n > 0:
+                qb = qc % 2
+                q_rows = q_bufs.index(qb).slice(WG * BLOCK_M, BLOCK_M)
+                ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
+                offs_k = lo * BLOCK_N + offs_n
+                ck2 = (gl.convert_layout(ck_a, COL_S) - c_ref).to(gl.float32) * _LOG2E
+                ck_next = ck_b
+                b = kv % STAGES
+                mbarrier.wait(q_ready.index(qb), (qc // 2) & 1)
+                mbarrier.wait(k_ready.index(b), (kv // STAGES) & 1)
+                mbarrier.wait(my_turn, turn & 1)
+                s_tok = warpgroup_mma(q_rows, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.arrive(their_turn, count=1)
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(b), count=1)
+                masked = lo >= mid
+                p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, m_i, l_i, scale2, masked)
+                p_op = gl.convert_layout(p.to(dtype), P_L)
+                for i in range(1, n):
+                    kb = lo + i
+                    g = kv + i
+                    b = g % STAGES
+                    pb = (g - 1) % STAGES
+                    offs_k = kb * BLOCK_N + offs_n
+                    ck2 = (gl.convert_layout(ck_next, COL_S) - c_ref).to(gl.float32) * _LOG2E
+                    ck_next = _tile_decays(ck_base, kb + 1, offs_c, klen, BLOCK_N)
+                    mbarrier.wait(k_ready.index(b), (g // STAGES) & 1)
+                    mbarrier.wait(v_ready.index(pb), ((g - 1) // STAGES) & 1)
+                    mbarrier.wait(my_turn, (turn + i) & 1)
+                    s_tok = warpgroup_mma(q_rows, k_bufs.index(b).permute((1, 0)), s_zero, use_acc=False,
+                                          is_async=True)
+                    o_tok = warpgroup_mma(p_op, v_bufs.index(pb), acc, is_async=True)
+                    mbarrier.arrive(their_turn, count=1)
+                    s = warpgroup_mma_wait(1, deps=(s_tok,))
+                    mbarrier.arrive(k_empty.index(b), count=1)
+                    masked = kb >= mid
+                    p, alpha, l_i, m_i = _softmax_tile(s, ck2, offs_k, k_last, m_i, l_i, scale2, masked)
+                    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+                    mbarrier.arrive(v_empty.index(pb), count=1)
+                    acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+                    p_op = gl.convert_layout(p.to(dtype), P_L)
+                # every S of the item is computed: its query buffer is free
+                mbarrier.arrive(q_empty.index(qb), count=1)
+                g = kv + n - 1
+                mbarrier.wait(v_ready.index(g % STAGES), (g // STAGES) & 1)
+                mbarrier.wait(my_turn, (turn + n) & 1)
+                o_tok = warpgroup_mma(p_op, v_bufs.index(g % STAGES), acc, is_async=True)
+                mbarrier.arrive(their_turn, count=1)
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+                mbarrier.arrive(v_empty.index(g % STAGES), count=1)
+                kv += n
+                qc += 1
+                turn += n + 1
+            # the next item's record and decays, in flight during this epilogue
+            t += 1
+            (nw, ns_id, nh, npid_m, nqlen, nklen, nlo, nmid, nn, nrow, nqrow, nq0,
+             nk0) = _read_fwd_item(SCHED, pid, t, item_ready, item_empty)
+            c_ref, cq, ck_a, ck_b = _fwd_item_decays(nw, nh, npid_m, nqlen, nklen, nlo, nrow, nqrow, nq0, nk0, CQ,
+                                                     CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh, offs_mr,
+                                                     offs_c, 2 * BLOCK_M, BLOCK_N)
+            empty_row = l_i == 0.0
+            l_safe = gl.where(empty_row, 1.0, l_i)
+            lse = gl.where(empty_row, float("-inf"), ((m_i + cq2) + gl.log2(l_safe)) * 0.6931471805599453)
+            out = acc / gl.convert_layout(l_safe, ROW_O)[:, None]
+            o_base = O + qrow.to(gl.int64) * stride_ob + h * stride_oh + q0.to(gl.int64) * stride_ot
+            lse_base = LSE + qrow.to(gl.int64) * stride_lb + h * stride_lh + q0
+            offs_mo = pid_m * (2 * BLOCK_M) + offs_dr
+            gl.store(o_base + offs_mo[:, None] * stride_ot + offs_do[None, :], out.to(dtype),
+                     mask=(offs_mo < qlen)[:, None])
+            gl.store(lse_base + offs_m, lse, mask=offs_m < qlen)
+            w = nw
+            s_id = ns_id
+            h = nh
+            pid_m = npid_m
+            qlen = nqlen
+            klen = nklen
+            lo = nlo
+            mid = nmid
+            n = nn
+            row = nrow
+            qrow = nqrow
+            q0 = nq0
+            k0 = nk0
+
+    @gluon.jit
+    def _fwd_kernel_sm90_persistent(
+        q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER, SCHED, CNT,
+        num_m, num_s, total,
+        q_rows_b, q_cols_b, stride_qh,
+        k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
+        stride_ob, stride_ot, stride_oh,
+        stride_cqb, stride_cqh, stride_ckb, stride_ckh,
+        stride_lb, stride_lh,
+        stride_kblo_s, stride_kblo_h,
+        scale2,
+        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        CAUSAL: gl.constexpr, USE_ACP: gl.constexpr, STAGES: gl.constexpr,
+        ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, ORDERED: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        # _fwd_kernel_sm90_pingpong's partitions, persistent: a grid of at
+        # most one CTA per SM; CNT (zero at launch) hands out the items
+        # after each CTA's first (its program id); SCHED holds each CTA's
+        # two item-record slots
+        dtype: gl.constexpr = q_desc.block_type.element_ty
+        HALF: gl.constexpr = BLOCK_M // 2
+        gl.static_assert(HALF == 16 * num_warps)
+        q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_ready, q_empty = ring_barriers(2, 2)
+        k_ready, k_empty = ring_barriers(STAGES, 2)
+        v_ready, v_empty = ring_barriers(STAGES, 2)
+        item_ready, item_empty = ring_barriers(2, 2)
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turns.index(0), count=1)
+        mbarrier.init(turns.index(1), count=1)
+        mbarrier.arrive(turns.index(0), count=1)
+        fence_async_shared()
+        gl.warp_specialize(
+            [(_persistent_mma_partition, (0, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                          v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                          stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
+                                          stride_ckh, stride_lb, stride_lh, scale2, CAUSAL, STAGES, HALF, BLOCK_N,
+                                          HEAD_DIM, num_warps)),
+             (_persistent_mma_partition, (1, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                          v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                          stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
+                                          stride_ckh, stride_lb, stride_lh, scale2, CAUSAL, STAGES, HALF, BLOCK_N,
+                                          HEAD_DIM, 4)),
+             (_persistent_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready,
+                                           k_empty, v_ready, v_empty, item_ready, item_empty, SCHED, CNT, KBLO, ROW,
+                                           QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER, num_m, num_s, total,
+                                           q_rows_b, q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh,
+                                           v_rows_b, v_cols_b, stride_vh, stride_kblo_s, stride_kblo_h,
+                                           GROUP, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP,
+                                           ORDERED, STAGES))],
+            [4, 1], [240, 24])
+
 
 def _tma_rows_view(t):
     """A 2-D TMA descriptor view of a [B, T, H, D] tensor (unit last stride):
@@ -443,6 +840,30 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
     (q_desc,), (q_view,) = tma_descriptors((q,), BM)
+    if PERSISTENT:
+        H = q.shape[2]
+        total = grid[0] * S * H
+        sms = _sm_count(q.device)
+        ctas = min(PERSISTENT_CTAS or sms, sms, total)
+        # the item counter (zero) and each CTA's two item records
+        sched = torch.zeros(1 + ctas * 2 * 16, dtype=torch.int32, device=q.device)
+        _fwd_kernel_sm90_persistent[(ctas,)](
+            q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
+            pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+            order if order is not None else pairs.row, sched[1:], sched,
+            grid[0], S, total,
+            q_view[2], q_view[3], q.stride(2),
+            kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+            lse.stride(0), lse.stride(1),
+            kb.stride(0), kb.stride(1),
+            scale * LOG2E,
+            GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
+            ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
+            maxnreg=MAXNREG,
+        )
+        return
     _fwd_kernel_sm90_pingpong[grid](
         q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,

@@ -22,14 +22,21 @@ def sequence_and_head(ORDER, ORDERED: tl.constexpr):
     take the pairs that ORDER lists (s + S * h, most kept tiles first:
     triton_ops.heavy_first), so that under ACP the longest programs start
     first whatever the heads' order, and the last wave is short."""
+    return pair_of_slot(ORDER, ORDERED, tl.program_id(1), tl.program_id(2), tl.num_programs(1))
+
+
+@triton.jit
+def pair_of_slot(ORDER, ORDERED: tl.constexpr, slot_s, slot_h, S):
+    """(sequence, head) that takes launch slot (slot_s, slot_h) of S
+    sequences: the slot itself, or with ORDERED the pair ORDER lists there
+    (``sequence_and_head``; the persistent forward walks the slots itself)."""
     if ORDERED:
-        S = tl.num_programs(1)
-        sh = tl.load(ORDER + tl.program_id(1) + S * tl.program_id(2))
+        sh = tl.load(ORDER + slot_s + S * slot_h)
         s_id = sh % S
         h = sh // S
     else:
-        s_id = tl.program_id(1)
-        h = tl.program_id(2)
+        s_id = slot_s
+        h = slot_h
     return s_id, h
 
 
