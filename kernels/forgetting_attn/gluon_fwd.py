@@ -416,10 +416,10 @@ if HAVE_GLUON:
     # program.  What it saves is each program's fixed cost: the CTA's launch
     # and set-up, and the wait for its first tiles, which the load warp now
     # issues while the MMA warps finish the item before (two query buffers).
-    # The load warp finds each item, publishes its record (REC_FIELDS int32
-    # in SCHED, two slots a CTA, mbarriers per slot) an item ahead, and the
-    # MMA warps read it before the previous item's epilogue, so that its
-    # decay loads are in flight during that epilogue.
+    # The load warp finds each item and publishes its record (REC_FIELDS
+    # int32 in one of two shared slots, mbarriers per slot) an item ahead;
+    # the MMA warps read it before the previous item's epilogue, so that
+    # its decay loads are in flight during that epilogue.
     REC_FIELDS = gl.constexpr(16)
 
     @gluon.jit
@@ -452,26 +452,20 @@ if HAVE_GLUON:
         return w, s_id, h, pid_m, qlen
 
     @gluon.jit
-    def _publish_fwd_item(SCHED, pid, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
-                          row, qrow, q0, k0):
-        # the CTA's t-th item record, in slot t % 2 once both MMA
-        # warpgroups have read the record before it there; w = -1 ends
+    def _publish_fwd_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n, row,
+                          qrow, q0, k0):
+        # the CTA's t-th item record, in shared slot t % 2 once both MMA
+        # warpgroups have read the record before it there; w = -1 ends.
+        # Every lane holds (and writes) the whole record.
         slot = t % 2
         mbarrier.wait(item_empty.index(slot), (t // 2) & 1)
-        rec = SCHED + (pid * 2 + slot) * REC_FIELDS
-        gl.store(rec + 0, gl.where(w < total, w, -1))
-        gl.store(rec + 1, s_id)
-        gl.store(rec + 2, h)
-        gl.store(rec + 3, pid_m)
-        gl.store(rec + 4, qlen)
-        gl.store(rec + 5, klen)
-        gl.store(rec + 6, lo)
-        gl.store(rec + 7, mid)
-        gl.store(rec + 8, n)
-        gl.store(rec + 9, row)
-        gl.store(rec + 10, qrow)
-        gl.store(rec + 11, q0)
-        gl.store(rec + 12, k0)
+        idx = gl.arange(0, REC_FIELDS, layout=gl.BlockedLayout([REC_FIELDS], [32], [1], [0]))
+        rec = gl.where(idx == 0, gl.where(w < total, w, -1), 0)
+        rec += gl.where(idx == 1, s_id, 0) + gl.where(idx == 2, h, 0) + gl.where(idx == 3, pid_m, 0)
+        rec += gl.where(idx == 4, qlen, 0) + gl.where(idx == 5, klen, 0) + gl.where(idx == 6, lo, 0)
+        rec += gl.where(idx == 7, mid, 0) + gl.where(idx == 8, n, 0) + gl.where(idx == 9, row, 0)
+        rec += gl.where(idx == 10, qrow, 0) + gl.where(idx == 11, q0, 0) + gl.where(idx == 12, k0, 0)
+        items.index(slot).store(rec)
         mbarrier.arrive(item_ready.index(slot), count=1)
 
     @gluon.jit
@@ -494,19 +488,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _persistent_load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready,
-                                   k_empty, v_ready, v_empty, item_ready, item_empty, SCHED, CNT, KBLO, ROW, QROW,
+                                   k_empty, v_ready, v_empty, item_ready, item_empty, items, CNT, KBLO, ROW, QROW,
                                    QSTART, QLEN, KSTART_POS, KLEN, ORDER, NUM_M, S, total,
                                    q_rows_b, q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh,
                                    v_rows_b, v_cols_b, stride_vh, stride_kblo_s, stride_kblo_h,
                                    GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                    ACP_BLOCK_M: gl.constexpr, ACP_BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                                    USE_ACP: gl.constexpr, ORDERED: gl.constexpr, STAGES: gl.constexpr):
-        # one warp: for each item, its Q block and first K tile, then the
-        # next item's record (so that it is found while they load), then the
-        # item's other K and V tiles as _fwd_load_partition streams them;
-        # ring positions and phases run on over the items
-        k_bytes: gl.constexpr = k_desc.block_type.nbytes
-        v_bytes: gl.constexpr = v_desc.block_type.nbytes
+        # one warp: for each item, its Q block and the tiles that fill the
+        # rings (K_0, K_1, V_0), then the next item's record (found while
+        # the MMA warps take those), then the item's other K and V tiles as
+        # _fwd_load_partition streams them; ring positions and phases run
+        # on over the items
         q_bytes: gl.constexpr = q_desc.block_type.nbytes
         pid = gl.program_id(0)
         P = gl.num_programs(0)
@@ -515,7 +508,7 @@ if HAVE_GLUON:
         klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
             w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s, stride_kblo_h,
             BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-        _publish_fwd_item(SCHED, pid, 0, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
+        _publish_fwd_item(items, 0, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
                           row, qrow, q0, k0)
         t = 0
         kv = 0
@@ -535,56 +528,67 @@ if HAVE_GLUON:
                 mbarrier.wait(q_empty.index(qb), (qc // 2) & 1)
                 mbarrier.expect(q_ready.index(qb), q_bytes)
                 tma_load(q_desc, [q_r, q_c], q_ready.index(qb), q_bufs.index(qb))
-                b = kv % STAGES
-                mbarrier.wait(k_empty.index(b), (kv // STAGES) & 1)
-                mbarrier.expect(k_ready.index(b), k_bytes)
-                tma_load(k_desc, [k_r + cur_lo * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
-            # the next item, found and published while those tiles load
+                _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, 0, cur_n, kv,
+                              cur_lo, k_r, k_c, v_r, v_c, STAGES, BLOCK_N)
+                _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, 1, cur_n, kv,
+                              cur_lo, k_r, k_c, v_r, v_c, STAGES, BLOCK_N)
+            # the next item, found and published once this one's first
+            # tiles fill the rings (the loads after them wait for the MMA
+            # warps anyway)
             w, s_id, h, pid_m, qlen = _next_fwd_item(P + gl.atomic_add(CNT, 1), P, total, CNT, NUM_M, S, ORDER,
                                                      QLEN, ORDERED, CAUSAL, BLOCK_M)
             klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
                 w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s,
                 stride_kblo_h, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
             t += 1
-            _publish_fwd_item(SCHED, pid, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid,
+            _publish_fwd_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid,
                               n, row, qrow, q0, k0)
             if cur_n > 0:
-                for i in range(1, cur_n + 1):
-                    if i < cur_n:
-                        g = kv + i
-                        b = g % STAGES
-                        mbarrier.wait(k_empty.index(b), (g // STAGES) & 1)
-                        mbarrier.expect(k_ready.index(b), k_bytes)
-                        tma_load(k_desc, [k_r + (cur_lo + i) * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
-                    g = kv + i - 1
-                    b = g % STAGES
-                    mbarrier.wait(v_empty.index(b), (g // STAGES) & 1)
-                    mbarrier.expect(v_ready.index(b), v_bytes)
-                    tma_load(v_desc, [v_r + (cur_lo + i - 1) * BLOCK_N, v_c], v_ready.index(b), v_bufs.index(b))
+                for i in range(2, cur_n + 1):
+                    _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, i, cur_n, kv,
+                                  cur_lo, k_r, k_c, v_r, v_c, STAGES, BLOCK_N)
                 kv += cur_n
                 qc += 1
 
     @gluon.jit
-    def _read_fwd_item(SCHED, pid, t, item_ready, item_empty):
+    def _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, i, n, kv, lo, k_r, k_c,
+                      v_r, v_c, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        # step i of an item's n key tiles from lo, at ring position kv:
+        # K_i (i < n) beside V_{i-1} (i > 0), in the order the MMA warps
+        # use them (_fwd_load_partition)
+        if i < n:
+            g = kv + i
+            b = g % STAGES
+            mbarrier.wait(k_empty.index(b), (g // STAGES) & 1)
+            mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
+            tma_load(k_desc, [k_r + (lo + i) * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
+        if (i > 0) & (i <= n):
+            g = kv + i - 1
+            b = g % STAGES
+            mbarrier.wait(v_empty.index(b), (g // STAGES) & 1)
+            mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
+            tma_load(v_desc, [v_r + (lo + i - 1) * BLOCK_N, v_c], v_ready.index(b), v_bufs.index(b))
+
+    @gluon.jit
+    def _record_field(rec, idx, f: gl.constexpr):
+        # field f of a record that every thread holds whole (a maximum:
+        # the same whatever the lanes and warps that hold copies)
+        return gl.max(gl.where(idx == f, rec, -2147483647), 0)
+
+    @gluon.jit
+    def _read_fwd_item(items, t, item_ready, item_empty, num_warps: gl.constexpr):
         # the CTA's t-th item record (_publish_fwd_item)
         slot = t % 2
         mbarrier.wait(item_ready.index(slot), (t // 2) & 1)
-        rec = SCHED + (pid * 2 + slot) * REC_FIELDS
-        w = gl.load(rec + 0, volatile=True)
-        s_id = gl.load(rec + 1, volatile=True)
-        h = gl.load(rec + 2, volatile=True)
-        pid_m = gl.load(rec + 3, volatile=True)
-        qlen = gl.load(rec + 4, volatile=True)
-        klen = gl.load(rec + 5, volatile=True)
-        lo = gl.load(rec + 6, volatile=True)
-        mid = gl.load(rec + 7, volatile=True)
-        n = gl.load(rec + 8, volatile=True)
-        row = gl.load(rec + 9, volatile=True)
-        qrow = gl.load(rec + 10, volatile=True)
-        q0 = gl.load(rec + 11, volatile=True)
-        k0 = gl.load(rec + 12, volatile=True)
+        REC_L: gl.constexpr = gl.BlockedLayout([REC_FIELDS], [32], [num_warps], [0])
+        rec = items.index(slot).load(REC_L)
         mbarrier.arrive(item_empty.index(slot), count=1)
-        return w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0
+        idx = gl.arange(0, REC_FIELDS, layout=REC_L)
+        return (_record_field(rec, idx, 0), _record_field(rec, idx, 1), _record_field(rec, idx, 2),
+                _record_field(rec, idx, 3), _record_field(rec, idx, 4), _record_field(rec, idx, 5),
+                _record_field(rec, idx, 6), _record_field(rec, idx, 7), _record_field(rec, idx, 8),
+                _record_field(rec, idx, 9), _record_field(rec, idx, 10), _record_field(rec, idx, 11),
+                _record_field(rec, idx, 12))
 
     @gluon.jit
     def _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb, stride_cqh, stride_ckb,
@@ -605,7 +609,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _persistent_mma_partition(WG: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty,
-                                  v_ready, v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                  v_ready, v_empty, turns, item_ready, item_empty, items, CQ, CK, O, LSE,
                                   stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb, stride_ckh,
                                   stride_lb, stride_lh, scale2, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -631,8 +635,8 @@ if HAVE_GLUON:
         offs_dr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
         offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
-        w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(SCHED, pid, 0, item_ready,
-                                                                                      item_empty)
+        w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(items, 0, item_ready,
+                                                                                      item_empty, num_warps)
         c_ref, cq, ck_a, ck_b = _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb,
                                                  stride_cqh, stride_ckb, stride_ckh, offs_mr, offs_c, 2 * BLOCK_M,
                                                  BLOCK_N)
@@ -706,7 +710,7 @@ if HAVE_GLUON:
             # the next item's record and decays, in flight during this epilogue
             t += 1
             (nw, ns_id, nh, npid_m, nqlen, nklen, nlo, nmid, nn, nrow, nqrow, nq0,
-             nk0) = _read_fwd_item(SCHED, pid, t, item_ready, item_empty)
+             nk0) = _read_fwd_item(items, t, item_ready, item_empty, num_warps)
             c_ref, cq, ck_a, ck_b = _fwd_item_decays(nw, nh, npid_m, nqlen, nklen, nlo, nrow, nqrow, nq0, nk0, CQ,
                                                      CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh, offs_mr,
                                                      offs_c, 2 * BLOCK_M, BLOCK_N)
@@ -737,7 +741,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _fwd_kernel_sm90_persistent(
         q_desc, k_desc, v_desc, CQ, CK, O, LSE, KBLO,
-        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER, SCHED, CNT,
+        ROW, QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER, CNT,
         num_m, num_s, total,
         q_rows_b, q_cols_b, stride_qh,
         k_rows_b, k_cols_b, stride_kh, v_rows_b, v_cols_b, stride_vh,
@@ -752,8 +756,7 @@ if HAVE_GLUON:
     ):
         # _fwd_kernel_sm90_pingpong's partitions, persistent: a grid of at
         # most one CTA per SM; CNT (zero at launch) hands out the items
-        # after each CTA's first (its program id); SCHED holds each CTA's
-        # two item-record slots
+        # after each CTA's first (its program id)
         dtype: gl.constexpr = q_desc.block_type.element_ty
         HALF: gl.constexpr = BLOCK_M // 2
         gl.static_assert(HALF == 16 * num_warps)
@@ -764,6 +767,7 @@ if HAVE_GLUON:
         k_ready, k_empty = ring_barriers(STAGES, 2)
         v_ready, v_empty = ring_barriers(STAGES, 2)
         item_ready, item_empty = ring_barriers(2, 2)
+        items = gl.allocate_shared_memory(gl.int32, [2, REC_FIELDS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(turns.index(0), count=1)
         mbarrier.init(turns.index(1), count=1)
@@ -771,17 +775,17 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.warp_specialize(
             [(_persistent_mma_partition, (0, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                          v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                          v_empty, turns, item_ready, item_empty, items, CQ, CK, O, LSE,
                                           stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
                                           stride_ckh, stride_lb, stride_lh, scale2, CAUSAL, STAGES, HALF, BLOCK_N,
                                           HEAD_DIM, num_warps)),
              (_persistent_mma_partition, (1, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, k_empty, v_ready,
-                                          v_empty, turns, item_ready, item_empty, SCHED, CQ, CK, O, LSE,
+                                          v_empty, turns, item_ready, item_empty, items, CQ, CK, O, LSE,
                                           stride_ob, stride_ot, stride_oh, stride_cqb, stride_cqh, stride_ckb,
                                           stride_ckh, stride_lb, stride_lh, scale2, CAUSAL, STAGES, HALF, BLOCK_N,
                                           HEAD_DIM, 4)),
              (_persistent_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready,
-                                           k_empty, v_ready, v_empty, item_ready, item_empty, SCHED, CNT, KBLO, ROW,
+                                           k_empty, v_ready, v_empty, item_ready, item_empty, items, CNT, KBLO, ROW,
                                            QROW, QSTART, QLEN, KSTART_POS, KLEN, ORDER, num_m, num_s, total,
                                            q_rows_b, q_cols_b, stride_qh, k_rows_b, k_cols_b, stride_kh,
                                            v_rows_b, v_cols_b, stride_vh, stride_kblo_s, stride_kblo_h,
@@ -845,12 +849,11 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
         total = grid[0] * S * H
         sms = _sm_count(q.device)
         ctas = min(PERSISTENT_CTAS or sms, sms, total)
-        # the item counter (zero) and each CTA's two item records
-        sched = torch.zeros(1 + ctas * 2 * 16, dtype=torch.int32, device=q.device)
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items handed out after the first wave
         _fwd_kernel_sm90_persistent[(ctas,)](
             q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
             pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-            order if order is not None else pairs.row, sched[1:], sched,
+            order if order is not None else pairs.row, counter,
             grid[0], S, total,
             q_view[2], q_view[3], q.stride(2),
             kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
