@@ -74,7 +74,7 @@ import functools
 import torch
 import triton
 
-from .tile_ranges import key_tiles, pair_of_slot, sequence_and_head
+from .tile_ranges import key_tiles, sequence_and_head, work_item
 
 try:  # Gluon and its Hopper module exist from Triton 3.6 on
     from triton.experimental import gluon
@@ -423,32 +423,14 @@ if HAVE_GLUON:
     REC_FIELDS = gl.constexpr(16)
 
     @gluon.jit
-    def _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
-                  BLOCK_M: gl.constexpr):
-        # item w: query block fastest (longest first when causal), then the
-        # (sequence, head) slot as the grid's axes 1 and 2; valid (1 / 0):
-        # w < total and the block holds queries
-        wc = gl.minimum(w, total - 1)
-        x = wc % NUM_M
-        slot = wc // NUM_M
-        s_id, h = pair_of_slot(ORDER, ORDERED, slot % S, slot // S, S)
-        qlen = gl.load(QLEN + s_id)
-        if CAUSAL:
-            pid_m = gl.cdiv(qlen, BLOCK_M) - 1 - x
-        else:
-            pid_m = x
-        valid = ((w < total) & (pid_m >= 0) & (pid_m * BLOCK_M < qlen)).to(gl.int32)
-        return s_id, h, pid_m, qlen, valid
-
-    @gluon.jit
     def _next_fwd_item(w, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
                        BLOCK_M: gl.constexpr):
         # the first valid item from w on, taking further ones from the
         # counter; w >= total when none is left
-        s_id, h, pid_m, qlen, valid = _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
-        while (w < total) & (valid == 0):
+        s_id, h, pid_m, qlen, valid = work_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
+        while (w < total) & (valid.to(gl.int32) == 0):
             w = P + gl.atomic_add(CNT, 1)
-            s_id, h, pid_m, qlen, valid = _fwd_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
+            s_id, h, pid_m, qlen, valid = work_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
         return w, s_id, h, pid_m, qlen
 
     @gluon.jit

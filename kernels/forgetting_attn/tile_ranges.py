@@ -41,6 +41,28 @@ def pair_of_slot(ORDER, ORDERED: tl.constexpr, slot_s, slot_h, S):
 
 
 @triton.jit
+def work_item(w, total, num_m, S, ORDER, QLEN, ORDERED: tl.constexpr, CAUSAL: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """(sequence, head, query block, the sequence's query length, valid) of
+    item w of a persistent kernel's (query block, sequence, head) items,
+    numbered in the order the GPU launches a per-block grid (num_m, S,
+    heads): query blocks fastest (when causal, the longest first), then the
+    (sequence, head) slot as ``sequence_and_head`` maps it.  valid: w < total
+    and the block holds queries (the grid covers the longest sequence)."""
+    wc = tl.minimum(w, total - 1)
+    x = wc % num_m
+    slot = wc // num_m
+    s_id, h = pair_of_slot(ORDER, ORDERED, slot % S, slot // S, S)
+    qlen = tl.load(QLEN + s_id)
+    if CAUSAL:
+        pid_m = tl.cdiv(qlen, BLOCK_M) - 1 - x
+    else:
+        pid_m = x
+    valid = (w < total) & (pid_m >= 0) & (pid_m * BLOCK_M < qlen)
+    return s_id, h, pid_m, qlen, valid
+
+
+@triton.jit
 def first_query_blocks(pid_n, qlen, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(lo, full_lo) of key block pid_n: causal, the first query block that
     sees any of its keys and the first whose every row is at or after every
