@@ -62,6 +62,21 @@ rounds), so it runs there too.  Without warp specialisation
 (cp.async loads issued by the MMA warps, the overlap alone) every
 configuration was slower than the Triton forward.
 
+At head dim 64 the kernel runs persistent (``_fwd_kernel_sm90_persistent``,
+PERSISTENT_HEAD_DIMS): one CTA per SM takes (query block, sequence, head)
+items from a counter in the per-block grid's launch order, as
+FlashAttention-3's dynamic persistent scheduler does, so that a program's
+launch, its wait for its first tiles and its set-up no longer sit between
+two blocks' tiles: the load warp loads the next item's Q block and first
+tiles while the MMA warps finish the item before, and publishes each
+item's record in shared memory an item ahead.  Same results bit for bit;
+on an H200 the 24 x 64 step ran 1.2-2.1% faster with ACP and within noise
+without it (benchmarks/results/persistent_fwd_ab_h200.json), the forward
+kernel alone 5.0% faster with ACP and 2.9% without at 8k
+(acp_probe_8192_persistent_fwd_h200.json).  Earlier persistent versions
+that looked each item up just before loading it were no faster with ACP
+(README, kernel section).
+
 Runs single-GPU / Ulysses calls on sm_90 at head dims 64 and 128 (``supported``)
 while triton_ops.USE_GLUON_FWD is on (the default); context-parallel chunk
 calls stay on the Triton kernel.
@@ -120,8 +135,13 @@ CONFIGS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
 # registers a thread at launch: one CTA per SM
 MAXNREG = 168
 # the persistent kernel (_fwd_kernel_sm90_persistent) instead of one
-# program per query block
+# program per query block, at these head dims: at 64 it made the 24 x 64
+# step 1.2-2.1% faster with ACP and left it within noise without
+# (persistent_fwd_ab_h200.json); at 128 it has not been compared in
+# alternating rounds, and the protocol run with it there was 0.0-0.8%
+# slower than the run before without it (attention_persistent_fwd_bench_h200.json)
 PERSISTENT = True
+PERSISTENT_HEAD_DIMS = (64,)
 # at most this many CTAs in the persistent kernel (None: one per SM); the
 # tests take a few, so that every CTA walks many items
 PERSISTENT_CTAS = None
@@ -826,7 +846,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
     (q_desc,), (q_view,) = tma_descriptors((q,), BM)
-    if PERSISTENT:
+    if PERSISTENT and D in PERSISTENT_HEAD_DIMS:
         H = q.shape[2]
         total = grid[0] * S * H
         sms = _sm_count(q.device)
