@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fox_megatron.kernels import (
     AcpConfig,
@@ -21,6 +23,7 @@ from fox_megatron.kernels import (
     naive_forgetting_attention,
     reference_block_boundaries,
 )
+from fox_megatron.kernels.forgetting_attn.tile_ranges import work_item
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -357,6 +360,55 @@ def test_heavy_first_sorts_many_pairs_with_torch(monkeypatch):
     for g, r in zip((1, 2), ranked):
         order = triton_ops.heavy_first(tiles, g)
         assert order.dtype == torch.int32 and torch.equal(order, r), g
+
+
+@triton.jit
+def _work_items_kernel(ORDER, QLEN, OUT, total, num_m, S, ORDERED: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    # each program writes work item program_id's (sequence, head, block,
+    # query length, valid)
+    w = tl.program_id(0)
+    s_id, h, pid_m, qlen, valid = work_item(w, total, num_m, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
+    tl.store(OUT + w * 5 + 0, s_id)
+    tl.store(OUT + w * 5 + 1, h)
+    tl.store(OUT + w * 5 + 2, pid_m)
+    tl.store(OUT + w * 5 + 3, qlen)
+    tl.store(OUT + w * 5 + 4, valid.to(tl.int32))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_work_items_are_the_per_block_grid_in_launch_order(ordered, causal):
+    # the persistent forward's items (tile_ranges.work_item) are the
+    # per-block grid's programs in the order the GPU launches them: item w
+    # is program (w % num_m, slot % S, slot // S) with slot = w // num_m,
+    # its (sequence, head) from the launch order when there is one; every
+    # query block of every (sequence, head) is exactly one valid item,
+    # and items at or past the end are not valid
+    BM, H = 16, 3
+    qlen = torch.tensor([40, 1, 64, 17], dtype=torch.int32)
+    S = qlen.numel()
+    num_m = -(-int(qlen.max()) // BM)
+    total = num_m * S * H
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(S * H, generator=g).to(torch.int32)
+    extra = 5  # items past the end
+    out = torch.full(((total + extra) * 5,), -7, dtype=torch.int32)
+    _work_items_kernel[(total + extra,)](order, qlen, out, total, num_m, S, ORDERED=ordered, CAUSAL=causal, BLOCK_M=BM)
+    got = out.view(-1, 5)
+    seen = set()
+    for w in range(total):
+        x, slot = w % num_m, w // num_m
+        sh = int(order[slot % S + S * (slot // S)]) if ordered else slot % S + S * (slot // S)
+        s, h = sh % S, sh // S
+        blocks = -(-int(qlen[s]) // BM)
+        pid_m = blocks - 1 - x if causal else x
+        valid = 0 <= pid_m < blocks
+        assert got[w].tolist() == [s, h, pid_m, int(qlen[s]), int(valid)], w
+        if valid:
+            seen.add((s, h, pid_m))
+    assert seen == {(s, h, m) for s in range(S) for h in range(H) for m in range(-(-int(qlen[s]) // BM))}
+    assert (got[total:, 4] == 0).all()
 
 
 @pytest.mark.parametrize("docs", [False, True])
