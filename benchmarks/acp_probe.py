@@ -32,20 +32,19 @@ the kept fraction; with no overheads the two would be equal.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from attention import log_gates, paper_like_inputs  # noqa: E402
 from tune_attention import profile  # noqa: E402
+
+from benchmarks.result_file import run_header, write_result  # noqa: E402
 
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 
@@ -91,9 +90,7 @@ def main():
     if bad:
         raise SystemExit(f"unknown cases {sorted(bad)}; choose from {CASES}")
     torch.manual_seed(0)
-    results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
-                   L=args.L, shapes={})
+    results = run_header(L=args.L, shapes={})
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
         B = max(32768 // args.L, 1)
@@ -125,8 +122,7 @@ def main():
                 print(f"    {r:7.4f} x dense  {name}")
         results["shapes"][shape] = rows
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_result(args.out, results)
 
 
 if __name__ == "__main__":

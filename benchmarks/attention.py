@@ -15,7 +15,6 @@ FlexAttention with a plain causal BlockMask.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.result_file import run_header, write_result  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 
 TOKENS = 32768
@@ -176,22 +176,12 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    dev = torch.cuda.get_device_name()
     records = []
-    header = {
-        "gpu": dev,
-        "gpus": 1,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
+    header = run_header(gpus=1)
 
     def dump(extra=None):
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({**header, "records": records, **(extra or {})}, f, indent=1)
+            write_result(args.out, {**header, "records": records, **(extra or {})})
 
     peers = [p for p in args.peers.split(",") if p]
     variants = [v for v in args.variants.split(",") if v]

@@ -34,7 +34,6 @@ gluon_fwd.PERSISTENT off for the run): the persistent kernel that head dim
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -273,6 +272,7 @@ def timeline_main(description, kernel, bench, load, compile_only, programs, extr
 
     from benchmarks.attention import paper_like_inputs
     from benchmarks.kernel_versions import KERNELS, capture, fresh
+    from benchmarks.result_file import run_header, write_result
     from fox_megatron.kernels import AcpConfig, forgetting_attention
 
     tree, fn_name, outputs, accumulators = KERNELS[kernel]
@@ -310,11 +310,9 @@ def timeline_main(description, kernel, bench, load, compile_only, programs, extr
                            ms_plain=round(ms_plain, 4), **summarise(buf.view(n, SLOTS).cpu().tolist()))
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv), records=records)
+    result = run_header(records=records)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
 
 
 def main():

@@ -19,8 +19,6 @@ GQA, the [T, B] layout, packed documents, odd and unit lengths).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -32,6 +30,7 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.attention import TOKENS, log_gates, paper_like_inputs, time_step  # noqa: E402
+from benchmarks.result_file import run_header, write_result  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops  # noqa: E402
 
@@ -148,8 +147,7 @@ def main():
     if args.dispatch:
         gluon_bwd.DISPATCH.update(parse_dispatch(args.dispatch))
     cfgs = [tuple(int(x) for x in c.split(",")) for c in args.cfgs.split(";")] if args.cfgs else [None]
-    result = dict(gpu=torch.cuda.get_device_name(), gpus=1, torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv), records=[])
+    result = run_header(gpus=1, records=[])
     default_cfg = dict(module.CONFIGS)
     default_nreg = module.MAXNREG
 
@@ -207,9 +205,7 @@ def main():
                           f"bwd {rec['bwd_ms_gluon']:.3f} vs {rec['bwd_ms_triton']:.3f}", flush=True)
                     restore()
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

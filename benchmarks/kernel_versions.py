@@ -20,9 +20,7 @@ interleaved rounds (median of triton.testing.do_bench).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -34,6 +32,7 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.attention import TOKENS, doc_cu_seqlens, paper_like_inputs  # noqa: E402
+from benchmarks.result_file import run_header, write_result  # noqa: E402
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd  # noqa: E402
 
@@ -148,12 +147,9 @@ def main():
             print(f"{args.kernel} H={H} D={D} L={L} docs={docs} acp={acp}: tree {rec['ms_tree']:.3f} ms, "
                   f"base {rec['ms_base']:.3f} ms ({100 * rec['change']:+.1f}%), max |diff| {diff:.3g}",
                   flush=True)
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
-                  base_label=args.base_label, records=records)
+    result = run_header(base_label=args.base_label, records=records)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

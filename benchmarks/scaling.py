@@ -14,7 +14,6 @@ launch.nnodes) and merge the files; this script covers one node.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from result_file import run_header, write_result  # noqa: E402
 from train_step import run_variant  # noqa: E402
 
 
@@ -42,15 +42,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import torch
-
-    header = {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
+    header = run_header()
     size = args.size or Path(args.config).stem.split("_")[2]
     records = []
     model_parallel = args.tp * args.pp * args.cp
@@ -80,7 +72,7 @@ def main():
             records.append(rec)
             print(json.dumps(rec), flush=True)
             if args.out:
-                Path(args.out).write_text(json.dumps({**header, "records": records}, indent=1))
+                write_result(args.out, {**header, "records": records})
     print(f"\n{'gpus':>5} {'dp':>4} {'tokens/s':>11} {'efficiency':>11}")
     for r in records:
         print(f"{r['gpus']:>5} {r['dp']:>4} {r['tokens_per_s']:>11.0f} {r['efficiency']:>11.3f}")

@@ -24,13 +24,16 @@ one variant can differ by more than the effects being compared.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from result_file import run_header, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,16 +98,7 @@ def main():
         ("fox_pro_full", args.fox, "fox_pro", False, ["fox.acp=false"]),
         ("transformer", args.baseline, "transformer", False, []),
     ]
-    import torch
-
-    header = {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "gpus": args.gpus,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
+    header = run_header(gpus=args.gpus)
     runs = {label: [] for label, *_ in variants}
     records = []
     with tempfile.TemporaryDirectory(prefix="fox-train-bench-") as workdir:
@@ -118,8 +112,7 @@ def main():
                            for lab, _, model, acp, _ in variants if runs[lab]]
                 print(json.dumps(records[-1] if rep == 0 else {"variant": label, **runs[label][-1]}), flush=True)
                 if args.out:
-                    Path(args.out).write_text(json.dumps({**header, "repeats": args.repeats, "records": records},
-                                                         indent=1))
+                    write_result(args.out, {**header, "repeats": args.repeats, "records": records})
     print(summary_table([label for label, *_ in variants], records))
 
 

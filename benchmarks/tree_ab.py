@@ -18,7 +18,6 @@ A case's time is the median over rounds; ``change`` is tree / base - 1.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -99,10 +98,10 @@ def main():
     import tempfile
 
     import torch
-    import triton
 
     sys.path.insert(0, ROOT)
     from benchmarks.kernel_ab import max_rel
+    from benchmarks.result_file import run_header, write_result
 
     label = args.tree_label or subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                                               capture_output=True, text=True).stdout.strip() or "tree"
@@ -115,9 +114,7 @@ def main():
             runs[side].append(run_child(root, args, os.path.join(workdir, f"{side}{r}")))
             print(f"round {r} {side}: " + ", ".join(f"{c['H']}x{c['D']} {c['L']} acp={c['acp']} {c['ms']:.3f}"
                                                    for c in runs[side][-1]["cases"]), flush=True)
-    result = dict(gpu=torch.cuda.get_device_name(), gpus=1, torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.date.today().isoformat(), command=" ".join(["python"] + sys.argv),
-                  tree_label=label, base_label=args.base_label, records=[], checks=[])
+    result = run_header(gpus=1, tree_label=label, base_label=args.base_label, records=[], checks=[])
     for i, case in enumerate(runs["tree"][0]["cases"]):
         t = [run["cases"][i]["ms"] for run in runs["tree"]]
         b = [run["cases"][i]["ms"] for run in runs["base"]]
@@ -137,9 +134,7 @@ def main():
         result["checks"].append(dict(H=ct["H"], D=ct["D"], L=4096, acp=True, max_rel_diff=diff))
         print(f"check {ct['H']}x{ct['D']}: {diff}", flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

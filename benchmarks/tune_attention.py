@@ -17,7 +17,6 @@ document or 8 per row, ACP off / on) at each of ``--lengths``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import TOKENS, doc_cu_seqlens, paper_like_inputs, time_step  # noqa: E402
 
 from fox_megatron.kernels import AcpConfig, forgetting_attention  # noqa: E402
+from benchmarks.result_file import run_header, write_result  # noqa: E402
 from fox_megatron.kernels.forgetting_attn import triton_ops  # noqa: E402
 
 CANDIDATES = {
@@ -166,16 +166,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="with --ab")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv),
-                   sweeps=[], profiles={})
+    results = run_header(sweeps=[], profiles={})
     if args.ab:
         kind, cfg = args.ab.split("=")
         results["records"] = ab(kind, tuple(int(x) for x in cfg.split(",")), args.shapes.split(","),
                                 [int(x) for x in args.lengths.split(",")], args.rounds)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            write_result(args.out, results)
         return
     for shape in args.shapes.split(","):
         H, D = (int(x) for x in shape.split("x"))
@@ -217,8 +214,7 @@ def main():
     results["chosen"] = {k: {str(d): c for d, c in v.items()} for k, v in triton_ops.CONFIGS.items()}
     print("chosen:", json.dumps(results["chosen"]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_result(args.out, results)
 
 
 if __name__ == "__main__":

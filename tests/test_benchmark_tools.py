@@ -21,6 +21,8 @@
   dkdv_timeline.py's to the Gluon dK / dV kernel's (with and without the
   fused dQ).
 - tree_ab.py refuses a base that is not a checkout of the project.
+- result_file.py's header carries what every committed result must (GPU,
+  versions, date, the command as typed) and its writer makes the folder.
 """
 
 import json
@@ -288,3 +290,21 @@ def test_tree_ab_wants_a_checkout_as_its_base(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode != 0 and "--base: expected a checkout of the project" in run.stderr
     assert str(tmp_path) in run.stderr
+
+
+def test_result_header_and_writer(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.result_file import run_header, write_result
+
+    import triton
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/attention.py", "--lengths", "8192", "--out", "x.json"])
+    doc = run_header(gpus=2, records=[1])
+    assert doc["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    assert (doc["gpus"], doc["torch"], doc["triton"]) == (2, torch.__version__, triton.__version__)
+    assert doc["command"] == "python benchmarks/attention.py --lengths 8192 --out x.json"
+    assert len(doc["date"]) == 10 and doc["records"] == [1]
+    assert "gpus" not in run_header()
+    path = tmp_path / "new" / "folder" / "r.json"
+    write_result(str(path), doc)
+    assert json.loads(path.read_text()) == doc
