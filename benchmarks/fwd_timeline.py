@@ -135,8 +135,8 @@ PATCHES = [
      "row * v_cols_b + hk * stride_vh, lo, n, STAGES, BLOCK_N))],",
      "row * v_cols_b + hk * stride_vh, lo, n, tl_base, STAGES, BLOCK_N))],"),
     ("launch",
-     "_fwd_kernel_sm90_pingpong[grid](\n        q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,\n",
-     "_fwd_kernel_sm90_pingpong[grid](\n        q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, TIMELINE['buf'],\n"),
+     "_fwd_kernel_sm90_pingpong[grid](q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, *tables,",
+     "_fwd_kernel_sm90_pingpong[grid](q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, TIMELINE['buf'], *tables,"),
     ("buffer", "\ndef launch_fwd(", "\nTIMELINE = {'buf': None}\n\n\ndef launch_fwd("),
 ]
 # anchors that occur more than once, each replaced everywhere

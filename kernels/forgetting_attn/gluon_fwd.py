@@ -630,14 +630,13 @@ if HAVE_GLUON:
         CK_L: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         my_turn = turns.index(WG)
         their_turn = turns.index(1 - WG)
-        pid = gl.program_id(0)
         offs_mr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_S)
         offs_n = gl.arange(0, BLOCK_N, layout=COL_S)
         offs_c = gl.arange(0, BLOCK_N, layout=CK_L)
         offs_dr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
         offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
-        w, s_id, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(items, 0, item_ready,
+        w, _, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(items, 0, item_ready,
                                                                                       item_empty, num_warps)
         c_ref, cq, ck_a, ck_b = _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb,
                                                  stride_cqh, stride_ckb, stride_ckh, offs_mr, offs_c, 2 * BLOCK_M,
@@ -711,7 +710,7 @@ if HAVE_GLUON:
                 turn += n + 1
             # the next item's record and decays, in flight during this epilogue
             t += 1
-            (nw, ns_id, nh, npid_m, nqlen, nklen, nlo, nmid, nn, nrow, nqrow, nq0,
+            (nw, _, nh, npid_m, nqlen, nklen, nlo, nmid, nn, nrow, nqrow, nq0,
              nk0) = _read_fwd_item(items, t, item_ready, item_empty, num_warps)
             c_ref, cq, ck_a, ck_b = _fwd_item_decays(nw, nh, npid_m, nqlen, nklen, nlo, nrow, nqrow, nq0, nk0, CQ,
                                                      CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh, offs_mr,
@@ -727,7 +726,6 @@ if HAVE_GLUON:
                      mask=(offs_mo < qlen)[:, None])
             gl.store(lse_base + offs_m, lse, mask=offs_m < qlen)
             w = nw
-            s_id = ns_id
             h = nh
             pid_m = npid_m
             qlen = nqlen
@@ -846,41 +844,26 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
     (q_desc,), (q_view,) = tma_descriptors((q,), BM)
+    # the arguments both kernels take: the pair table (and launch order),
+    # then the strides and the scale
+    tables = (pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
+              order if order is not None else pairs.row)
+    strides = (q_view[2], q_view[3], q.stride(2),
+               kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
+               out.stride(0), out.stride(1), out.stride(2),
+               c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
+               lse.stride(0), lse.stride(1),
+               kb.stride(0), kb.stride(1),
+               scale * LOG2E)
+    consts = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
+                  ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
+                  maxnreg=MAXNREG)
     if PERSISTENT and D in PERSISTENT_HEAD_DIMS:
-        H = q.shape[2]
-        total = grid[0] * S * H
+        total = grid[0] * S * q.shape[2]
         sms = _sm_count(q.device)
         ctas = min(PERSISTENT_CTAS or sms, sms, total)
         counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items handed out after the first wave
-        _fwd_kernel_sm90_persistent[(ctas,)](
-            q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
-            pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-            order if order is not None else pairs.row, counter,
-            grid[0], S, total,
-            q_view[2], q_view[3], q.stride(2),
-            kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
-            lse.stride(0), lse.stride(1),
-            kb.stride(0), kb.stride(1),
-            scale * LOG2E,
-            GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-            ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
-            maxnreg=MAXNREG,
-        )
+        _fwd_kernel_sm90_persistent[(ctas,)](q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, *tables, counter,
+                                             grid[0], S, total, *strides, **consts)
         return
-    _fwd_kernel_sm90_pingpong[grid](
-        q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb,
-        pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-        order if order is not None else pairs.row,
-        q_view[2], q_view[3], q.stride(2),
-        kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1),
-        lse.stride(0), lse.stride(1),
-        kb.stride(0), kb.stride(1),
-        scale * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
-        maxnreg=MAXNREG,
-    )
+    _fwd_kernel_sm90_pingpong[grid](q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, *tables, *strides, **consts)
