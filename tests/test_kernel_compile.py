@@ -7,7 +7,10 @@ process without the interpreter takes every kernel through Triton's whole
 pipeline down to a cubin for sm_90, with the argument types and the tile
 shapes, warps and stages of the real launches.  The Gluon kernels' API
 moves between Triton releases (the TMA load was renamed in 3.7): compiling
-them with the installed Triton catches that before a GPU does.
+them with the installed Triton catches that before a GPU does.  The
+worker also digests each kernel's machine code (``--sass-digest``), so that
+a change meant to leave a kernel's code as it was can be checked without a
+GPU.
 """
 
 import json
@@ -25,14 +28,15 @@ CASES = ["boundary_causal=True", "boundary_causal=False", "boundary_precise", "d
     f"{kind}{precise}_d{d}" for kind in ("fwd", "dkdv", "dq") for precise in ("", "_precise") for d in (64, 128)] + [
     f"{kind}_accumulate_d{d}" for kind in ("fwd", "dq") for d in (64, 128)] + [
     f"dkdv_fp32_grads_d{d}" for d in (64, 128)] + [
-    f"gluon_fwd{precise}_d{d}" for precise in ("", "_precise") for d in (64, 128)] + [
+    f"gluon_fwd{persistent}{precise}_d{d}" for persistent in ("", "_persistent") for precise in ("", "_precise")
+    for d in (64, 128)] + [
     f"gluon_dkdv{dq}{precise}_d{d}" for dq in ("", "_dq") for precise in ("", "_precise") for d in (64, 128)]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py")],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), "--sass-digest"],
                           capture_output=True, text=True, timeout=1200, env=env)
     if proc.returncode != 0:
         pytest.fail(f"compile worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -53,3 +57,19 @@ def test_only_precise_decays_do_float64_work(compiled):
             assert f64[case] > 0, case
         else:
             assert f64[case] == 0, (case, f64[case])
+
+
+def test_machine_code_digests_tell_kernels_apart_and_repeat(compiled):
+    """Every compiled case has a digest of its instructions; a second
+    compile of a case gives the same digest, and kernels that differ (the
+    persistent forward and the per-block one) give different ones."""
+    digests = compiled["sass_digest"]
+    assert set(CASES) <= set(digests)
+    assert digests["gluon_fwd_d64"] != digests["gluon_fwd_persistent_d64"]
+    assert all(int(d.split(":")[1]) > 100 for d in digests.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), "--sass-digest",
+                           "gluon_fwd_d64"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again["sass_digest"] == {"gluon_fwd_d64": digests["gluon_fwd_d64"]}

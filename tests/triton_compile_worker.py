@@ -4,11 +4,23 @@ Run as a script in a process without TRITON_INTERPRET (under the
 interpreter, @triton.jit and Triton's own library give interpreted functions
 that cannot be compiled).  Prints one JSON object: case name -> "ok" or the
 compiler's error.  Used by tests/test_kernel_compile.py.
+
+    python tests/triton_compile_worker.py --sass-digest [case ...]
+
+adds "sass_digest": case -> a digest of the compiled machine code's
+instructions (nvdisasm's listing without addresses, line tables or
+comments): a change to a kernel's source that leaves its digests as they
+were leaves the code the GPU runs as it was, which can be checked on a
+machine without one.
 """
 
+import hashlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -22,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fox_megatron.kernels.forgetting_attn import triton_ops  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# the last compiled kernel's cubin (for --sass-digest)
+COMPILED = {}
 
 # pointer element types by argument name; other upper-case names are int32
 # tables, lower-case ones int32 scalars except the softmax scales
@@ -59,6 +73,7 @@ def compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, act="*bf16", f
     out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     if "cubin" not in out.asm:
         raise RuntimeError(f"no cubin produced (stages: {sorted(out.asm)})")
+    COMPILED["cubin"] = out.asm["cubin"]
     # float64 instructions in the PTX (precise decays only)
     return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
@@ -89,6 +104,7 @@ def compile_gluon(kernel, constexprs, num_warps, maxnreg, desc_block, act="bf16"
     out = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "maxnreg": maxnreg})
     if "cubin" not in out.asm:
         raise RuntimeError(f"no cubin produced (stages: {sorted(out.asm)})")
+    COMPILED["cubin"] = out.asm["cubin"]
     return sum(".f64" in line for line in out.asm["ptx"].splitlines())
 
 
@@ -181,9 +197,26 @@ def cases():
                        dict(num_warps=warps, num_stages=stages, fp32_outputs=("DK", "DV")))
 
 
+def sass_digest(cubin: bytes) -> str:
+    """Digest of a cubin's instructions as nvdisasm (Triton's copy) lists
+    them, without addresses, line tables or comments."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    code = [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in listing.splitlines()
+            if re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line)]
+    return f"{hashlib.sha1(chr(10).join(code).encode()).hexdigest()[:16]}:{len(code)}"
+
+
 def main():
-    only = set(sys.argv[1:])
+    args = sys.argv[1:]
+    digest = "--sass-digest" in args
+    only = set(a for a in args if a != "--sass-digest")
     results = {"f64_instructions": {}}
+    if digest:
+        results["sass_digest"] = {}
     todo = [(*case, compile_kernel) for case in cases()] + [(*case, compile_gluon) for case in gluon_cases()]
     for name, kernel, constexprs, launch, compile_fn in todo:
         if only and name not in only:
@@ -191,6 +224,8 @@ def main():
         try:
             results["f64_instructions"][name] = compile_fn(kernel, constexprs, **launch)
             results[name] = "ok"
+            if digest:
+                results["sass_digest"][name] = sass_digest(COMPILED["cubin"])
         except Exception as e:  # the compiler's message is the report
             results[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
     print(json.dumps(results))
