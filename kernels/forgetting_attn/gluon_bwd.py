@@ -465,7 +465,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     kv_descs, kv_views = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
-    order = pairs.order_kv
+    order, ordered = pairs.launch_order(kv=True)
     grid = (triton.cdiv(max(pairs.max_klen, 1), BN), S, k.shape[2])
     qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     fused = dq_acc is not None
@@ -480,7 +480,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
     _dkdv_kernel_sm90[grid](
         descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, qb, dk, dv, dc_k, dqa_desc, dcq_desc,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-        order if order is not None else pairs.row,
+        order,
         views[0][2], views[0][3], q.stride(2),
         kv_views[0][2], kv_views[0][3], k.stride(2),
         kv_views[1][2], kv_views[1][3], v.stride(2),
@@ -494,6 +494,6 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
         qb.stride(0), qb.stride(1),
         scale, scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, ORDERED=order is not None,
+        ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], FUSED_DQ=fused, ORDERED=ordered,
         num_warps=warps, maxnreg=MAXNREG,
     )

@@ -169,11 +169,15 @@ def hopper_tma_ready(tensors, streamed) -> bool:
             return False
     if any(_tma_rows_view(t) is None for t in streamed):
         return False
-    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return _is_sm90(_device_index(q.device))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count_of(_device_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,30 +234,40 @@ if HAVE_GLUON:
         return bar.index(0)
 
     @gluon.jit
+    def _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, i, n, kv, lo, k_r, k_c,
+                      v_r, v_c, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        # step i (0 <= i <= n) of a query block's n key tiles from lo, at
+        # ring position kv: K_i (i < n) beside V_{i-1} (i > 0), the order
+        # in which the MMA warps use them (K_0, then S_i beside P_{i-1}
+        # V_{i-1}): a K buffer is free once S has been computed from it, a
+        # V buffer only once P V has, a tile later
+        if i < n:
+            g = kv + i
+            b = g % STAGES
+            mbarrier.wait(k_empty.index(b), (g // STAGES) & 1)
+            mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
+            tma_load(k_desc, [k_r + (lo + i) * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
+        if i > 0:
+            j = i - 1
+            g = kv + j
+            b = g % STAGES
+            mbarrier.wait(v_empty.index(b), (g // STAGES) & 1)
+            mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
+            tma_load(v_desc, [v_r + (lo + j) * BLOCK_N, v_c], v_ready.index(b), v_bufs.index(b))
+
+    @gluon.jit
     def _fwd_load_partition(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
                             v_empty, q_r0, q_c0, k_r0, k_c0, v_r0, v_c0, lo, n, STAGES: gl.constexpr,
                             BLOCK_N: gl.constexpr):
         # one warp: the query block (once, beside the first K tile), then K
         # and V tiles in rings of their own, in the order the MMA warps use
-        # them (K_0, then K_i beside V_{i-1}): a K buffer is free once S has
-        # been computed from it, a V buffer only once P V has, a tile later
-        k_bytes: gl.constexpr = k_desc.block_type.nbytes
-        v_bytes: gl.constexpr = v_desc.block_type.nbytes
+        # them (_load_kv_step)
         if n > 0:
             mbarrier.expect(q_ready, q_desc.block_type.nbytes)
             tma_load(q_desc, [q_r0, q_c0], q_ready, q_smem)
         for i in range(n + 1):
-            if i < n:
-                b = i % STAGES
-                mbarrier.wait(k_empty.index(b), (i // STAGES) & 1)
-                mbarrier.expect(k_ready.index(b), k_bytes)
-                tma_load(k_desc, [k_r0 + (lo + i) * BLOCK_N, k_c0], k_ready.index(b), k_bufs.index(b))
-            if i > 0:
-                j = i - 1
-                b = j % STAGES
-                mbarrier.wait(v_empty.index(b), (j // STAGES) & 1)
-                mbarrier.expect(v_ready.index(b), v_bytes)
-                tma_load(v_desc, [v_r0 + (lo + j) * BLOCK_N, v_c0], v_ready.index(b), v_bufs.index(b))
+            _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, i, n, 0, lo, k_r0, k_c0,
+                          v_r0, v_c0, STAGES, BLOCK_N)
 
     @gluon.jit
     def _tile_decays(ck_base, kb, offs_c, klen, BLOCK_N: gl.constexpr):
@@ -553,25 +567,6 @@ if HAVE_GLUON:
                 qc += 1
 
     @gluon.jit
-    def _load_kv_step(k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, i, n, kv, lo, k_r, k_c,
-                      v_r, v_c, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-        # step i of an item's n key tiles from lo, at ring position kv:
-        # K_i (i < n) beside V_{i-1} (i > 0), in the order the MMA warps
-        # use them (_fwd_load_partition)
-        if i < n:
-            g = kv + i
-            b = g % STAGES
-            mbarrier.wait(k_empty.index(b), (g // STAGES) & 1)
-            mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
-            tma_load(k_desc, [k_r + (lo + i) * BLOCK_N, k_c], k_ready.index(b), k_bufs.index(b))
-        if (i > 0) & (i <= n):
-            g = kv + i - 1
-            b = g % STAGES
-            mbarrier.wait(v_empty.index(b), (g // STAGES) & 1)
-            mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
-            tma_load(v_desc, [v_r + (lo + i - 1) * BLOCK_N, v_c], v_ready.index(b), v_bufs.index(b))
-
-    @gluon.jit
     def _record_field(rec, idx, f: gl.constexpr):
         # field f of a record that every thread holds whole (a maximum:
         # the same whatever the lanes and warps that hold copies)
@@ -603,10 +598,11 @@ if HAVE_GLUON:
         c_ref = gl.load(cq_base + pid_m * BLOCK_M2, mask=ok, other=0.0)
         offs_m = pid_m * BLOCK_M2 + offs_mr
         cq = gl.load(cq_base + offs_m, mask=ok & (offs_m < qlen), other=0.0)
+        # (past the last item the record is a real sequence's, its lo >= 0:
+        # the key tiles' loads stay in bounds without the item's mask)
         ck_base = CK + row.to(gl.int64) * stride_ckb + h * stride_ckh + k0
-        ck_a = gl.load(ck_base + lo * BLOCK_N + offs_c, mask=ok & (lo * BLOCK_N + offs_c < klen), other=0.0)
-        ck_b = gl.load(ck_base + (lo + 1) * BLOCK_N + offs_c, mask=ok & ((lo + 1) * BLOCK_N + offs_c < klen),
-                       other=0.0)
+        ck_a = _tile_decays(ck_base, lo, offs_c, klen, BLOCK_N)
+        ck_b = _tile_decays(ck_base, lo + 1, offs_c, klen, BLOCK_N)
         return c_ref, cq, ck_a, ck_b
 
     @gluon.jit
@@ -839,7 +835,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     descs, kv = tma_descriptors((k, v), BN)
     use_acp = thr is not None
     S = pairs.row.numel()
-    order = pairs.order_q
+    order, ordered = pairs.launch_order()
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, q.shape[2])
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     assert warps == 8, "the ping-pong kernel runs two partitions of 4 MMA warps"
@@ -847,7 +843,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
     # the arguments both kernels take: the pair table (and launch order),
     # then the strides and the scale
     tables = (pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
-              order if order is not None else pairs.row)
+              order)
     strides = (q_view[2], q_view[3], q.stride(2),
                kv[0][2], kv[0][3], k.stride(2), kv[1][2], kv[1][3], v.stride(2),
                out.stride(0), out.stride(1), out.stride(2),
@@ -856,7 +852,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
                kb.stride(0), kb.stride(1),
                scale * LOG2E)
     consts = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp, STAGES=stages,
-                  ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=order is not None, num_warps=4,
+                  ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=ordered, num_warps=4,
                   maxnreg=MAXNREG)
     if PERSISTENT and D in PERSISTENT_HEAD_DIMS:
         total = grid[0] * S * q.shape[2]

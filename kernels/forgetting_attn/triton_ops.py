@@ -907,6 +907,13 @@ class _PairTable:
         return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
                           qrow=self.qrow, order_q=order_q, order_kv=order_kv)
 
+    def launch_order(self, kv: bool = False):
+        """(ORDER, ORDERED) arguments of a launch over the query heads'
+        programs (kv: the key / value heads'): the table's order, or
+        without one a stand-in pointer that the kernel does not read."""
+        order = self.order_kv if kv else self.order_q
+        return (self.row if order is None else order), order is not None
+
     def with_query_rows(self, qrow):
         """The same entries reading queries at batch rows ``qrow`` (int32, one per entry)."""
         return _PairTable(self.row, self.qstart, self.qlen, self.kstart, self.klen, self.max_qlen, self.max_klen,
@@ -987,9 +994,9 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         return out, lse, kblo, tiles, qbhi, orders
     grid = (triton.cdiv(max(pairs.max_qlen, 1), BM), S, Hq)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
-    order = pairs.order_q
+    order, ordered = pairs.launch_order()
     _fwd_kernel[grid](
-        q, k, v, c_q, c_k, out, lse, kb, order if order is not None else kb,
+        q, k, v, c_q, c_k, out, lse, kb, order,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1000,7 +1007,7 @@ def _forward(q, k, v, c_q, c_k, pairs, scale, thr, causal, partial=False, acc=No
         kb.stride(0), kb.stride(1),
         scale * LOG2E,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=acc is not None, ORDERED=order is not None, num_warps=warps, num_stages=stages,
+        ACCUMULATE=acc is not None, ORDERED=ordered, num_warps=warps, num_stages=stages,
     )
     return out, lse, kblo, tiles, qbhi, orders
 
@@ -1049,7 +1056,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
     if S == 0:
         return dq, dk, dv, dc_q, dc_k
     scale2 = scale * LOG2E
-    order_q, order_kv = pairs.order_q, pairs.order_kv
+    (order_q, ordered_q), (order_kv, ordered_kv) = pairs.launch_order(), pairs.launch_order(kv=True)
     BM1, BN1, w1, st1 = kernel_config("dkdv", D, q.dtype)
     gluon_mode = (gluon_bwd.mode(q, k, v, do, use_acp) if USE_GLUON_DKDV and allow_gluon and not partial
                   and kv_grad_dtype is None and gluon_bwd.takes_boundaries(D, BM1, BN1) else None)
@@ -1074,7 +1081,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         kblo, _ = block_boundaries(c_q, c_k, pairs, thr, BM2, BN2, causal, want_kblo=True)
     kb = kblo if use_acp else pairs.row.view(1, 1, -1)
     _dq_kernel[(triton.cdiv(max(pairs.max_qlen, 1), BM2), S, Hq)](
-        q, k, v, do, o_arg, c_q, c_k, lse, dlt, kb, order_q if order_q is not None else kb, dq, dc_q,
+        q, k, v, do, o_arg, c_q, c_k, lse, dlt, kb, order_q, dq, dc_q,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1088,7 +1095,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         kb.stride(0), kb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM2, BLOCK_N=BN2, CAUSAL=causal, USE_ACP=use_acp,
-        ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, ORDERED=order_q is not None, num_warps=w2,
+        ACCUMULATE=dq_acc is not None, DELTA_FROM_O=delta is None, ORDERED=ordered_q, num_warps=w2,
         num_stages=st2,
     )
     if gluon_mode and _run_gluon("USE_GLUON_DKDV", gluon_bwd.launch_dkdv, q, k, v, do, c_q, c_k, lse, dlt, thr,
@@ -1096,7 +1103,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         return dq, dk, dv, dc_q, dc_k
     qb = qbhi if use_acp else pairs.row.view(1, 1, -1)
     _dkdv_kernel[(triton.cdiv(max(pairs.max_klen, 1), BN1), S, Hkv)](
-        q, k, v, do, c_q, c_k, lse, dlt, qb, order_kv if order_kv is not None else qb, dk, dv, dc_k,
+        q, k, v, do, c_q, c_k, lse, dlt, qb, order_kv, dk, dv, dc_k,
         pairs.row, pairs.qrow, pairs.qstart, pairs.qlen, pairs.kstart, pairs.klen,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1110,7 +1117,7 @@ def _backward(do, q, k, v, c_q, c_k, out, lse, pairs, scale, thr, causal, kblo=N
         qb.stride(0), qb.stride(1),
         scale, scale2,
         PRECISION=_precision(q.dtype), GROUP=group, HEAD_DIM=D, BLOCK_M=BM1, BLOCK_N=BN1, CAUSAL=causal, USE_ACP=use_acp,
-        ORDERED=order_kv is not None, num_warps=w1, num_stages=st1,
+        ORDERED=ordered_kv, num_warps=w1, num_stages=st1,
     )
     return dq, dk, dv, dc_q, dc_k
 
