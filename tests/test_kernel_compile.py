@@ -30,7 +30,8 @@ CASES = ["boundary_causal=True", "boundary_causal=False", "boundary_precise", "d
     f"dkdv_fp32_grads_d{d}" for d in (64, 128)] + [
     f"gluon_fwd{persistent}{precise}_d{d}" for persistent in ("", "_persistent") for precise in ("", "_precise")
     for d in (64, 128)] + [
-    f"gluon_dkdv{dq}{precise}_d{d}" for dq in ("", "_dq") for precise in ("", "_precise") for d in (64, 128)]
+    f"gluon_dkdv{dq}{precise}_d{d}" for dq in ("", "_dq", "_persistent", "_persistent_group1")
+    for precise in ("", "_precise") for d in (64, 128)]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,11 @@ def test_only_precise_decays_do_float64_work(compiled):
 def test_machine_code_digests_tell_kernels_apart_and_repeat(compiled):
     """Every compiled case has a digest of its instructions; a second
     compile of a case gives the same digest, and kernels that differ (the
-    persistent forward and the per-block one) give different ones."""
+    persistent kernels and the per-block ones) give different ones."""
     digests = compiled["sass_digest"]
     assert set(CASES) <= set(digests)
     assert digests["gluon_fwd_d64"] != digests["gluon_fwd_persistent_d64"]
+    assert digests["gluon_dkdv_d64"] != digests["gluon_dkdv_persistent_d64"]
     assert all(int(d.split(":")[1]) > 100 for d in digests.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), "--sass-digest",

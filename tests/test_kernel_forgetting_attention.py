@@ -876,6 +876,47 @@ def test_gpu_persistent_forward_is_the_per_block_forward(ctas, acp, docs, head_d
     assert rel_err(o_p, ref_o) < TOL[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctas", [1, 3, None])
+@pytest.mark.parametrize("acp", [False, True])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_persistent_dkdv_is_the_per_block_kernel(ctas, acp, docs, head_dim, monkeypatch):
+    """The persistent Gluon dK / dV kernel (CTAs that take key blocks from
+    a counter) gives the per-block kernel's gradients bit for bit: each key
+    block is computed by the same code in the same order, whichever CTA
+    takes it.  With one or three CTAs each walks dozens of key blocks
+    (double-buffered K / V, ring phases, records reused, the empty blocks
+    of short documents skipped, the last block's rows past the end zeroed);
+    None: one CTA per SM.  GQA (two query heads per key / value head),
+    and one head each with three CTAs."""
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, triton_ops
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon dK / dV kernel is for Hopper (sm_90)")
+    B, T, Hq, Hkv, D = 2, 1531, 4, 4 if ctas == 3 else 2, head_dim
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, device="cuda", seed=29, decay_scale=3.0)
+    cu = torch.tensor([0, 130, 131, 1531, 2000, 3062], dtype=torch.int32, device="cuda") if docs else None
+    kw = dict(cu_seqlens=cu, acp=AcpConfig() if acp else None)
+    do = torch.randn_like(q)
+    monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", True)
+    monkeypatch.setattr(gluon_bwd, "PERSISTENT_CTAS", ctas)
+    monkeypatch.setattr(gluon_bwd, "PERSISTENT_HEAD_DIMS", (64, 128))  # checked at both, on by default at 64
+    monkeypatch.setitem(gluon_bwd.DISPATCH, 128, ("dkdv", "dkdv"))  # the kernel without the fused dQ
+    assert gluon_bwd.mode(q, k, v, do, acp) == "dkdv"
+    grads = {}
+    for persistent in (True, False):
+        monkeypatch.setattr(gluon_bwd, "PERSISTENT", persistent)
+        o = forgetting_attention(q, k, v, log_f, **kw)
+        grads[persistent] = torch.autograd.grad(o, (q, k, v, log_f), do)
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), grads[True], grads[False]):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b), name
+    _, ref_grads = reference(q, k, v, log_f, do, **kw)
+    for name, a, b in zip(("dk", "dv", "dlog_f"), grads[True][1:], ref_grads[1:]):
+        assert rel_err(a, b) < TOL[torch.bfloat16], name
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("acp", [False, True])
 def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
@@ -887,9 +928,11 @@ def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
     from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops
 
     fwd_name = "_fwd_kernel_sm90_persistent" if persistent else "_fwd_kernel_sm90_pingpong"
+    dkdv_name = "_dkdv_kernel_sm90_persistent" if persistent else "_dkdv_kernel_sm90"
     monkeypatch.setattr(gluon_fwd, "PERSISTENT", persistent)
+    monkeypatch.setattr(gluon_bwd, "PERSISTENT", persistent)
     monkeypatch.setattr(gluon_fwd, "_sm_count", lambda device: 4)
-    kernels = {"fwd": getattr(gluon_fwd, fwd_name), "dkdv": gluon_bwd._dkdv_kernel_sm90}
+    kernels = {"fwd": getattr(gluon_fwd, fwd_name), "dkdv": getattr(gluon_bwd, dkdv_name)}
     launches = {}
 
     class StandIn:
@@ -906,7 +949,7 @@ def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
             return launch
 
     monkeypatch.setattr(gluon_fwd, fwd_name, StandIn("fwd"))
-    monkeypatch.setattr(gluon_bwd, "_dkdv_kernel_sm90", StandIn("dkdv"))
+    monkeypatch.setattr(gluon_bwd, dkdv_name, StandIn("dkdv"))
     monkeypatch.setattr(gluon_fwd, "supported", lambda *a: True)
     monkeypatch.setattr(gluon_bwd, "mode", lambda *a, **kw: "dkdv")
     monkeypatch.setattr(gluon_bwd, "takes_boundaries", lambda *a: True)

@@ -149,6 +149,11 @@ def gluon_cases():
                 consts, opts = gluon_dkdv_case(gluon_bwd, head_dim, fused, group=2, acp=True)
                 yield (f"gluon_dkdv{'_dq' if fused else ''}{precise}_d{head_dim}", gluon_bwd._dkdv_kernel_sm90,
                        consts, dict(opts, **f64))
+            for group in (1, 2):  # one head per key / value head: the head loop folds away
+                consts, opts = gluon_dkdv_case(gluon_bwd, head_dim, False, group=group, acp=True)
+                consts.pop("FUSED_DQ")
+                yield (f"gluon_dkdv_persistent{'_group1' if group == 1 else ''}{precise}_d{head_dim}",
+                       gluon_bwd._dkdv_kernel_sm90_persistent, consts, dict(opts, **f64))
 
 
 def cases():

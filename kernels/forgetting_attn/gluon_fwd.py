@@ -457,10 +457,12 @@ if HAVE_GLUON:
     REC_FIELDS = gl.constexpr(16)
 
     @gluon.jit
-    def _next_fwd_item(w, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
-                       BLOCK_M: gl.constexpr):
+    def _next_item(w, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED: gl.constexpr, CAUSAL: gl.constexpr,
+                   BLOCK_M: gl.constexpr):
         # the first valid item from w on, taking further ones from the
-        # counter; w >= total when none is left
+        # counter; w >= total when none is left (work_item's numbering; the
+        # persistent dK / dV kernel passes key blocks, key lengths and
+        # CAUSAL=False, its grid's key blocks running forward)
         s_id, h, pid_m, qlen, valid = work_item(w, total, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL, BLOCK_M)
         while (w < total) & (valid.to(gl.int32) == 0):
             w = P + gl.atomic_add(CNT, 1)
@@ -468,10 +470,10 @@ if HAVE_GLUON:
         return w, s_id, h, pid_m, qlen
 
     @gluon.jit
-    def _publish_fwd_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n, row,
-                          qrow, q0, k0):
-        # the CTA's t-th item record, in shared slot t % 2 once both MMA
-        # warpgroups have read the record before it there; w = -1 ends.
+    def _publish_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n, row,
+                      qrow, q0, k0):
+        # the CTA's t-th item record, in shared slot t % 2 once the MMA
+        # partitions have read the record before it there; w = -1 ends.
         # Every lane holds (and writes) the whole record.
         slot = t % 2
         mbarrier.wait(item_empty.index(slot), (t // 2) & 1)
@@ -519,12 +521,12 @@ if HAVE_GLUON:
         q_bytes: gl.constexpr = q_desc.block_type.nbytes
         pid = gl.program_id(0)
         P = gl.num_programs(0)
-        w, s_id, h, pid_m, qlen = _next_fwd_item(pid, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL,
+        w, s_id, h, pid_m, qlen = _next_item(pid, P, total, CNT, NUM_M, S, ORDER, QLEN, ORDERED, CAUSAL,
                                                  BLOCK_M)
         klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
             w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s, stride_kblo_h,
             BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
-        _publish_fwd_item(items, 0, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
+        _publish_item(items, 0, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid, n,
                           row, qrow, q0, k0)
         t = 0
         kv = 0
@@ -551,13 +553,13 @@ if HAVE_GLUON:
             # the next item, found and published once this one's first
             # tiles fill the rings (the loads after them wait for the MMA
             # warps anyway)
-            w, s_id, h, pid_m, qlen = _next_fwd_item(P + gl.atomic_add(CNT, 1), P, total, CNT, NUM_M, S, ORDER,
+            w, s_id, h, pid_m, qlen = _next_item(P + gl.atomic_add(CNT, 1), P, total, CNT, NUM_M, S, ORDER,
                                                      QLEN, ORDERED, CAUSAL, BLOCK_M)
             klen, row, qrow, q0, k0, lo, mid, n = _fwd_item_tables(
                 w, total, s_id, h, pid_m, qlen, KBLO, ROW, QROW, QSTART, KSTART_POS, KLEN, stride_kblo_s,
                 stride_kblo_h, BLOCK_M, BLOCK_N, ACP_BLOCK_M, ACP_BLOCK_N, CAUSAL, USE_ACP)
             t += 1
-            _publish_fwd_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid,
+            _publish_item(items, t, item_ready, item_empty, w, total, s_id, h, pid_m, qlen, klen, lo, mid,
                               n, row, qrow, q0, k0)
             if cur_n > 0:
                 for i in range(2, cur_n + 1):
@@ -573,8 +575,8 @@ if HAVE_GLUON:
         return gl.max(gl.where(idx == f, rec, -2147483647), 0)
 
     @gluon.jit
-    def _read_fwd_item(items, t, item_ready, item_empty, num_warps: gl.constexpr):
-        # the CTA's t-th item record (_publish_fwd_item)
+    def _read_item(items, t, item_ready, item_empty, num_warps: gl.constexpr):
+        # the CTA's t-th item record (_publish_item)
         slot = t % 2
         mbarrier.wait(item_ready.index(slot), (t // 2) & 1)
         REC_L: gl.constexpr = gl.BlockedLayout([REC_FIELDS], [32], [num_warps], [0])
@@ -632,7 +634,7 @@ if HAVE_GLUON:
         offs_dr = WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
         offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_L))
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_L)
-        w, _, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_fwd_item(items, 0, item_ready,
+        w, _, h, pid_m, qlen, klen, lo, mid, n, row, qrow, q0, k0 = _read_item(items, 0, item_ready,
                                                                                       item_empty, num_warps)
         c_ref, cq, ck_a, ck_b = _fwd_item_decays(w, h, pid_m, qlen, klen, lo, row, qrow, q0, k0, CQ, CK, stride_cqb,
                                                  stride_cqh, stride_ckb, stride_ckh, offs_mr, offs_c, 2 * BLOCK_M,
@@ -707,7 +709,7 @@ if HAVE_GLUON:
             # the next item's record and decays, in flight during this epilogue
             t += 1
             (nw, _, nh, npid_m, nqlen, nklen, nlo, nmid, nn, nrow, nqrow, nq0,
-             nk0) = _read_fwd_item(items, t, item_ready, item_empty, num_warps)
+             nk0) = _read_item(items, t, item_ready, item_empty, num_warps)
             c_ref, cq, ck_a, ck_b = _fwd_item_decays(nw, nh, npid_m, nqlen, nklen, nlo, nrow, nqrow, nq0, nk0, CQ,
                                                      CK, stride_cqb, stride_cqh, stride_ckb, stride_ckh, offs_mr,
                                                      offs_c, 2 * BLOCK_M, BLOCK_N)
