@@ -13,7 +13,9 @@ dO tile, after that first tile, after the last one (before dK and dV are
 stored) and after the stores, plus its SM, its tiles over all query heads
 of the group, how many of them take the causal mask (the diagonal ones) and the global timer. The kernel runs as
 the backward calls it (with the fused dQ where gluon_bwd.DISPATCH says so,
-head dim 128), on BENCH.md's inputs.
+head dim 128), on BENCH.md's inputs.  It stamps the per-block kernel
+(``_dkdv_kernel_sm90``, gluon_bwd.PERSISTENT off for the run): the
+persistent one that head dim 64 runs by default has no stamps yet.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ PATCHES = [
      "        tl_tiles = 0\n        tl_masked = 0\n"
      "        it = 0\n        for g in range(GROUP):\n            h = hk * GROUP + g\n            # [lo, mid)"),
     ("tile count",
-     "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n",
+     "            ck, c_ref_n, cq_n, lse_n, dlt_n = _head_terms(CK, CQ, LSE, DLT, row, qrow, q0, k0, h, lo, qlen,",
      "            tl_tiles += hi - lo\n"
      "            tl_masked += mid - lo\n"
-     "            ck_base = CK + row * stride_ckb + h * stride_ckh + k0\n"),
+     "            ck, c_ref_n, cq_n, lse_n, dlt_n = _head_terms(CK, CQ, LSE, DLT, row, qrow, q0, k0, h, lo, qlen,"),
     ("first data",
      "                mbarrier.wait(ready.index(b), (it // STAGES) & 1)\n                q_buf = q_bufs.index(b)\n",
      "                mbarrier.wait(ready.index(b), (it // STAGES) & 1)\n"
@@ -100,8 +102,8 @@ PATCHES = [
      "stride_qbhi_h, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n",
      "stride_qbhi_h, tl_base, GROUP, USE_ACP, STAGES, BLOCK_M, BLOCK_N,\n"),
     ("launch",
-     "dk, dv, dc_k, dqa_desc, dcq_desc,\n",
-     "dk, dv, dc_k, dqa_desc, dcq_desc, TIMELINE['buf'],\n"),
+     "(*tensors, dqa_desc, dcq_desc, *tables,",
+     "(*tensors, dqa_desc, dcq_desc, TIMELINE['buf'], *tables,"),
     ("buffer", "\ndef launch_dkdv(", "\nTIMELINE = {'buf': None}\n\n\ndef launch_dkdv("),
 ]
 

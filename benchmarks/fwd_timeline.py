@@ -277,8 +277,8 @@ def timeline_main(description, kernel, bench, load, compile_only, programs, extr
 
     tree, fn_name, outputs, accumulators = KERNELS[kernel]
     module = load()
-    # the stamps are the per-block forward's: the persistent one (head dim
-    # 64's default) is neither stamped nor timed here
+    # the stamps are the per-block kernels': the persistent ones (head dim
+    # 64's default, forward and dK / dV) are neither stamped nor timed here
     for m in (module, tree):
         if hasattr(m, "PERSISTENT"):
             m.PERSISTENT = False

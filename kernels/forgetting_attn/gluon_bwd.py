@@ -230,9 +230,9 @@ if HAVE_GLUON:
         # decays and the row terms of its first query block (int64 row,
         # qrow, q0, k0)
         ck = gl.load(CK + row * stride_ckb + h * stride_ckh + k0 + offs_n, mask=kmask, other=0.0)
-        c_ref, cq, lse, dlt = _row_terms(CQ + qrow * stride_cqb + h * stride_cqh + q0,
-                                         LSE + qrow * stride_lb + h * stride_lh + q0,
-                                         DLT + qrow * stride_lb + h * stride_lh + q0, lo, qlen, offs_v, BLOCK_M)
+        cq_base, lse_base, dlt_base = _row_bases(CQ, LSE, DLT, qrow, q0, h, stride_cqb, stride_cqh, stride_lb,
+                                                 stride_lh)
+        c_ref, cq, lse, dlt = _row_terms(cq_base, lse_base, dlt_base, lo, qlen, offs_v, BLOCK_M)
         return ck, c_ref, cq, lse, dlt
 
     @gluon.jit
@@ -253,15 +253,28 @@ if HAVE_GLUON:
         cta_barrier()
 
     @gluon.jit
-    def _stage_row_terms(colp_smem, dlt_smem, tb, c_ref, cq_n, lse_n, dlt_n, QUERIES: gl.constexpr):
-        # a tile's row terms spread over the MMA layout's columns through
-        # shared buffer tb (see _bwd_mma_partition); rows past the end have
-        # lse = +inf, so p = 0
+    def _row_bases(CQ, LSE, DLT, qrow, q0, h, stride_cqb, stride_cqh, stride_lb, stride_lh):
+        # one head's query decays, log-sum-exps and deltas (int64 qrow, q0)
+        return (CQ + qrow * stride_cqb + h * stride_cqh + q0, LSE + qrow * stride_lb + h * stride_lh + q0,
+                DLT + qrow * stride_lb + h * stride_lh + q0)
+
+    @gluon.jit
+    def _tile_terms(colp_smem, dlt_smem, tb, ck, c_ref, cq_n, lse_n, dlt_n, cq_base, lse_base, dlt_base, mb, qlen,
+                    offs_v, QUERIES: gl.constexpr, BLOCK_M: gl.constexpr):
+        # query block mb's row terms (loaded a block ahead), spread over the
+        # MMA layout's columns through shared buffer tb (see
+        # _bwd_mma_partition; rows past the end have lse = +inf, so p = 0),
+        # the next block's loaded, and the keys' decays relative to block
+        # mb's first query: (colp, dlt, ck2, the next block's four terms)
         cq_v = (cq_n - c_ref).to(gl.float32)
         colp_smem.index(tb).store((cq_v - lse_n) * _LOG2E)
         dlt_smem.index(tb).store(dlt_n)
         cta_barrier()
-        return colp_smem.index(tb).load(QUERIES), dlt_smem.index(tb).load(QUERIES)
+        colp = colp_smem.index(tb).load(QUERIES)
+        dlt = dlt_smem.index(tb).load(QUERIES)
+        c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v, BLOCK_M)
+        ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
+        return colp, dlt, ck2, c_ref_n, cq_n, lse_n, dlt_n
 
     @gluon.jit
     def _tile_ds(k_smem, v_smem, q_buf, do_buf, dv, s_zero, ck2, colp, dlt, offs_m, offs_n, masked, scale2,
@@ -344,17 +357,15 @@ if HAVE_GLUON:
             ck, c_ref_n, cq_n, lse_n, dlt_n = _head_terms(CK, CQ, LSE, DLT, row, qrow, q0, k0, h, lo, qlen, offs_n,
                                                           kmask, offs_v, stride_cqb, stride_cqh, stride_ckb,
                                                           stride_ckh, stride_lb, stride_lh, BLOCK_M)
-            cq_base = CQ + qrow * stride_cqb + h * stride_cqh + q0
-            lse_base = LSE + qrow * stride_lb + h * stride_lh + q0
-            dlt_base = DLT + qrow * stride_lb + h * stride_lh + q0
+            cq_base, lse_base, dlt_base = _row_bases(CQ, LSE, DLT, qrow, q0, h, stride_cqb, stride_cqh, stride_lb,
+                                                     stride_lh)
             dck = gl.zeros([BLOCK_N], gl.float32, layout=KEYS)
             for mb in range(lo, hi):
                 b = it % STAGES
                 offs_m = mb * BLOCK_M + offs_mt
-                c_ref = c_ref_n
-                colp, dlt = _stage_row_terms(colp_smem, dlt_smem, it % 2, c_ref, cq_n, lse_n, dlt_n, QUERIES)
-                c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v, BLOCK_M)
-                ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
+                colp, dlt, ck2, c_ref_n, cq_n, lse_n, dlt_n = _tile_terms(
+                    colp_smem, dlt_smem, it % 2, ck, c_ref_n, cq_n, lse_n, dlt_n, cq_base, lse_base, dlt_base, mb,
+                    qlen, offs_v, QUERIES, BLOCK_M)
                 mbarrier.wait(ready.index(b), (it // STAGES) & 1)
                 q_buf = q_bufs.index(b)
                 do_buf = do_bufs.index(b)
@@ -663,18 +674,15 @@ if HAVE_GLUON:
                                                                       lo, qlen, offs_n, kmask, offs_v, stride_cqb,
                                                                       stride_cqh, stride_ckb, stride_ckh, stride_lb,
                                                                       stride_lh, BLOCK_M)
-                cq_base = CQ + qrow64 * stride_cqb + h * stride_cqh + q064
-                lse_base = LSE + qrow64 * stride_lb + h * stride_lh + q064
-                dlt_base = DLT + qrow64 * stride_lb + h * stride_lh + q064
+                cq_base, lse_base, dlt_base = _row_bases(CQ, LSE, DLT, qrow64, q064, h, stride_cqb, stride_cqh,
+                                                         stride_lb, stride_lh)
                 dck = gl.zeros([BLOCK_N], gl.float32, layout=KEYS)
                 for mb in range(lo, hi):
                     b = it % STAGES
                     offs_m = mb * BLOCK_M + offs_mt
-                    c_ref = c_ref_n
-                    colp, dlt = _stage_row_terms(colp_smem, dlt_smem, it % 2, c_ref, cq_n, lse_n, dlt_n, QUERIES)
-                    c_ref_n, cq_n, lse_n, dlt_n = _row_terms(cq_base, lse_base, dlt_base, mb + 1, qlen, offs_v,
-                                                             BLOCK_M)
-                    ck2 = (ck - c_ref).to(gl.float32) * _LOG2E
+                    colp, dlt, ck2, c_ref_n, cq_n, lse_n, dlt_n = _tile_terms(
+                        colp_smem, dlt_smem, it % 2, ck, c_ref_n, cq_n, lse_n, dlt_n, cq_base, lse_base, dlt_base,
+                        mb, qlen, offs_v, QUERIES, BLOCK_M)
                     mbarrier.wait(ready.index(b), (it // STAGES) & 1)
                     q_buf = q_bufs.index(b)
                     ds, dv_tok = _tile_ds(k_smem, v_smem, q_buf, do_bufs.index(b), dv, s_zero, ck2, colp, dlt,
