@@ -27,8 +27,8 @@ sqrt(D)); its time with and without the stamps is reported too (the stamps
 cost little, but not nothing).
 
 It stamps and times the per-block forward (``_fwd_kernel_sm90_pingpong``,
-gluon_fwd.PERSISTENT off for the run): the persistent kernel that head dim
-64 runs by default walks many blocks per CTA and has no stamps yet.
+gluon_fwd.PERSISTENT off for the run): the persistent kernel that runs by
+default walks many blocks per CTA and has no stamps yet.
 """
 
 from __future__ import annotations
@@ -277,8 +277,9 @@ def timeline_main(description, kernel, bench, load, compile_only, programs, extr
 
     tree, fn_name, outputs, accumulators = KERNELS[kernel]
     module = load()
-    # the stamps are the per-block kernels': the persistent ones (head dim
-    # 64's default, forward and dK / dV) are neither stamped nor timed here
+    # the stamps are the per-block kernels': the persistent ones (the
+    # default forward, and dK / dV at head dim 64) are neither stamped nor
+    # timed here
     for m in (module, tree):
         if hasattr(m, "PERSISTENT"):
             m.PERSISTENT = False

@@ -856,7 +856,7 @@ def test_gpu_persistent_forward_is_the_per_block_forward(ctas, acp, docs, head_d
     do = torch.randn_like(q)
     monkeypatch.setattr(triton_ops, "USE_GLUON_FWD", True)
     monkeypatch.setattr(gluon_fwd, "PERSISTENT_CTAS", ctas)
-    monkeypatch.setattr(gluon_fwd, "PERSISTENT_HEAD_DIMS", (64, 128))  # checked at both, on by default at 64
+    monkeypatch.setattr(gluon_fwd, "PERSISTENT_HEAD_DIMS", (64, 128))  # on by default at both
     results, lses = {}, {}
     for persistent in (True, False):
         monkeypatch.setattr(gluon_fwd, "PERSISTENT", persistent)

@@ -62,7 +62,7 @@ rounds), so it runs there too.  Without warp specialisation
 (cp.async loads issued by the MMA warps, the overlap alone) every
 configuration was slower than the Triton forward.
 
-At head dim 64 the kernel runs persistent (``_fwd_kernel_sm90_persistent``,
+The kernel runs persistent (``_fwd_kernel_sm90_persistent``,
 PERSISTENT_HEAD_DIMS): one CTA per SM takes (query block, sequence, head)
 items from a counter in the per-block grid's launch order, as
 FlashAttention-3's dynamic persistent scheduler does, so that a program's
@@ -73,7 +73,9 @@ item's record in shared memory an item ahead.  Same results bit for bit;
 on an H200 the 24 x 64 step ran 1.2-2.1% faster with ACP and within noise
 without it (benchmarks/results/persistent_fwd_ab_h200.json), the forward
 kernel alone 5.0% faster with ACP and 2.9% without at 8k
-(acp_probe_8192_persistent_fwd_h200.json).  Earlier persistent versions
+(acp_probe_8192_persistent_fwd_h200.json); the 16 x 128 step 1.2-1.8%
+faster with ACP and 0.1-1.8% without (persistent_fwd_d128_ab_h200.json).
+Earlier persistent versions
 that looked each item up just before loading it were no faster with ACP
 (README, kernel section).
 
@@ -137,11 +139,13 @@ MAXNREG = 168
 # the persistent kernel (_fwd_kernel_sm90_persistent) instead of one
 # program per query block, at these head dims: at 64 it made the 24 x 64
 # step 1.2-2.1% faster with ACP and left it within noise without
-# (persistent_fwd_ab_h200.json); at 128 it has not been compared in
-# alternating rounds, and the protocol run with it there was 0.0-0.8%
-# slower than the run before without it (attention_persistent_fwd_bench_h200.json)
+# (persistent_fwd_ab_h200.json); at 128 the 16 x 128 step 1.2-1.8% faster
+# with ACP and 0.1-1.8% without (persistent_fwd_d128_ab_h200.json, 2
+# alternating rounds; a protocol run with it on there had been 0.0-0.8%
+# slower than the run before, another machine start:
+# attention_persistent_fwd_bench_h200.json)
 PERSISTENT = True
-PERSISTENT_HEAD_DIMS = (64,)
+PERSISTENT_HEAD_DIMS = (64, 128)
 # at most this many CTAs in the persistent kernel (None: one per SM); the
 # tests take a few, so that every CTA walks many items
 PERSISTENT_CTAS = None
