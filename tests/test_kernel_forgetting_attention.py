@@ -917,6 +917,44 @@ def test_gpu_persistent_dkdv_is_the_per_block_kernel(ctas, acp, docs, head_dim, 
         assert rel_err(a, b) < TOL[torch.bfloat16], name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("acp", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_kernels_take_precise_decays(acp, head_dim, monkeypatch):
+    """With precise_decay the Gluon kernels read float64 decays (their
+    precise variants, persistent where the dispatch runs them) and, with
+    each document's first gate at -1e5, must match the float64 reference
+    in bf16's bounds and the Triton kernels, in the output and every
+    gradient.  bf16's bounds catch a kernel that misreads the float64
+    decays, not float32's rounding of them (about 0.5% here, measured in
+    fp32 on a CPU: test_triton_precise_decays_far_from_zero has the tight
+    check)."""
+    from fox_megatron.kernels.forgetting_attn import gluon_bwd, gluon_fwd, triton_ops
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    B, T, Hq, Hkv, D = 2, 1531, 4, 2, head_dim
+    q, k, v, log_f = make_inputs(B, T, Hq, Hkv, D, torch.bfloat16, device="cuda", seed=37, decay_scale=0.3)
+    cu = torch.tensor([0, 700, 701, 1531, 2000, 3062], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        log_f.view(B * T, -1)[cu[:-1].long()] = -1e5
+    kw = dict(cu_seqlens=cu, acp=AcpConfig() if acp else None, precise_decay=True)
+    do = torch.randn_like(q)
+    assert gluon_fwd.supported(q, k, v, q) and gluon_bwd.mode(q, k, v, do, acp) is not None
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(triton_ops, "USE_GLUON_FWD", use)
+        monkeypatch.setattr(triton_ops, "USE_GLUON_DKDV", use)
+        results[use] = run(q, k, v, log_f, do, **kw)
+    (o_g, grads_g), (o_t, grads_t) = results[True], results[False]
+    ref_o, ref_grads = reference(q, k, v, log_f, do, **kw)
+    assert rel_err(o_g, ref_o) < TOL[torch.bfloat16], "output"
+    for name, a, b, r in zip(("dq", "dk", "dv", "dlog_f"), grads_g, grads_t, ref_grads):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, r) < TOL[torch.bfloat16], name
+        assert rel_err(a, b) < 1e-2, name
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("acp", [False, True])
 def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
