@@ -131,3 +131,16 @@ def test_adam_steps_restored_after_a_load_that_shares_and_resets_them():
     assert saved_adam_step({"optimizer": {"param_groups": [{"lr": 1.0}]}}) is None
     with pytest.raises(RuntimeError, match="different Adam step"):
         saved_adam_step([{"param_groups": [{"step": 6}]}, {"param_groups": [{"step": 5}]}])
+
+
+def test_resume_layout_check():
+    """Another TP or PP size than the checkpoint's is refused with both
+    layouts named; another DP size, and checkpoints that recorded no
+    layout, pass."""
+    meta = {"parallel": {"tp": 2, "pp": 1, "cp": 1, "dp": 4, "world_size": 8}}
+    ckpt.check_layout("ck", meta, tp=2, pp=1)  # DP may change: not asked
+    ckpt.check_layout("ck", {}, tp=4, pp=2)
+    with pytest.raises(SystemExit, match=r"ck was saved with TP 2 x PP 1; this run has TP 1 x PP 1"):
+        ckpt.check_layout("ck", meta, tp=1, pp=1)
+    with pytest.raises(SystemExit, match=r"this run has TP 2 x PP 2"):
+        ckpt.check_layout("ck", meta, tp=2, pp=2)

@@ -4,7 +4,7 @@
   checkpoint are written; resuming from the iteration-8 checkpoint gives
   bit-for-bit the losses of the uninterrupted run;
 - prepared (packed) byte data with TP=2 and a restarted job that picks up
-  its own latest checkpoint;
+  its own latest checkpoint, and a restart with another TP size refused;
 - the standard-transformer baseline on packed data.
 """
 
@@ -104,6 +104,15 @@ def test_packed_tensor_parallel_and_restart(tmp_path, packed_data):
     out = _torchrun(2, DEMO, *common[:-1], "tensor_model_parallel_size=2", "train_iters=8")
     assert "at iteration 6" in out
     assert [r["iteration"] for r in _records(run / "metrics.jsonl")] == list(range(1, 9))
+    # Resuming with another tensor-parallel size is refused before any
+    # state is read, naming both layouts; the checkpoint stays as it was.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", "-m", "fox_megatron.train",
+           "--config", str(DEMO), "--set", *common[:-1], "tensor_model_parallel_size=1", "train_iters=10"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "saved with TP 2 x PP 1; this run has TP 1 x PP 1" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
 
 
 @pytest.mark.skipif(not DEMO.exists(), reason="configs/demo.yaml not present")

@@ -169,6 +169,25 @@ def read_meta(ckpt_dir: str) -> dict:
         return json.load(handle)
 
 
+def check_layout(ckpt_dir: str, meta: dict, tp: int, pp: int) -> None:
+    """Refuse, with the two layouts named, a resume whose tensor- or
+    pipeline-parallel size differs from the checkpoint's: neither format
+    reshards across them (the CPU one holds a file per TP / PP rank, the
+    GPU one's optimizer state is sharded by data-parallel rank within each)
+    and a mismatch would otherwise fail deep in a load, or not at all where
+    shapes happen to agree.  The data-parallel size may change."""
+    saved = meta.get("parallel") or {}
+    if "tp" not in saved or "pp" not in saved:
+        return  # written before layouts were recorded
+    if (int(saved["tp"]), int(saved["pp"])) != (tp, pp):
+        raise SystemExit(
+            f"load: {ckpt_dir} was saved with TP {saved['tp']} x PP {saved['pp']}; this run has "
+            f"TP {tp} x PP {pp}. Resuming with another tensor- or pipeline-parallel size is not "
+            f"supported (the data-parallel size may change): set tensor_model_parallel_size and "
+            f"pipeline_model_parallel_size as they were, or start from a new save directory"
+        )
+
+
 # --- RNG -------------------------------------------------------------------
 
 def capture_rng_state() -> dict:

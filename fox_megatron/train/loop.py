@@ -81,6 +81,7 @@ def train(cfg) -> dict:
                 f"load: {ckpt_dir} was written in format {meta.get('format')!r}; this run "
                 f"({info.device.type}) reads {engine.format!r}"
             )
+        ckpt.check_layout(ckpt_dir, meta, info.tp, info.pp)
         if meta.get("global_batch_size") not in (None, cfg.global_batch_size):
             _log(info, f"warning: global_batch_size changed from {meta['global_batch_size']} "
                        f"to {cfg.global_batch_size}; the data order continues by sample count")
