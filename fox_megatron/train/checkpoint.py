@@ -173,9 +173,9 @@ def check_layout(ckpt_dir: str, meta: dict, tp: int, pp: int) -> None:
     """Refuse, with the two layouts named, a resume whose tensor- or
     pipeline-parallel size differs from the checkpoint's: neither format
     reshards across them (the CPU one holds a file per TP / PP rank, the
-    GPU one's optimizer state is sharded by data-parallel rank within each)
-    and a mismatch would otherwise fail deep in a load, or not at all where
-    shapes happen to agree.  The data-parallel size may change."""
+    GPU one's optimizer state is sharded by data-parallel rank within each),
+    and a mismatch would otherwise fail deep inside a load.  The
+    data-parallel size may change."""
     saved = meta.get("parallel") or {}
     if "tp" not in saved or "pp" not in saved:
         return  # written before layouts were recorded
