@@ -984,7 +984,7 @@ def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
                 for out in ("O", "LSE", "DK", "DV", "DCK"):  # what the dQ kernel and autograd read on
                     if out in named:
                         named[out].zero_()
-                launches[self.name] = (named, constexprs)
+                launches[self.name] = (named, constexprs, grid)
             return launch
 
     monkeypatch.setattr(gluon_fwd, fwd_name, StandIn("fwd"))
@@ -1000,9 +1000,19 @@ def test_gluon_launches_take_the_launch_order(acp, persistent, monkeypatch):
     cfg = AcpConfig(logit_bound=math.sqrt(D)) if acp else None
     o = forgetting_attention(q, k, v, log_f, backend="triton", acp=cfg)
     o.backward(torch.randn_like(o))
-    args_f, consts_f = launches["fwd"]
-    args_b, consts_b = launches["dkdv"]
+    args_f, consts_f, grid_f = launches["fwd"]
+    args_b, consts_b, grid_b = launches["dkdv"]
     assert consts_f["ORDERED"] is acp and consts_b["ORDERED"] is acp
+    # the per-block grids (blocks, sequences, heads), or as many persistent
+    # CTAs as SMs (4 here) over those blocks, with a zeroed item counter
+    blocks_f = -(-T // gluon_fwd.CONFIGS[D][0])
+    blocks_b = -(-T // gluon_bwd.CONFIGS[D][1])
+    if persistent:
+        for args, grid, total in ((args_f, grid_f, blocks_f * B * Hq), (args_b, grid_b, blocks_b * B * Hkv)):
+            assert tuple(grid) == (4,) and args["total"] == total
+            assert args["CNT"].dtype == torch.int32 and args["CNT"].tolist() == [0]
+    else:
+        assert tuple(grid_f) == (blocks_f, B, Hq) and tuple(grid_b) == (blocks_b, B, Hkv)
     if not acp:
         return
     # the kept tiles per (row, head), from the reference boundaries in the
