@@ -823,10 +823,7 @@ def launch_dkdv(q, k, v, do, c_q, c_k, lse, dlt, thr, qbhi, dk, dv, dc_k, pairs,
                   maxnreg=MAXNREG)
     tensors = (descs[0], kv_descs[0], kv_descs[1], descs[1], c_q, c_k, lse, dlt, qb, dk, dv, dc_k)
     if not fused and PERSISTENT and D in PERSISTENT_HEAD_DIMS:
-        total = grid[0] * S * k.shape[2]
-        sms = gluon_fwd._sm_count(q.device)
-        ctas = min(PERSISTENT_CTAS or sms, sms, total)
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items handed out after the first wave
+        ctas, total, counter = gluon_fwd.persistent_grid(grid, q.device, PERSISTENT_CTAS)
         _dkdv_kernel_sm90_persistent[(ctas,)](*tensors, *tables, counter, grid[0], S, total, *strides,
                                               qb.stride(0), qb.stride(1), scale, scale * LOG2E, **consts)
         return

@@ -189,6 +189,17 @@ def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def persistent_grid(grid, device, max_ctas=None):
+    """(CTAs, items, item counter) of a persistent kernel that walks the
+    programs of a per-block grid (blocks, sequences, heads): at most one CTA
+    per SM (fewer with max_ctas, and never more than there are items), and
+    the zeroed int32 counter that hands out the items after each CTA's
+    first."""
+    total = grid[0] * grid[1] * grid[2]
+    sms = _sm_count(device)
+    return min(max_ctas or sms, sms, total), total, torch.zeros(1, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=None)
 def _is_sm90(device_index: int) -> bool:
     # asked on every call: a device's capability does not change
@@ -861,10 +872,7 @@ def launch_fwd(q, k, v, c_q, c_k, out, lse, thr, kblo, pairs, scale, causal, gro
                   ACP_BLOCK_M=acp_blocks[0], ACP_BLOCK_N=acp_blocks[1], ORDERED=ordered, num_warps=4,
                   maxnreg=MAXNREG)
     if PERSISTENT and D in PERSISTENT_HEAD_DIMS:
-        total = grid[0] * S * q.shape[2]
-        sms = _sm_count(q.device)
-        ctas = min(PERSISTENT_CTAS or sms, sms, total)
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items handed out after the first wave
+        ctas, total, counter = persistent_grid(grid, q.device, PERSISTENT_CTAS)
         _fwd_kernel_sm90_persistent[(ctas,)](q_desc, descs[0], descs[1], c_q, c_k, out, lse, kb, *tables, counter,
                                              grid[0], S, total, *strides, **consts)
         return
